@@ -1,0 +1,131 @@
+"""The fused PG-DPO loss as a ``torch.library`` custom op, with autograd and fake (meta) kernels.
+
+One op, ``pgdpo::fused_loss``, whose implementation is chosen by its ``impl`` argument:
+``"triton"`` (``pgdpo.kernels.pgdpo_loss``: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) or
+``"cpu"`` (the C++ op of ``csrc/``, built just in time by ``pgdpo.cpu_op``). Because it is a real
+custom op with a fake kernel, ``torch.compile(fullgraph=True)`` traces through it.
+
+Backend contract (both ``impl`` modules expose these two functions):
+
+``forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, anchor, element,
+detach, reduction, need_grad) -> (loss, stats, saved)``
+
+- ``pred``, ``ref_pred``, ``target``: ``[2B, N]`` contiguous, one dtype (fp32/bf16/fp16/fp64), one
+  device; chosen rows ``0..B-1``, rejected rows ``B..2B-1``.
+- ``sample_weight``: ``[B]`` contiguous in the accumulation dtype, or None (all ones).
+- ``reduction``: 0 none, 1 mean, 2 sum. ``loss``: ``[B]`` for none, ``[]`` otherwise.
+- accumulation dtype ``acc``: float64 for float64 inputs, float32 otherwise. ``loss`` and ``stats``
+  (``[B, NUM_STATS]``, columns ``options.STAT_NAMES``) are in ``acc``.
+- ``saved`` (what the backward needs), already including ``sample_weight`` and the ``1/B`` of mean:
+  sample weighting: ``[2B, 2]`` in ``acc``: per row ``(c_t, c_r)`` with
+  ``dloss/dpred[row] = c_t * (p - t) + c_r * (p - r)`` (``c_r`` is 0 on rejected rows);
+  element weighting: ``[2B, N]`` in pred's dtype holding ``dloss/dpred`` itself (forward and backward
+  fused in one pass), or an empty tensor when ``need_grad`` is False.
+
+``backward(grad_loss, pred, ref_pred, target, saved, element) -> grad_pred`` (``[2B, N]``, pred's
+dtype): ``grad_loss`` is ``[]`` or ``[B]`` (reduction none); the per-row scale is
+``grad_loss`` (or ``grad_loss[row % B]``) times the ``saved`` coefficients.
+
+Results must not depend on launch configuration or thread count beyond a fixed reduction order: the
+same inputs give bitwise the same outputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .options import NUM_STATS
+
+_IMPL_MODULES = {"triton": "pgdpo.kernels.pgdpo_loss", "cpu": "pgdpo.cpu_op"}
+
+
+def _impl(name: str):
+    if name not in _IMPL_MODULES:
+        raise ValueError(f"impl must be one of {sorted(_IMPL_MODULES)}, got {name!r}")
+    return importlib.import_module(_IMPL_MODULES[name])
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("pgdpo::fused_loss", mutates_args=())
+def fused_loss(
+    pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    sample_weight: Optional[Tensor],
+    beta: float,
+    k1: float,
+    k2: float,
+    eps: float,
+    ars: bool,
+    ipr: bool,
+    anchor: bool,
+    element: bool,
+    detach: bool,
+    reduction: int,
+    need_grad: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _impl(impl).forward(
+        pred, ref_pred, target, sample_weight, beta, k1, k2, eps,
+        ars, ipr, anchor, element, detach, reduction, need_grad,
+    )
+
+
+@fused_loss.register_fake
+def _(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, anchor, element, detach,
+      reduction, need_grad, impl):
+    two_b, n = pred.shape
+    acc = _acc_dtype(pred.dtype)
+    loss = pred.new_empty((two_b // 2,) if reduction == 0 else (), dtype=acc)
+    stats = pred.new_empty((two_b // 2, NUM_STATS), dtype=acc)
+    if element:
+        saved = pred.new_empty((two_b, n) if need_grad else (0,))
+    else:
+        saved = pred.new_empty((two_b, 2), dtype=acc)
+    return loss, stats, saved
+
+
+@torch.library.custom_op("pgdpo::fused_loss_backward", mutates_args=())
+def fused_loss_backward(
+    grad_loss: Tensor, pred: Tensor, ref_pred: Tensor, target: Tensor, saved: Tensor,
+    element: bool, impl: str,
+) -> Tensor:
+    return _impl(impl).backward(grad_loss, pred, ref_pred, target, saved, element)
+
+
+@fused_loss_backward.register_fake
+def _(grad_loss, pred, ref_pred, target, saved, element, impl):
+    return torch.empty_like(pred)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, ref_pred, target = inputs[:3]
+    ctx.element, ctx.impl = inputs[11], inputs[15]
+    saved = output[2]
+    if ctx.element:  # the gradient is already in `saved`: keep no input alive
+        ctx.save_for_backward(saved)
+    else:
+        ctx.save_for_backward(pred, ref_pred, target, saved)
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_saved):
+    if ctx.element:
+        (saved,) = ctx.saved_tensors
+        pred = ref_pred = target = saved
+    else:
+        pred, ref_pred, target, saved = ctx.saved_tensors
+    if saved.numel() == 0:
+        raise RuntimeError("pgdpo: backward through a fused loss computed with need_grad=False")
+    grad_pred = fused_loss_backward(grad_loss.contiguous(), pred, ref_pred, target, saved,
+                                    ctx.element, ctx.impl)
+    return (grad_pred,) + (None,) * 15
+
+
+fused_loss.register_autograd(_backward, setup_context=_setup_context)
