@@ -12,6 +12,7 @@ the element-wise variant and every option.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Sequence
 
@@ -27,10 +28,12 @@ _warned: set[str] = set()
 
 def triton_unavailable_reason(device_type: str) -> str | None:
     """Why the Triton backend cannot run on ``device_type`` tensors, or None when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is not installed; install it with `pip install triton`"
     try:
         from .kernels import pgdpo_loss as triton_impl
-    except ImportError as exc:  # triton not installed, or too old
-        return f"the 'triton' package could not be imported ({exc}); install it with `pip install triton`"
+    except ImportError as exc:  # e.g. a Triton too old for the kernels
+        return f"the Triton kernels could not be imported ({exc})"
     if device_type == "cuda":
         return None if not triton_impl.INTERPRET else (
             "TRITON_INTERPRET=1 was set when pgdpo.kernels was imported: the kernels run in the "
@@ -46,8 +49,10 @@ def cpu_unavailable_reason(device_type: str) -> str | None:
     """Why the fused C++ CPU op cannot run on ``device_type`` tensors, or None when it can."""
     if device_type != "cpu":
         return f"the fused C++ op runs on CPU tensors only, got {device_type!r} tensors"
-    from . import cpu_op
-
+    try:
+        from . import cpu_op
+    except ImportError as exc:
+        return f"the fused C++ op could not be loaded ({exc})"
     return cpu_op.unavailable_reason()
 
 
@@ -174,8 +179,8 @@ def pgdpo_loss(
     Returns:
         ``loss`` (fp32, or fp64 for fp64 inputs), or ``(loss, stats)`` when ``return_stats``.
     """
-    options = LossOptions(method=method, beta=beta, k1=k1, k2=k2, eps=eps, ipr_target=ipr_target, weighting=weighting,
-                          detach_weights=detach_weights, reduction=reduction)
+    options = LossOptions(method=method, beta=beta, k1=k1, k2=k2, eps=eps, ipr_target=ipr_target,
+                          weighting=weighting, detach_weights=detach_weights, reduction=reduction)
     pred = _as_full_batch("pred", pred)
     ref_pred = _as_full_batch("ref_pred", ref_pred)
     target = _as_full_batch("target", target)

@@ -33,7 +33,6 @@ same inputs give bitwise the same outputs.
 from __future__ import annotations
 
 import importlib
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -58,7 +57,7 @@ def fused_loss(
     pred: Tensor,
     ref_pred: Tensor,
     target: Tensor,
-    sample_weight: Optional[Tensor],
+    sample_weight: Tensor | None,
     beta: float,
     k1: float,
     k2: float,

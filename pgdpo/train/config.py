@@ -1,0 +1,409 @@
+"""Training configuration: typed dataclasses, loaded from YAML and ``--dotted.key value`` overrides.
+
+Every key is checked: a misspelt key is an error naming it (with the closest valid key), a value of the
+wrong type or out of range is an error naming the key and the value. YAML is read with
+``yaml.safe_load``. ``TrainConfig.to_dict()`` gives back a plain dict (written next to the checkpoints).
+
+Schema (section -> keys; defaults in the dataclasses below)::
+
+    output_dir, seed, device
+    model:        name, path, precision, attention, gradient_checkpointing, lora_rank, lora_alpha,
+                  lora_targets
+    data:         path, synthesize, synth_pairs, height, width, frames, text_len, shuffle
+    method:       name, beta, k1, k2, eps, ipr_target, weighting, detach_weights, backend, schedule,
+                  reference, ref_ema_every, ref_ema_rate, timestep_weighting, timestep_bins,
+                  timestep_momentum
+    optim:        name, lr, betas, weight_decay, eps, grad_clip, scheduler, warmup_steps
+    train:        max_steps, batch_size, micro_batch_size, log_every
+    distributed:  strategy, backend, reshard_after_forward
+    checkpoint:   save_every, keep_last, resume, overwrite
+    logging:      trackers, run_name, plots, progress, diagnostics_every
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("pgdpo", "dpo", "ars", "ipr", "sft")
+SCHEDULES = ("flow", "ddpm-eps", "ddpm-v")
+REFERENCES = ("copy", "lora")
+PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("auto", "fsdp", "ddp", "none")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+TIMESTEP_WEIGHTINGS = ("none", "inverse-std")
+TRACKERS = ("tensorboard", "wandb")
+LOSS_BACKENDS = ("auto", "triton", "cpu", "torch")
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+def _choice(*choices):
+    return {"choices": choices}
+
+
+@dataclass
+class ModelConfig:
+    #: a name of ``pgdpo.models.MODEL_CONFIGS`` (architecture; random init seeded by ``seed``)
+    name: str = "tiny-wan-t2v"
+    #: local diffusers folder with pretrained weights (``pgdpo.models.load_model``); None = random init
+    path: str | None = None
+    #: "bf16": FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 master weights and gradient reduction) on
+    #: GPU; CPU runs always compute in fp32
+    precision: str = field(default="bf16", metadata=_choice(*PRECISIONS))
+    #: diffusers attention backend (``set_attention_backend``): native, _native_flash, flash, xformers
+    attention: str | None = None
+    #: activation checkpointing of every transformer block
+    gradient_checkpointing: bool = False
+    #: 0: full fine-tuning; > 0: LoRA adapters of this rank (only they are trained)
+    lora_rank: int = field(default=0, metadata={"min": 0})
+    #: LoRA scale numerator (None = lora_rank)
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class DataConfig:
+    #: dataset folder (JSONL index + safetensors shards); relative paths are relative to output_dir
+    path: str = "data"
+    #: write a synthetic dataset (``pgdpo data synth``) at ``path`` when it does not exist
+    synthesize: bool = False
+    #: pairs in the synthetic dataset
+    synth_pairs: int = field(default=64, metadata={"min": 1})
+    #: video size in pixels (the latents are /8 in space, (frames-1)/4+1 in time); the planner reads these
+    height: int = field(default=480, metadata={"min": 8})
+    width: int = field(default=832, metadata={"min": 8})
+    frames: int = field(default=81, metadata={"min": 1})
+    #: text tokens per prompt (synthetic data)
+    text_len: int = field(default=512, metadata={"min": 1})
+    #: reshuffle the pairs every epoch (deterministically from ``seed`` and the epoch)
+    shuffle: bool = True
+
+
+@dataclass
+class MethodConfig:
+    #: pgdpo | dpo | ars | ipr (the PG-DPO loss, paper Tab. 2 rows) | sft (diffusion MSE on chosen)
+    name: str = field(default="pgdpo", metadata=_choice(*METHODS))
+    beta: float = field(default=100.0, metadata={"gt": 0})
+    k1: float = field(default=10.0, metadata={"min": 0})
+    k2: float = field(default=10.0, metadata={"min": 0})
+    eps: float = field(default=1e-6, metadata={"min": 0})
+    ipr_target: str = field(default="anchor", metadata=_choice("anchor", "reward"))
+    weighting: str = field(default="sample", metadata=_choice("sample", "element"))
+    detach_weights: bool = True
+    #: loss backend: auto (triton on CUDA, fused C++ on CPU), triton, cpu, torch
+    backend: str = field(default="auto", metadata=_choice(*LOSS_BACKENDS))
+    #: noise schedule: flow (Wan, flow matching) | ddpm-eps | ddpm-v (VideoCrafter2-style UNets)
+    schedule: str = field(default="flow", metadata=_choice(*SCHEDULES))
+    #: reference: copy (a frozen copy of the initial policy) | lora (the policy with adapters off)
+    reference: str = field(default="copy", metadata=_choice(*REFERENCES))
+    #: every this many optimiser steps the reference moves toward the policy (0 = frozen; needs copy)
+    ref_ema_every: int = field(default=0, metadata={"min": 0})
+    #: ref <- (1 - rate) ref + rate policy at each update
+    ref_ema_rate: float = field(default=0.05, metadata={"gt": 0, "max": 1})
+    #: timestep-aware weighting of the pairs (arXiv 2505.18736): none | inverse-std (1 / running std
+    #: of the reward signal in the timestep's bin, normalised to mean 1 over the batch)
+    timestep_weighting: str = field(default="none", metadata=_choice(*TIMESTEP_WEIGHTINGS))
+    timestep_bins: int = field(default=10, metadata={"min": 1})
+    timestep_momentum: float = field(default=0.9, metadata={"min": 0, "lt": 1})
+
+
+@dataclass
+class OptimConfig:
+    name: str = field(default="adamw", metadata=_choice("adamw"))
+    lr: float = field(default=1e-6, metadata={"gt": 0})
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    eps: float = field(default=1e-8, metadata={"gt": 0})
+    #: clip the global gradient norm to this (0 = no clipping; the norm is still logged)
+    grad_clip: float = field(default=1.0, metadata={"min": 0})
+    #: diffusers.optimization.get_scheduler name
+    scheduler: str = field(default="constant_with_warmup", metadata=_choice(*LR_SCHEDULERS))
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: int = field(default=3000, metadata={"min": 1})
+    #: preference pairs per optimiser step over all ranks (= micro_batch_size x ranks x accumulation)
+    batch_size: int = field(default=16, metadata={"min": 1})
+    #: pairs per forward per rank
+    micro_batch_size: int = field(default=1, metadata={"min": 1})
+    #: write a metrics line / tracker point every this many steps
+    log_every: int = field(default=1, metadata={"min": 1})
+
+
+@dataclass
+class DistributedConfig:
+    #: auto: fsdp with several processes, none with one | fsdp (FSDP2 fully_shard) | ddp | none
+    strategy: str = field(default="auto", metadata=_choice(*STRATEGIES))
+    #: process-group backend: auto (nccl on GPU, gloo on CPU), nccl, gloo
+    backend: str = field(default="auto", metadata=_choice(*DIST_BACKENDS))
+    #: FSDP2: free the gathered parameters after each block's forward (ZeRO-3); False keeps them (ZeRO-2)
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    #: save every this many optimiser steps (0 = only at the end)
+    save_every: int = field(default=500, metadata={"min": 0})
+    #: keep the newest this many complete checkpoints (0 = keep all)
+    keep_last: int = field(default=3, metadata={"min": 0})
+    #: "latest" (newest complete checkpoint in output_dir; fresh start when there is none) or a path
+    resume: str | None = None
+    #: start over in an output_dir that already holds checkpoints (they are deleted as new ones land)
+    overwrite: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    #: accelerate trackers: tensorboard, wandb (wandb only when installed)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    run_name: str = "pgdpo"
+    #: PNG plots (loss, alpha/gamma, likelihood proxies) in output_dir at the end
+    plots: bool = True
+    #: tqdm progress bar on rank 0
+    progress: bool = True
+    #: run pgdpo.diagnostics probes every this many steps (0 = off)
+    diagnostics_every: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/pgdpo"
+    seed: int = 0
+    #: auto (cuda when available), cpu, cuda
+    device: str = field(default="auto", metadata=_choice(*DEVICES))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def validate(self) -> TrainConfig:
+        """Cross-field checks (single fields are checked as they are set)."""
+        m = self.method
+        if m.ref_ema_every and m.reference != "copy":
+            raise ConfigError("method.ref_ema_every > 0 needs method.reference: copy (an EMA reference is a "
+                              f"separate copy of the weights), got method.reference: {m.reference}")
+        if m.reference == "lora" and self.model.lora_rank == 0 and m.name != "sft":
+            raise ConfigError("method.reference: lora needs model.lora_rank > 0 (the reference is the policy "
+                              "with its LoRA adapters disabled)")
+        if m.name == "sft" and m.ref_ema_every:
+            raise ConfigError("method.name: sft uses no reference; set method.ref_ema_every: 0")
+        if self.train.batch_size % self.train.micro_batch_size:
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.train.micro_batch_size})")
+        if self.optim.warmup_steps and self.optim.scheduler == "constant":
+            raise ConfigError("optim.warmup_steps > 0 needs optim.scheduler: constant_with_warmup (or "
+                              "linear / cosine); 'constant' has no warm-up")
+        for t in self.logging.trackers:
+            if t not in TRACKERS:
+                raise ConfigError(f"logging.trackers: unknown tracker {t!r}; expected some of "
+                                  f"{list(TRACKERS)}")
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.optim.betas)}")
+        return self
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per optimiser step on each rank; an error when the batch does not divide."""
+        per_step = self.train.micro_batch_size * world_size
+        if self.train.batch_size % per_step:
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                              f"train.micro_batch_size x processes ({self.train.micro_batch_size} x "
+                              f"{world_size} = {per_step})")
+        return self.train.batch_size // per_step
+
+    def data_path(self) -> str:
+        path = os.path.expanduser(self.data.path)
+        return path if os.path.isabs(path) else os.path.join(self.output_dir, path)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _to_plain(value):
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp, meta: dict):
+    """``value`` converted to the annotated type ``tp``; ConfigError naming ``key`` otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], meta)
+    if origin in (list, tuple):
+        (elem, *rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if origin is tuple and rest and rest[0] is not Ellipsis and len(value) != len(typing.get_args(tp)):
+            raise ConfigError(f"{key} must have {len(typing.get_args(tp))} items, got {list(value)!r}")
+        out = [_coerce(f"{key}[{i}]", v, elem, {}) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+    elif tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+    else:  # pragma: no cover - every field type is handled above
+        raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key} must be one of {list(meta['choices'])}, got {value!r}")
+    for bound, test, word in (("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+                              ("gt", lambda v, b: v > b, ">"), ("lt", lambda v, b: v < b, "<")):
+        if bound in meta and not test(value, meta[bound]):
+            raise ConfigError(f"{key} must be {word} {meta[bound]}, got {value!r}")
+    return value
+
+
+def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, valid) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: -len(leaf)]
+    close = difflib.get_close_matches(leaf, list(valid), n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {sorted(valid)}")
+
+
+def set_key(config, dotted: str, value) -> None:
+    """Set ``config.<dotted>`` to ``value`` with type and range checks (ConfigError names the key)."""
+    obj, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = _fields(type(obj))
+        key = ".".join(parts[: i + 1])
+        if part not in fields:
+            raise _unknown(key, fields)
+        f, tp = fields[part]
+        if dataclasses.is_dataclass(tp):
+            if i == len(parts) - 1:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key} is a section; give a mapping of its keys, got {value!r}")
+                for k, v in value.items():
+                    set_key(config, f"{key}.{k}", v)
+                return
+            obj = getattr(obj, part)
+            continue
+        if i != len(parts) - 1:
+            raise ConfigError(f"{key} is a value, not a section: '{dotted}' is not a config key")
+        setattr(obj, part, _coerce(key, value, tp, dict(f.metadata)))
+        return
+
+
+def _flatten(prefix: str, mapping: dict, out: list) -> None:
+    for k, v in mapping.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"config keys must be strings, got {k!r} under '{prefix or '<top>'}'")
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flatten(key + ".", v, out)
+        else:
+            out.append((key, v))
+
+
+def from_dict(mapping: dict | None, overrides: list[tuple[str, Any]] = (), *,
+              validate: bool = True) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a nested mapping plus ``(dotted_key, value)`` overrides."""
+    config = TrainConfig()
+    items: list = []
+    if mapping:
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"a config must be a mapping of sections, got {type(mapping).__name__}")
+        _flatten("", mapping, items)
+    for key, value in [*items, *overrides]:
+        set_key(config, key, value)
+    return config.validate() if validate else config
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[tuple[str, Any]] = ()) -> TrainConfig:
+    """Read a YAML config (``yaml.safe_load``) and apply overrides; errors name the file and key."""
+    import yaml
+
+    mapping = None
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                mapping = yaml.safe_load(f)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        config = from_dict(mapping, validate=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    for key, value in overrides:
+        set_key(config, key, value)
+    return config.validate()
+
+
+def parse_value(text: str):
+    """A command-line override value, read as YAML (``1e-5``, ``true``, ``[a, b]``, ``null``)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
