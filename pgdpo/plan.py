@@ -1,0 +1,648 @@
+"""``pgdpo plan``: will a PG-DPO run fit, and how long will a step take? Estimated before you start.
+
+    pgdpo plan --config configs/wan14b.yaml --gpus 32 --gpu h20
+    pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
+               --checkpointing --lora-rank 64 --json
+
+What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every number is an estimate):
+
+- **Parameters** are counted exactly on the meta device (``pgdpo.models.build_model(name, device="meta")``).
+- **Policy** (FSDP2 ``fully_shard``, sharded over the N GPUs; DDP/none: replicated): full fine-tuning keeps
+  fp32 master weights (4 B/param; precision ``bf16`` = bf16 compute on gathered copies, as the trainer's
+  ``MixedPrecisionPolicy``), fp32 gradients (4 B) and AdamW's two fp32 moments (8 B): 16 B/param / N.
+  LoRA (``lora_rank > 0``): the frozen base in ``frozen_dtype`` (bf16: 2 B) plus 16 B per LoRA parameter.
+- **Reference**: ``copy`` a frozen copy in ``frozen_dtype`` (bf16 by default: a no-grad bf16 forward needs
+  no fp32 master), sharded like the policy unless ``reference_sharded=False``; ``ema`` a copy kept in fp32
+  (small EMA updates vanish in bf16); ``lora`` nothing (the policy with adapters off); ``none`` (SFT).
+- **FSDP buffers**: the all-gathered compute-dtype weights of two blocks (current + prefetched) and the
+  unsharded fp32 gradients of two blocks before reduce-scatter (``reshard_after_forward=False``: the
+  whole model stays gathered between forward and backward).
+- **Activations** of the ``2 x micro_batch`` videos one forward sees, ``T`` tokens each
+  (``T = F' H' W' / (1 x 2 x 2 patch)``, latent ``F' = (F - 1)/4 + 1``, ``H' = H/8``, ``W' = W/8``:
+  480p x 81 frames -> 21 x 30 x 52 = 32,760 tokens). Bytes saved for backward by one Wan block, per
+  token: ``72 d + 4 ffn`` in bf16 (``92 d + 8 ffn`` in fp32), plus ``8 L d`` per sample for the text
+  keys/values -- measured with ``torch.autograd.graph.saved_tensors_hooks`` on diffusers' eager block
+  (FP32LayerNorm, fp32 RMSNorm/RoPE and gating make it well above the textbook ``34 d``; the test suite
+  re-measures it). Without checkpointing all blocks keep theirs; with checkpointing each block keeps its
+  input (``2 d`` bytes/token in bf16) and one block is recomputed at a time. Plus a backward workspace of
+  half a block's activations and the model's embeddings/head (``16 d`` bytes/token).
+- **Overhead**: a fixed ``overhead_gib`` (CUDA context, NCCL buffers, cuBLAS workspaces; default 4 GiB),
+  and the plan asks for ``margin`` (default 8%) of the GPU's memory to stay free (allocator fragmentation).
+- **Step time**: forward FLOPs per video from ``pgdpo.models`` (``~2 params T + 4 layers T^2 d``);
+  backward 2x forward (LoRA: the linear layers' weight gradients are skipped), +1 forward of recompute
+  with checkpointing, +1 reference forward; divided by ``gpus x peak bf16 x mfu``. ``mfu`` (default 0.40)
+  is the assumed fraction of the dense bf16 peak achieved on all executed FLOPs, recompute included.
+  FSDP traffic (all-gathers, reduce-scatters) is estimated at NVLink bandwidth within a node (<= 8 GPUs)
+  and ``inter_node_gbps`` (default 50 GB/s per GPU, 400 Gb/s NICs) across nodes; FSDP overlaps it with
+  compute, so a step takes the larger of the two.
+
+Config keys read (the trainer's YAML schema; other keys are ignored): ``model.name``, ``model.precision``,
+``model.gradient_checkpointing``, ``model.lora_rank``, ``model.lora_targets``, ``data.frames``,
+``data.height``, ``data.width``, ``data.text_len``, ``method.name`` (sft: no reference),
+``method.reference`` (copy | lora), ``method.ref_ema_every`` (> 0: EMA reference), ``optim.name``,
+``train.batch_size`` (pairs per optimiser step over all GPUs), ``train.micro_batch_size`` (pairs per forward
+per GPU), ``distributed.strategy``, ``distributed.reshard_after_forward``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    #: total memory as the driver reports it (nvidia-smi), GiB
+    memory_gib: float
+    #: dense bf16 tensor-core peak, FLOP/s
+    peak_bf16: float
+    #: NVLink bandwidth per GPU (one direction), bytes/s
+    nvlink: float
+
+
+#: Dense bf16 peaks (no sparsity) and memory of the GPUs the planner knows.
+GPUS: dict[str, GPU] = {
+    "h20": GPU("NVIDIA H20 96 GB", 95.6, 148e12, 450e9),
+    "h100": GPU("NVIDIA H100 SXM 80 GB", 79.6, 989e12, 450e9),
+    "h200": GPU("NVIDIA H200 141 GB", 140.4, 989e12, 450e9),
+    "a100": GPU("NVIDIA A100 SXM 80 GB", 80.0, 312e12, 300e9),
+}
+
+REFERENCES = ("copy", "lora", "ema", "none")
+PRECISIONS = ("bf16", "fp32")
+OPTIMIZERS = {"adamw": 8, "adam": 8, "adamw8bit": 2, "sgd": 0}  # optimizer-state bytes per trained param
+STRATEGIES = ("auto", "fsdp", "ddp", "none")
+FROZEN_DTYPES = {"bf16": 2, "fp32": 4}
+
+#: activation bytes saved by one Wan block per token, as (x d, x ffn), by compute precision
+ACT_PER_TOKEN = {"bf16": (72, 4), "fp32": (92, 8)}
+#: per sample and block: cross-attention text keys/values (+ fp32 norm input), bytes per (text token x d)
+ACT_TEXT = {"bf16": 8, "fp32": 12}
+#: embeddings, output norm and head, per token (bytes x d), once per forward
+ACT_OUTSIDE = 16
+#: backward transient, as a fraction of one block's activations
+WORKSPACE_FRACTION = 0.5
+
+
+@dataclass
+class PlanSettings:
+    """One training setup to plan. Defaults: the paper's (sec. 4.1) Wan2.1 480p x 81 frames, batch 16."""
+
+    model: str = "wan2.1-t2v-14b"
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    #: preference pairs per optimiser step over all GPUs
+    batch_size: int = 16
+    #: pairs per forward per GPU (a forward sees 2x this many videos: chosen + rejected)
+    micro_batch_size: int = 1
+    text_len: int = 512
+    image_len: int = 257
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = True
+    #: copy | lora | ema | none
+    reference: str = "copy"
+    #: 0: full fine-tuning; > 0: LoRA adapters of this rank are trained, the base is frozen
+    lora_rank: int = 0
+    lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")
+    strategy: str = "auto"
+    reshard_after_forward: bool = True
+    #: dtype the frozen weights (reference copy, LoRA base) are stored in
+    frozen_dtype: str = "bf16"
+    reference_sharded: bool = True
+    #: FSDP2 CPUOffloadPolicy: policy master weights, gradients and optimizer states live in host memory
+    #: (planner what-if: pgdpo's trainer does not offload)
+    cpu_offload: bool = False
+
+    def validate(self) -> PlanSettings:
+        for key in ("frames", "height", "width", "batch_size", "micro_batch_size", "text_len"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key, choices in (("precision", PRECISIONS), ("optimizer", tuple(OPTIMIZERS)),
+                             ("reference", REFERENCES), ("strategy", STRATEGIES),
+                             ("frozen_dtype", tuple(FROZEN_DTYPES))):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key} must be one of {list(choices)}, got {getattr(self, key)!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        if self.reference == "lora" and self.lora_rank == 0:
+            raise ValueError("reference 'lora' (the policy with its adapters disabled) needs lora_rank > 0")
+        if (self.frames - 1) % 4:
+            raise ValueError(f"frames must be 4k+1 for the Wan VAE (81, 49, 33, ...), got {self.frames}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16 (VAE 8x, patch 2x), got "
+                             f"{self.height}x{self.width}")
+        self.lora_targets = tuple(self.lora_targets)
+        return self
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (16, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def _get(mapping: dict, dotted: str, default=None):
+    value = mapping
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
+def _trainer_defaults() -> PlanSettings:
+    """PlanSettings holding the trainer's defaults for the keys a config may leave out."""
+    from pgdpo.train.config import TrainConfig
+
+    t = TrainConfig()
+    return PlanSettings(model=t.model.name, frames=t.data.frames, height=t.data.height, width=t.data.width,
+                        batch_size=t.train.batch_size, micro_batch_size=t.train.micro_batch_size,
+                        text_len=t.data.text_len, precision=t.model.precision, optimizer=t.optim.name,
+                        gradient_checkpointing=t.model.gradient_checkpointing, lora_rank=t.model.lora_rank,
+                        lora_targets=tuple(t.model.lora_targets), strategy=t.distributed.strategy,
+                        reshard_after_forward=t.distributed.reshard_after_forward)
+
+
+def settings_from_config(mapping: dict | str | os.PathLike) -> PlanSettings:
+    """:class:`PlanSettings` from a training config (a YAML file or its mapping); unknown keys are ignored.
+
+    Keys the config leaves out take the trainer's defaults (``pgdpo.train.config``), e.g. no gradient
+    checkpointing, so a plan of a config describes the run ``pgdpo train`` would start.
+    """
+    where = "config"
+    if isinstance(mapping, (str, os.PathLike)):
+        import yaml
+
+        where = os.fspath(mapping)
+        if not os.path.isfile(where):
+            raise FileNotFoundError(f"config file not found: {where}")
+        with open(where) as f:
+            try:
+                mapping = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where}: a config must be a mapping of sections, got {type(mapping).__name__}")
+    s = _trainer_defaults()
+    keys = {"model": "model.name", "precision": "model.precision",
+            "gradient_checkpointing": "model.gradient_checkpointing", "lora_rank": "model.lora_rank",
+            "lora_targets": "model.lora_targets", "frames": "data.frames", "height": "data.height",
+            "width": "data.width", "text_len": "data.text_len", "optimizer": "optim.name",
+            "batch_size": "train.batch_size", "micro_batch_size": "train.micro_batch_size",
+            "strategy": "distributed.strategy", "reshard_after_forward": "distributed.reshard_after_forward"}
+    for attr, key in keys.items():
+        value = _get(mapping, key)
+        if value is not None:
+            setattr(s, attr, value)
+    if s.lora_rank and _get(mapping, "method.reference") is None:
+        s.reference = "lora"
+    reference = _get(mapping, "method.reference")
+    if reference is not None:
+        s.reference = {"copy": "copy", "lora": "lora", "ema": "ema", "none": "none"}.get(reference, reference)
+    if s.reference == "copy" and (_get(mapping, "method.ref_ema_every") or 0) > 0:
+        s.reference = "ema"
+    if _get(mapping, "method.name") == "sft":
+        s.reference = "none"
+    try:
+        return s.validate()
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+@functools.lru_cache(maxsize=16)
+def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> dict:
+    """Exact parameter counts of a named model on the meta device (no memory), and its Wan shape."""
+    from torch import nn
+
+    from pgdpo.models import adapter_for, build_model, count_parameters
+
+    model = build_model(name, device="meta")
+    adapter = adapter_for(model)
+    if not adapter.is_wan:
+        raise ValueError(f"pgdpo plan models WanTransformer3DModel (Wan2.1) memory; {name!r} is "
+                         f"{type(model).__name__}")
+    blocks = adapter.blocks(model)
+    block_params = [count_parameters(b) for b in blocks]
+    lora = 0
+    if lora_rank:
+        for module_name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and any(module_name == t or module_name.endswith("." + t)
+                                                     for t in lora_targets):
+                lora += lora_rank * (module.in_features + module.out_features)
+    c = adapter.config
+    return {"name": name, "family": adapter.family, "parameters": count_parameters(model),
+            "block_parameters": max(block_params), "layers": len(blocks),
+            "outside_parameters": count_parameters(model) - sum(block_params),
+            "lora_parameters": lora, "dim": c["num_attention_heads"] * c["attention_head_dim"],
+            "ffn_dim": c["ffn_dim"], "heads": c["num_attention_heads"], "config": c}
+
+
+def block_activation_bytes(dim: int, ffn_dim: int, tokens: int, text_len: int,
+                           precision: str = "bf16") -> int:
+    """Bytes one Wan block saves for backward for one video of ``tokens`` tokens (see module doc)."""
+    per_d, per_f = ACT_PER_TOKEN[precision]
+    return int(tokens * (per_d * dim + per_f * ffn_dim) + ACT_TEXT[precision] * text_len * dim)
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib: float, margin: float,
+              inter_node_gbps: float) -> dict:
+    from pgdpo.models import adapter_for, wan_forward_flops
+
+    m = model_summary(s.model, s.lora_rank, tuple(s.lora_targets))
+    adapter = adapter_for(s.model)
+    cfg = m["config"]
+    strategy = s.strategy if s.strategy != "auto" else ("fsdp" if gpus > 1 else "none")
+    shard = gpus if strategy == "fsdp" else 1
+    P, d, f, L = m["parameters"], m["dim"], m["ffn_dim"], m["layers"]
+    cb = 2 if s.precision == "bf16" else 4  # compute dtype bytes
+    frozen_b = FROZEN_DTYPES[s.frozen_dtype]
+    opt_b = OPTIMIZERS[s.optimizer]
+    lora = s.lora_rank > 0
+    trainable = m["lora_parameters"] if lora else P
+    notes: list[str] = []
+
+    # ---- batch layout
+    per_step = s.micro_batch_size * gpus
+    accum = max(1, math.ceil(s.batch_size / per_step))
+    effective_batch = accum * per_step
+    if effective_batch != s.batch_size:
+        if s.batch_size < per_step:
+            notes.append(f"batch_size {s.batch_size} < micro_batch_size {s.micro_batch_size} x {gpus} GPUs: "
+                         f"with data parallelism a step holds at least {per_step} pairs (the trainer needs "
+                         f"batch_size a multiple of {per_step}); {s.batch_size} pairs on {gpus} GPUs means "
+                         f"splitting a pair over {gpus // max(1, s.batch_size)} GPUs (sequence parallelism), "
+                         "which needs no more memory "
+                         "per GPU than shown")
+        else:
+            notes.append(f"batch_size {s.batch_size} is not a multiple of micro_batch_size x GPUs = "
+                         f"{per_step}; "
+                         f"planned as {effective_batch} ({accum} accumulation steps)")
+    videos = 2 * s.micro_batch_size
+    latent = s.latent_shape
+    tokens = adapter.tokens_per_sample(latent)
+    image_len = s.image_len if adapter.family == "wan-i2v" else 0
+
+    # ---- memory (bytes per GPU)
+    master_b = 4
+    mem = {}
+    if lora:
+        mem["policy weights"] = P * frozen_b / shard + trainable * master_b / shard
+    else:
+        mem["policy weights"] = P * master_b / shard
+    mem["gradients"] = trainable * 4 / shard
+    mem["optimizer states"] = trainable * opt_b / shard
+    host = 0.0
+    if s.cpu_offload:
+        for key in ("policy weights", "gradients", "optimizer states"):
+            host += mem[key]
+            mem[key] = 0.0
+    ref_shard = shard if s.reference_sharded else 1
+    mem["reference"] = {"copy": P * frozen_b / ref_shard, "ema": P * 4 / ref_shard}.get(s.reference, 0.0)
+    if shard > 1:
+        if s.reshard_after_forward:
+            gathered = (2 * m["block_parameters"] + m["outside_parameters"]) * cb
+        else:
+            gathered = P * cb
+        mem["fsdp buffers"] = gathered + 2 * min(m["block_parameters"], trainable) * 4
+    else:
+        mem["fsdp buffers"] = 0.0
+    block = videos * block_activation_bytes(d, f, tokens, s.text_len, s.precision)
+    outside = videos * tokens * ACT_OUTSIDE * d
+    if s.gradient_checkpointing:
+        stored = L * videos * tokens * d * cb + block
+    else:
+        stored = L * block
+    mem["activations"] = stored + WORKSPACE_FRACTION * block + outside
+    mem["overhead"] = overhead_gib * GIB
+    total = sum(mem.values())
+    capacity = gpu.memory_gib * GIB
+    usable = capacity * (1 - margin)
+    if s.precision == "fp32":
+        notes.append("precision fp32: activations and gathered weights in fp32; bf16 halves them")
+    if s.cpu_offload:
+        notes.append(f"CPU offload: {host / GIB:.1f} GiB of weights/gradients/optimizer states per GPU in "
+                     "host memory; the optimizer step runs on the CPU")
+
+    # ---- FLOPs and time
+    fwd = wan_forward_flops(cfg, latent, text_len=s.text_len, image_len=image_len)
+    attn = L * 4 * tokens * tokens * d
+    bwd = 2 * fwd if not lora else (fwd - attn) + 2 * attn  # LoRA: no weight grads of the frozen linears
+    recompute = fwd if s.gradient_checkpointing else 0
+    ref = fwd if s.reference != "none" else 0
+    per_video = {"policy forward": fwd, "backward": bwd, "recompute": recompute, "reference forward": ref}
+    step_flops = 2 * effective_batch * sum(per_video.values())
+    model_flops = 2 * effective_batch * (fwd + 2 * fwd + ref)  # MFU numerator (SPEC 5): no recompute
+    compute_s = step_flops / (gpus * gpu.peak_bf16 * mfu)
+    if s.batch_size < per_step:
+        notes.append(f"a {s.batch_size}-pair step spread over the {gpus} GPUs would take about "
+                     f"{compute_s * s.batch_size / effective_batch:.0f} s of compute")
+    # FSDP traffic per GPU per step: all-gathers (forward, backward when resharded, reference) per
+    # micro-batch and one reduce-scatter of the gradients; a ring moves (N-1)/N of the full size.
+    if shard > 1:
+        frac = (shard - 1) / shard
+        gathers = P * cb * (2 if s.reshard_after_forward else 1)
+        gathers += P * cb if s.reference in ("copy", "ema") else 0
+        comm_bytes = frac * (accum * gathers + trainable * 4)
+    elif strategy == "ddp" and gpus > 1:
+        comm_bytes = 2 * (gpus - 1) / gpus * trainable * 4
+    else:
+        comm_bytes = 0.0
+    bandwidth = gpu.nvlink if gpus <= 8 else inter_node_gbps * 1e9
+    comm_s = comm_bytes / bandwidth
+    step_s = max(compute_s, comm_s)
+
+    return {
+        "settings": dataclasses.asdict(s) | {"lora_targets": list(s.lora_targets)},
+        "gpus": gpus, "gpu": dataclasses.asdict(gpu), "strategy": strategy,
+        "model": {"name": s.model, "family": m["family"], "parameters": P, "trainable_parameters": trainable,
+                  "layers": L, "dim": d, "ffn_dim": f, "latent_shape": list(latent),
+                  "tokens_per_video": tokens},
+        "batch": {"pairs_per_step": effective_batch, "requested_pairs_per_step": s.batch_size,
+                  "pairs_per_forward_per_gpu": s.micro_batch_size, "videos_per_forward_per_gpu": videos,
+                  "grad_accumulation": accum},
+        "memory_gib": {k: v / GIB for k, v in mem.items()},
+        "host_memory_gib": host / GIB, "total_gib": total / GIB, "capacity_gib": gpu.memory_gib,
+        "usable_gib": usable / GIB,
+        "utilization": total / capacity, "fits": total <= usable,
+        "flops": {"forward_per_video": fwd, "per_video": per_video, "per_step": step_flops,
+                  "model_flops_per_step": model_flops},
+        "time": {"assumed_mfu": mfu, "compute_s": compute_s, "comm_s": comm_s, "step_s": step_s,
+                 "pairs_per_s": effective_batch / step_s,
+                 "tokens_per_s": 2 * effective_batch * tokens / step_s,
+                 "model_flops_utilization": model_flops / step_s / (gpus * gpu.peak_bf16)},
+        "notes": notes,
+    }
+
+
+def _suggestions(s: PlanSettings, gpus: int, gpu_name: str, evaluate) -> list[dict]:
+    """Single changes (and a few pairs of them) that make the plan fit, cheapest first."""
+    candidates: list[tuple[str, PlanSettings, int]] = []
+    ckpt = dataclasses.replace(s, gradient_checkpointing=True)
+    if not s.gradient_checkpointing:
+        candidates.append(("gradient checkpointing (model.gradient_checkpointing: true)", ckpt, gpus))
+    if s.micro_batch_size > 1:
+        candidates.append(("micro_batch_size 1 (train.micro_batch_size: 1; more accumulation steps)",
+                           dataclasses.replace(s, micro_batch_size=1), gpus))
+    if s.reference in ("copy", "ema") and (s.frozen_dtype != "bf16" or not s.reference_sharded):
+        candidates.append(("bf16, sharded reference copy",
+                           dataclasses.replace(s, frozen_dtype="bf16", reference_sharded=True), gpus))
+    if s.reference != "lora":
+        lora = dataclasses.replace(s, lora_rank=s.lora_rank or 64, reference="lora")
+        candidates.append((f"LoRA policy + LoRA reference (model.lora_rank: {lora.lora_rank}, "
+                           "method.reference: lora)", lora, gpus))
+        if not s.gradient_checkpointing:
+            candidates.append(("LoRA reference + gradient checkpointing",
+                               dataclasses.replace(lora, gradient_checkpointing=True), gpus))
+    if s.optimizer in ("adamw", "adam"):
+        candidates.append(("8-bit AdamW states (what-if: not in pgdpo's trainer)",
+                           dataclasses.replace(s, optimizer="adamw8bit"), gpus))
+    if not s.cpu_offload and s.strategy != "ddp":
+        candidates.append(("FSDP2 CPU offload of weights/gradients/optimizer states (what-if: not in "
+                           "pgdpo's trainer)",
+                           dataclasses.replace(s, cpu_offload=True), gpus))
+    for settings in (s, ckpt) if not s.gradient_checkpointing else (s,):
+        for n in (2, 4, 8, 16, 32, 64):
+            more = gpus * n
+            if settings.strategy in ("ddp", "none") or evaluate(settings, more)["fits"]:
+                if settings.strategy not in ("ddp", "none"):
+                    what = f"{more} GPUs" + ("" if settings is s else " + gradient checkpointing")
+                    candidates.append((what, settings, more))
+                break
+    out = []
+    for change, settings, n in candidates:
+        result = evaluate(settings, n)
+        out.append({"change": change, "gpus": n, "gpu": gpu_name, "total_gib": result["total_gib"],
+                    "fits": result["fits"], "step_s": result["time"]["step_s"]})
+    return out
+
+
+def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus: int, gpu: str = "h20",
+         mfu: float = 0.40, overhead_gib: float = 4.0, margin: float = 0.08, inter_node_gbps: float = 50.0,
+         suggest: bool = True, **overrides) -> dict:
+    """Memory per GPU, step time and whether it fits, for a training setup on ``gpus`` x ``gpu``.
+
+    Args:
+        config: :class:`PlanSettings`, a training config mapping or YAML path (the keys listed in the module
+            doc), or None for the defaults (the paper's Wan2.1-14B 480p x 81 frames, batch 16).
+        gpus: number of GPUs (FSDP shards over all of them).
+        gpu: a key of :data:`GPUS` (``h20``, ``h100``, ``h200``, ``a100``).
+        mfu: assumed fraction of the bf16 peak achieved (all executed FLOPs, recompute included).
+        overhead_gib: fixed per-GPU overhead (CUDA context, NCCL, workspaces).
+        margin: fraction of GPU memory kept free for fragmentation; fits = total <= (1 - margin) x capacity.
+        inter_node_gbps: per-GPU network bandwidth across nodes (GB/s) for the FSDP traffic estimate.
+        suggest: also evaluate changes that make it fit (``"suggestions"``).
+        **overrides: :class:`PlanSettings` fields (``model=``, ``frames=``, ``gradient_checkpointing=`` ...).
+
+    Returns:
+        A JSON-serialisable dict: ``memory_gib`` (components), ``total_gib``, ``capacity_gib``, ``fits``,
+        ``model`` (parameter counts, tokens), ``batch``, ``flops``, ``time`` (``step_s`` ...), ``notes``,
+        ``suggestions``.
+    """
+    if isinstance(config, PlanSettings):
+        settings = dataclasses.replace(config)
+    elif config is None:
+        settings = PlanSettings()
+    else:
+        settings = settings_from_config(config)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PlanSettings)})
+    if unknown:
+        raise TypeError(f"plan: unknown setting(s) {unknown}; PlanSettings has "
+                        f"{[f.name for f in dataclasses.fields(PlanSettings)]}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = dataclasses.replace(settings, **given).validate()
+    if gpu not in GPUS:
+        raise ValueError(f"unknown gpu {gpu!r}; expected one of {sorted(GPUS)}")
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    if settings.strategy == "none" and gpus > 1:
+        raise ValueError(f"strategy 'none' is one process; got gpus={gpus}")
+    spec = GPUS[gpu]
+
+    def evaluate(s, n):
+        return _evaluate(s, n, spec, mfu=mfu, overhead_gib=overhead_gib, margin=margin,
+                         inter_node_gbps=inter_node_gbps)
+
+    result = evaluate(settings, gpus)
+    result["gpu"]["key"] = gpu
+    result["assumptions"] = {"mfu": mfu, "overhead_gib": overhead_gib, "margin": margin,
+                             "inter_node_gbps": inter_node_gbps,
+                             "activation_bytes_per_token_per_block": dict(zip(("x_dim", "x_ffn"),
+                                                                              ACT_PER_TOKEN[settings.precision]))}
+    result["suggestions"] = _suggestions(settings, gpus, gpu, evaluate) if suggest else []
+    return result
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.2f} s"
+
+
+def format_plan(result: dict, steps: int | None = None) -> str:
+    """A readable report of :func:`plan`'s result."""
+    s, m, b, t = result["settings"], result["model"], result["batch"], result["time"]
+    g = result["gpu"]
+    sharded = ", sharded" if s["reference_sharded"] and result["strategy"] == "fsdp" else ""
+    ref = {"copy": f"frozen copy ({s['frozen_dtype']}{sharded})",
+           "ema": "EMA copy (fp32)", "lora": "LoRA adapters disabled", "none": "none (SFT)"}[s["reference"]]
+    tuning = f"LoRA rank {s['lora_rank']}" if s["lora_rank"] else "full fine-tuning"
+    lines = [
+        f"PG-DPO plan: {m['name']} ({_fmt_count(m['parameters'])} params, {tuning}: "
+        f"{_fmt_count(m['trainable_parameters'])} trained) on {result['gpus']} x {g['name']} "
+        f"({result['strategy']})",
+        f"  video {s['frames']} frames {s['height']}x{s['width']} -> latent {m['latent_shape']} -> "
+        f"{m['tokens_per_video']:,} tokens/video; {b['pairs_per_step']} pairs/step = "
+        f"{b['pairs_per_forward_per_gpu']} pair(s)/GPU/forward x {result['gpus']} GPUs x "
+        f"{b['grad_accumulation']} accumulation",
+        f"  precision {s['precision']}, optimizer {s['optimizer']}, gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}, reference {ref}",
+        "",
+        f"  {'memory per GPU':<22}{'GiB':>9}",
+    ]
+    for key, value in result["memory_gib"].items():
+        lines.append(f"  {key:<22}{value:>9.1f}")
+    verdict = "FITS" if result["fits"] else "DOES NOT FIT"
+    lines += [f"  {'total':<22}{result['total_gib']:>9.1f}   of {result['capacity_gib']:.1f} GiB "
+              f"({100 * result['utilization']:.0f}%; usable {result['usable_gib']:.1f}) -> {verdict}", ""]
+    lines.append(f"  step: {_fmt_count(result['flops']['per_step'])}FLOP executed at MFU "
+                 f"{t['assumed_mfu']:.2f} of {g['peak_bf16'] / 1e12:.0f} TFLOP/s -> compute "
+                 f"{_fmt_time(t['compute_s'])}, FSDP traffic {_fmt_time(t['comm_s'])} -> "
+                 f"{_fmt_time(t['step_s'])}/step, {t['tokens_per_s']:,.0f} tokens/s")
+    if steps:
+        lines.append(f"  {steps} steps: {_fmt_time(steps * t['step_s'])}")
+    for note in result["notes"]:
+        lines.append(f"  note: {note}")
+    if result["suggestions"] and not result["fits"]:
+        lines += ["", "  to make it fit:"]
+        shown = [x for x in result["suggestions"] if x["fits"]] or result["suggestions"]
+        for x in shown:
+            where = "" if "GPUs" in x["change"] else f" on {x['gpus']} GPUs"
+            still = "" if x["fits"] else " (still does not fit)"
+            lines.append(f"    - {x['change']}{where}: {x['total_gib']:.1f} GiB/GPU, "
+                         f"{_fmt_time(x['step_s'])}/step{still}")
+    return "\n".join(lines)
+
+
+def gpu_table() -> str:
+    lines = [f"  {'key':<6}{'GPU':<26}{'memory GiB':>11}{'bf16 TFLOP/s':>14}"]
+    for key, g in GPUS.items():
+        lines.append(f"  {key:<6}{g.name:<26}{g.memory_gib:>11.1f}{g.peak_bf16 / 1e12:>14.0f}")
+    return "\n".join(lines)
+
+
+_EPILOG = """\
+examples:
+  pgdpo plan --config configs/wan14b.yaml --gpus 32 --gpu h20
+  pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
+             --checkpointing --lora-rank 64
+  pgdpo plan --gpus 32 --gpu h20 --json          (defaults: the paper's Wan2.1-14B 480p x 81, batch 16)
+
+GPUs (dense bf16 peak):
+{gpus}
+
+The estimate (see `python -c "import pgdpo.plan; help(pgdpo.plan)"`): FSDP2 shards fp32 master weights,
+fp32 gradients and AdamW states (16 B/param) over the GPUs; the reference is a bf16 sharded copy (or
+LoRA adapters disabled: no copy); activations are measured per Wan block (72 d + 4 ffn bytes/token in
+bf16); step time = executed FLOPs / (GPUs x peak x MFU). Values from --config are overridden by flags.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgdpo plan", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Will a PG-DPO training run fit? Memory per GPU (policy, "
+                                "gradients, optimizer, reference, activations, overhead) and step time, "
+                                "estimated before you start.", epilog=_EPILOG.format(gpus=gpu_table()))
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="training config (pgdpo train's YAML); flags override it")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h20", help="GPU type (default h20)")
+    p.add_argument("--model", help="model name of pgdpo.models.MODEL_CONFIGS (default wan2.1-t2v-14b)")
+    p.add_argument("--frames", type=int, help="video frames (4k+1; default 81)")
+    p.add_argument("--height", type=int, help="video height in pixels (default 480)")
+    p.add_argument("--width", type=int, help="video width in pixels (default 832)")
+    p.add_argument("--batch", type=int, dest="batch_size",
+                   help="pairs per optimiser step, all GPUs (default 16)")
+    p.add_argument("--micro-batch", type=int, dest="micro_batch_size",
+                   help="pairs per forward per GPU (default 1)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="bf16 (fp32 master weights) or fp32 (default bf16)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="default adamw (fp32 states)")
+    ck = p.add_mutually_exclusive_group()
+    ck.add_argument("--checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
+                    help="activation checkpointing of every block (the default)")
+    ck.add_argument("--no-checkpointing", dest="gradient_checkpointing", action="store_const", const=False)
+    p.add_argument("--reference", choices=REFERENCES, help="copy (default), lora, ema, none (SFT)")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (implies --reference lora "
+                   "unless --reference is given)")
+    p.add_argument("--strategy", choices=STRATEGIES, help="auto (fsdp when GPUs > 1), fsdp, ddp, none")
+    p.add_argument("--frozen-dtype", choices=sorted(FROZEN_DTYPES),
+                   help="storage of frozen weights: reference copy, LoRA base (default bf16)")
+    p.add_argument("--cpu-offload", action="store_const", const=True,
+                   help="what-if: FSDP2 CPU offload of weights, gradients and optimizer states")
+    p.add_argument("--text-len", type=int, help="text tokens (default 512)")
+    p.add_argument("--mfu", type=float, default=0.40, help="assumed MFU on all executed FLOPs (default 0.40)")
+    p.add_argument("--overhead-gib", type=float, default=4.0, help="fixed per-GPU overhead (default 4 GiB)")
+    p.add_argument("--margin", type=float, default=0.08, help="fraction of memory kept free (default 0.08)")
+    p.add_argument("--steps", type=int, help="also print the time for this many steps (e.g. 3000)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    names = ("model", "frames", "height", "width", "batch_size", "micro_batch_size", "precision", "optimizer",
+             "gradient_checkpointing", "reference", "lora_rank", "strategy", "frozen_dtype", "text_len",
+             "cpu_offload")
+    overrides = {k: getattr(args, k) for k in names}
+    if args.lora_rank and args.reference is None:
+        overrides["reference"] = "lora"
+    try:
+        result = plan(args.config, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu, overhead_gib=args.overhead_gib,
+                      margin=args.margin, **overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"pgdpo plan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.steps:
+        result["time"]["steps"] = args.steps
+        result["time"]["total_s"] = args.steps * result["time"]["step_s"]
+    print(json.dumps(result, indent=2) if args.json else format_plan(result, args.steps))
+    return 0
+
+
+__all__ = ["GPUS", "GPU", "PlanSettings", "plan", "settings_from_config", "model_summary",
+           "block_activation_bytes", "format_plan", "main"]
