@@ -4,8 +4,26 @@ Paper: "Beyond Reward Margin: Rethinking and Resolving Likelihood Displacement i
 via Video Generation" (arXiv 2511.19049). ``SPEC.md`` is the contract of this package.
 """
 
+import importlib
+
 from .loss import PGDPOLoss, pgdpo_loss
 from .options import METHODS, STAT_NAMES
 
-__all__ = ["pgdpo_loss", "PGDPOLoss", "STAT_NAMES", "METHODS"]
+# Training pieces import diffusers (the "train" extra): resolved on first access only, so that
+# `import pgdpo` for the loss alone stays light.
+_LAZY = {
+    "PreferenceStep": "pgdpo.step",
+    "build_model": "pgdpo.models",
+    "load_model": "pgdpo.models",
+    "MODEL_CONFIGS": "pgdpo.models",
+    "make_schedule": "pgdpo.diffusion",
+}
+
+__all__ = ["pgdpo_loss", "PGDPOLoss", "STAT_NAMES", "METHODS", *_LAZY]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pgdpo' has no attribute {name!r}")

@@ -206,7 +206,7 @@ def pgdpo_loss(
         options.reduction_code, need_grad, chosen_backend)
     if not return_stats:
         return loss
-    return loss, dict(zip(STAT_NAMES, stats.unbind(1)))
+    return loss, dict(zip(STAT_NAMES, stats.detach().unbind(1)))
 
 
 class PGDPOLoss(nn.Module):

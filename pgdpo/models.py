@@ -14,6 +14,7 @@ is, and what one forward costs in FLOPs (for MFU and the memory/throughput plann
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ def resolve_config(name_or_config: str | dict) -> dict:
                     f"{type(name_or_config).__name__}")
 
 
-def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast to ``dtype`` but keep the modules diffusers marks fp32-only in fp32, as from_pretrained does.
 
     Uses ``nn.Module.to`` directly: diffusers' ``ModelMixin.to`` warns on any dtype cast because it
@@ -149,7 +150,7 @@ def build_model(name_or_config: str | dict, *, device: str | torch.device = "cpu
         # Build directly on the target device: no CPU copy of a 14B model, and meta allocates nothing.
         with torch.device(device):
             model = cls.from_config(config)
-    return _cast(model, dtype)
+    return cast_weights(model, dtype)
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -221,6 +222,21 @@ class ModelAdapter:
         """Channels of ``batch["image_condition"]`` for Wan I2V: 4 mask + 16 first-frame latent = 20."""
         return self.config["in_channels"] - self.config["out_channels"] if self.family == "wan-i2v" else 0
 
+    @property
+    def text_dim(self) -> int:
+        """Width ``D`` of ``batch["encoder_hidden_states"]`` ``[B, L, D]``."""
+        return self.config["text_dim"] if self.is_wan else self.config["cross_attention_dim"]
+
+    @property
+    def image_dim(self) -> int | None:
+        """Width of ``batch["encoder_hidden_states_image"]`` (CLIP tokens) for Wan I2V, else None."""
+        return self.config["image_dim"] if self.family == "wan-i2v" else None
+
+    def input_dtype(self, model: nn.Module) -> torch.dtype:
+        """dtype the model's input layer expects (its weight dtype; fp32-kept modules aside)."""
+        base = unwrap_model(model)
+        return (base.patch_embedding if self.is_wan else base.conv_in).weight.dtype
+
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The repeated blocks (activation checkpointing / regional compile units), in forward order."""
         base = unwrap_model(model)
@@ -233,10 +249,10 @@ class ModelAdapter:
 
         ``timesteps``: ``[2B]`` in the model's own units (``1000 * sigma`` for Wan, step index for UNet).
         ``batch`` holds the ``[B, ...]`` conditions; they are repeated so chosen and rejected of a pair
-        see the same prompt (and image).
+        see the same prompt (and image), and cast to ``noisy``'s dtype.
         """
         def both(x: Tensor) -> Tensor:
-            return torch.cat([x, x], dim=0)
+            return torch.cat([x, x], dim=0).to(noisy.dtype)
 
         text = both(batch["encoder_hidden_states"])
         if self.family == "wan-t2v":
@@ -244,8 +260,7 @@ class ModelAdapter:
                         return_dict=False)
         elif self.family == "wan-i2v":
             # Wan I2V pipeline layout: cat([noisy 16, mask 4, first-frame latent 16]) along channels.
-            image_condition = both(batch["image_condition"]).to(noisy.dtype)
-            hidden = torch.cat([noisy, image_condition], dim=1)
+            hidden = torch.cat([noisy, both(batch["image_condition"])], dim=1)
             out = model(hidden_states=hidden, timestep=timesteps, encoder_hidden_states=text,
                         encoder_hidden_states_image=both(batch["encoder_hidden_states_image"]),
                         return_dict=False)
@@ -370,10 +385,81 @@ def tokens_per_sample(model_or_config, latent_shape) -> int:
     return adapter_for(model_or_config).tokens_per_sample(latent_shape)
 
 
-def model_size_summary(name_or_config: str | dict) -> dict:
-    """Parameter count and width of a config, computed on the meta device (for the planner)."""
-    model = build_model(name_or_config, device="meta")
-    adapter = adapter_for(model)
-    return {"family": adapter.family, "parameters": count_parameters(model),
-            "blocks": len(adapter.blocks(model)), "latent_channels": adapter.latent_channels,
-            "approx_bytes_bf16": 2 * count_parameters(model)}
+# ------------------------------------------------------------------------------ checkpointing / compile
+
+
+def _checkpointed_block_forward(block: nn.Module, *args, **kwargs):
+    """The class ``forward`` of ``block``, recomputed in the backward (non-reentrant checkpoint)."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = type(block).forward.__get__(block)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)  # reference / eval passes keep no activations anyway
+
+
+def _selective_checkpoint(module: nn.Module, *args):
+    """diffusers ``gradient_checkpointing_func`` that recomputes only blocks marked for it."""
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(module, "_pgdpo_checkpoint", False):
+        return checkpoint(module.__call__, *args, use_reentrant=False)
+    return module(*args)
+
+
+def enable_checkpointing(model: nn.Module, every: int = 1) -> list[int]:
+    """Activation checkpointing of every ``every``-th repeated block (blocks 0, k, 2k, ...).
+
+    Wan (diffusers supports it): ``enable_gradient_checkpointing``, with a checkpoint function that
+    recomputes only the marked blocks when ``every > 1``. UNet3D (diffusers' UNet3D blocks have no
+    checkpointing): the chosen down/mid/up blocks get an instance ``forward`` that runs the class
+    forward under ``torch.utils.checkpoint``. Both survive ``copy.deepcopy`` (no closures over modules).
+    Gradients are unchanged; memory drops, compute rises by about one forward of the chosen blocks.
+    Returns the indices of the checkpointed blocks.
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"checkpointing every must be an int >= 1 (1 = every block), got {every!r}")
+    disable_checkpointing(model)
+    base = unwrap_model(model)
+    blocks = adapter_for(model).blocks(model)
+    chosen = list(range(0, len(blocks), every))
+    if getattr(base, "_supports_gradient_checkpointing", False):
+        if every == 1:
+            base.enable_gradient_checkpointing()
+        else:
+            for i in chosen:
+                blocks[i]._pgdpo_checkpoint = True
+            base.enable_gradient_checkpointing(_selective_checkpoint)
+    else:
+        for i in chosen:
+            blocks[i].forward = functools.partial(_checkpointed_block_forward, blocks[i])
+    return chosen
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_checkpointing`."""
+    base = unwrap_model(model)
+    if getattr(base, "_supports_gradient_checkpointing", False):
+        base.disable_gradient_checkpointing()
+    for block in adapter_for(model).blocks(model):
+        block.__dict__.pop("_pgdpo_checkpoint", None)
+        forward = block.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _checkpointed_block_forward:
+            del block.__dict__["forward"]  # back to the class's forward
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """Regional ``torch.compile``: compile each repeated block in place, not the whole model.
+
+    Uses diffusers' ``compile_repeated_blocks`` where the class declares its blocks (Wan), else
+    ``nn.Module.compile`` on each down/mid/up block (UNet3D). Identical blocks share one compiled
+    graph, so compile time is that of one block. Returns the number of blocks compiled.
+    """
+    base = unwrap_model(model)
+    blocks = adapter_for(model).blocks(model)
+    if getattr(base, "_repeated_blocks", None):
+        base.compile_repeated_blocks(**compile_kwargs)
+    else:
+        for block in blocks:
+            block.compile(**compile_kwargs)
+    return len(blocks)

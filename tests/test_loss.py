@@ -329,3 +329,9 @@ def test_triton_on_cpu_without_interpreter_is_an_error():
     assert out.returncode == 0, out.stderr
     assert "ERR backend='triton' is not available" in out.stdout
     assert "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_stats_carry_no_graph(backend):
+    pred, ref, target = make_inputs((4, 6), dtype=torch.float32, seed=12)
+    _, stats = pgdpo_loss(pred.clone().requires_grad_(True), ref, target, backend=backend, return_stats=True)
+    assert all(v.grad_fn is None and not v.requires_grad for v in stats.values())

@@ -1,0 +1,334 @@
+"""One PG-DPO preference step on a video diffusion model: noise, two forwards, the loss (SPEC section 3).
+
+    batch = {"chosen": [B, C, F, H, W], "rejected": [B, C, F, H, W], "encoder_hidden_states": [B, L, D],
+             # Wan image-to-video only:
+             "image_condition": [B, 20, F, H, W], "encoder_hidden_states_image": [B, Li, image_dim]}
+    out = PreferenceStep(policy, reference)(batch, generator)
+    out.loss.backward()
+
+The chosen and rejected latents of each pair get one noise draw and one timestep; the policy runs
+once on the ``[2B]`` batch with grad, the reference once on the same inputs under ``torch.no_grad()``.
+The reference is a frozen copy of the policy, or -- for a LoRA policy and ``reference=None`` -- the
+policy itself with its adapters disabled, so no second copy of the weights is held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import set_attention_backend
+from .diffusion import DDPMSchedule, FlowMatchingSchedule, make_schedule
+from .loss import PGDPOLoss, pgdpo_loss
+from .models import adapter_for, cast_weights, compile_blocks, enable_checkpointing, unwrap_model
+
+
+@dataclass
+class StepOutput:
+    """Result of one :class:`PreferenceStep` call.
+
+    Attributes:
+        loss: the PG-DPO loss (scalar fp32; ``[B]`` with ``reduction="none"``); backward reaches the policy.
+        stats: ``pgdpo.STAT_NAMES`` -> ``[B]`` per-pair statistics (detached).
+        timesteps: ``[B]`` timestep of each pair in the model's units (flow: ``1000 sigma``).
+        sigmas: ``[B]`` noise level of each pair (flow sigma; DDPM ``sqrt(1 - alpha_bar)``).
+        sample_weight: ``[B]`` weights fed to the loss, or None.
+        num_pairs: ``B``. num_samples: ``2B`` (samples per model forward).
+        tokens: tokens in the policy forward, ``2B * tokens_per_sample`` (the throughput unit).
+        model_flops: FLOPs of the step without recompute: policy forward + backward (3 forwards) and
+            the reference forward (1), i.e. ``4 * 2B * forward_flops_per_sample`` (the MFU numerator).
+    """
+
+    loss: Tensor
+    stats: dict[str, Tensor]
+    timesteps: Tensor
+    sigmas: Tensor
+    sample_weight: Tensor | None
+    num_pairs: int
+    num_samples: int
+    tokens: int
+    model_flops: int
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` carries peft LoRA (or other tuner) layers: diffusers ``add_adapter`` or peft."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` as its base network: adapters off inside the block, back on after."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield
+        return
+    base = unwrap_model(model)
+    if not getattr(base, "_hf_peft_config_loaded", False):
+        raise ValueError(f"{type(base).__name__} has no adapters added through diffusers' add_adapter or "
+                         "peft's get_peft_model; cannot disable them")
+    base.disable_adapters()
+    try:
+        yield
+    finally:
+        base.enable_adapters()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode inside the block (the reference pass must not apply dropout, e.g. UNet3D's temporal
+    convolutions use p=0.1), the model's own train/eval flags restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with ``requires_grad=False`` on every parameter."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+class PreferenceStep:
+    """Callable training step ``step(batch, generator=None) -> StepOutput`` for PG-DPO (and DPO).
+
+    Args:
+        policy: the trained diffusers model (``WanTransformer3DModel`` / ``UNet3DConditionModel``),
+            possibly with LoRA adapters (diffusers ``add_adapter`` or peft ``get_peft_model``).
+        reference: a frozen reference model (made ``requires_grad=False`` and eval here); ``"copy"``
+            for a frozen deep copy of ``policy`` taken now; or None to use ``policy`` with its adapters
+            disabled (requires adapters).
+        schedule: ``"flow"`` (Wan), ``"ddpm-eps"``, ``"ddpm-v"``, or a schedule from ``pgdpo.diffusion``.
+        loss: a :class:`PGDPOLoss` (its options and backend are used; statistics are always returned),
+            or None for ``PGDPOLoss()`` (method "pgdpo", paper defaults, backend "auto").
+        sample_weight_fn: optional ``fn(timesteps [B]) -> [B]`` per-pair weights (timestep-aware
+            weighting, e.g. ``pgdpo.diffusion.flow_loss_weight("cosmap")``); passed as the loss's
+            ``sample_weight``.
+        schedule_options: keyword options of the schedule when ``schedule`` is a name (e.g. ``shift``).
+        attention_backend: diffusers dispatcher backend for policy and reference: ``"native"``,
+            ``"_native_flash"``, ``"flash"``, ``"xformers"``, ... (see ``pgdpo.attention``); None keeps
+            the model's current one.
+        checkpointing: activation checkpointing of the policy: None / 0 off, ``"every"`` or 1 every
+            block, ``k`` every k-th block.
+        weights_dtype: cast policy (and a copied / given reference) weights to this dtype, fp32-only
+            modules kept fp32 (e.g. ``torch.bfloat16``). None leaves them as they are.
+        autocast_dtype: run both forwards under ``torch.autocast`` in this dtype (fp32 master weights).
+        compile: regionally ``torch.compile`` the repeated blocks of policy and reference.
+        compile_options: keyword arguments of ``torch.compile`` (e.g. ``{"fullgraph": True}``).
+    """
+
+    def __init__(self, policy: nn.Module, reference: nn.Module | str | None = None,
+                 schedule: str | FlowMatchingSchedule | DDPMSchedule = "flow", loss: PGDPOLoss | None = None,
+                 *, sample_weight_fn: Callable[[Tensor], Tensor] | None = None,
+                 schedule_options: dict | None = None, attention_backend: str | None = None,
+                 checkpointing: int | str | None = None, weights_dtype: torch.dtype | None = None,
+                 autocast_dtype: torch.dtype | None = None, compile: bool = False,
+                 compile_options: dict | None = None):
+        if not isinstance(policy, nn.Module):
+            raise TypeError(f"policy must be an nn.Module, got {type(policy).__name__}")
+        self.adapter = adapter_for(policy)
+        self.policy = policy
+        self.schedule = make_schedule(schedule, **(schedule_options or {}))
+        if loss is None:
+            loss = PGDPOLoss()
+        if not isinstance(loss, PGDPOLoss):
+            raise TypeError(f"loss must be a pgdpo.PGDPOLoss or None, got {type(loss).__name__}")
+        self.loss = loss
+        if sample_weight_fn is not None and not callable(sample_weight_fn):
+            raise TypeError(f"sample_weight_fn must be callable, got {type(sample_weight_fn).__name__}")
+        self.sample_weight_fn = sample_weight_fn
+        for name, dt in (("weights_dtype", weights_dtype), ("autocast_dtype", autocast_dtype)):
+            if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+                raise TypeError(f"{name} must be a floating-point torch.dtype or None, got {dt!r}")
+        self.autocast_dtype = autocast_dtype
+        every = _checkpoint_every(checkpointing)
+
+        # The reference, made before any speed switch touches the policy so a copy is a plain model.
+        if reference is None:
+            if not has_adapters(policy):
+                raise ValueError("reference=None needs a policy with LoRA adapters (diffusers add_adapter or "
+                                 "peft get_peft_model), whose disabled state is the reference; for full "
+                                 "fine-tuning pass reference='copy' or a frozen copy of the base model")
+            self.reference = None
+        else:
+            if isinstance(reference, str):
+                if reference != "copy":
+                    raise ValueError(f"reference must be an nn.Module, 'copy' or None, got {reference!r}")
+                reference = copy.deepcopy(policy)
+            self.reference = self._freeze_reference(policy, reference)
+            if adapter_for(self.reference).family != self.adapter.family:
+                raise ValueError(f"reference is a {adapter_for(self.reference).family} model but the policy "
+                                 f"is a {self.adapter.family} model")
+
+        if weights_dtype is not None:
+            cast_weights(unwrap_model(policy), weights_dtype)
+            if self.reference is not None:
+                cast_weights(unwrap_model(self.reference), weights_dtype)
+        if attention_backend is not None:
+            for model in self._models():
+                set_attention_backend(model, attention_backend)
+        self.checkpointed_blocks = enable_checkpointing(policy, every) if every else []
+        if compile:
+            for model in self._models():
+                compile_blocks(model, **(compile_options or {}))
+        self._flops_cache: dict = {}
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _freeze_reference(policy: nn.Module, reference: nn.Module) -> nn.Module:
+        if not isinstance(reference, nn.Module):
+            raise TypeError(f"reference must be an nn.Module, 'copy' or None, got {type(reference).__name__}")
+        if reference is policy:
+            raise ValueError("reference is the policy itself; pass reference=None to use the policy with its "
+                             "LoRA adapters disabled, or a frozen copy of the base model")
+        shared = {id(p) for p in policy.parameters()} & {id(p) for p in reference.parameters()}
+        if shared:
+            raise ValueError(f"reference shares {len(shared)} parameter tensors with the policy; freezing it "
+                             "would freeze the policy too. Pass a separate copy (reference='copy')")
+        return reference.requires_grad_(False).eval()
+
+    def _models(self) -> list[nn.Module]:
+        return [self.policy] + ([self.reference] if self.reference is not None else [])
+
+    # ------------------------------------------------------------------------------------------ batch
+
+    def validate_batch(self, batch: Mapping) -> None:
+        """Raise a clear error naming the bad key when ``batch`` does not fit the policy."""
+        a = self.adapter
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+        required = ("chosen", "rejected", *a.condition_keys)
+        missing = [k for k in required if k not in batch]
+        if missing:
+            raise KeyError(f"batch is missing {missing}; a {a.family} step needs keys {list(required)}")
+        for k in required:
+            v = batch[k]
+            if not isinstance(v, Tensor):
+                raise TypeError(f"batch[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+            if not v.is_floating_point():
+                raise TypeError(f"batch[{k!r}] must be a floating-point tensor, got {v.dtype}")
+        chosen, rejected = batch["chosen"], batch["rejected"]
+        if chosen.dim() != 5:
+            raise ValueError("batch['chosen'] must be [B, C, F, H, W] latents, got shape "
+                             f"{tuple(chosen.shape)}")
+        if rejected.shape != chosen.shape:
+            raise ValueError(f"batch['rejected'] has shape {tuple(rejected.shape)} but batch['chosen'] has "
+                             f"{tuple(chosen.shape)}; the videos of a pair must have one shape")
+        if rejected.dtype != chosen.dtype:
+            raise TypeError(f"batch['rejected'] is {rejected.dtype} but batch['chosen'] is {chosen.dtype}")
+        b, c, f, h, w = chosen.shape
+        if b == 0:
+            raise ValueError("batch['chosen'] is empty (B = 0)")
+        if c != a.latent_channels:
+            raise ValueError(f"batch['chosen'] has {c} channels but the {a.family} model takes "
+                             f"{a.latent_channels}-channel latents")
+        if a.is_wan:
+            pt, ph, pw = a.config["patch_size"]
+            if f % pt or h % ph or w % pw:
+                raise ValueError(f"batch['chosen'] latent size (F, H, W) = {(f, h, w)} is not divisible by "
+                                 f"the model's patch size {(pt, ph, pw)}")
+        text = batch["encoder_hidden_states"]
+        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != a.text_dim:
+            raise ValueError(f"batch['encoder_hidden_states'] must be [B={b}, L, D={a.text_dim}], got "
+                             f"{tuple(text.shape)}")
+        if a.family == "wan-i2v":
+            cond = batch["image_condition"]
+            expected = (b, a.image_condition_channels, f, h, w)
+            if tuple(cond.shape) != expected:
+                raise ValueError(f"batch['image_condition'] must be [B, 4 mask + 16 latent, F, H, W] = "
+                                 f"{list(expected)}, got {tuple(cond.shape)}")
+            img = batch["encoder_hidden_states_image"]
+            if img.dim() != 3 or img.shape[0] != b or img.shape[2] != a.image_dim:
+                raise ValueError(f"batch['encoder_hidden_states_image'] must be [B={b}, tokens, "
+                                 f"{a.image_dim}], got {tuple(img.shape)}")
+        device = _model_device(self.policy)
+        for k in required:
+            if batch[k].device != device:
+                raise ValueError(f"batch[{k!r}] is on {batch[k].device} but the policy is on {device}")
+
+    # ------------------------------------------------------------------------------------------- step
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def __call__(self, batch: Mapping, generator: torch.Generator | None = None) -> StepOutput:
+        """One step: noise the pairs, run reference (no grad) and policy (grad), return the loss.
+
+        ``generator`` drives the timestep and noise draws (reproducible steps).
+        """
+        self.validate_batch(batch)
+        a = self.adapter
+        chosen = batch["chosen"]
+        b = chosen.shape[0]
+        pairs = self.schedule.noise_pairs(chosen, batch["rejected"], generator)
+        noisy = pairs.noisy.to(a.input_dtype(self.policy))
+        device = chosen.device
+
+        with torch.no_grad(), self._autocast(device):
+            if self.reference is not None:
+                ref_pred = a.predict(self.reference, noisy, pairs.model_timesteps, batch)
+            else:
+                with adapters_disabled(self.policy), _eval_mode(self.policy):
+                    ref_pred = a.predict(self.policy, noisy, pairs.model_timesteps, batch)
+        with self._autocast(device):
+            pred = a.predict(self.policy, noisy, pairs.model_timesteps, batch)
+
+        sample_weight = None
+        if self.sample_weight_fn is not None:
+            sample_weight = self.sample_weight_fn(pairs.timesteps)
+            if not isinstance(sample_weight, Tensor) or tuple(sample_weight.shape) != (b,):
+                got = tuple(sample_weight.shape) if isinstance(sample_weight, Tensor) else type(sample_weight)
+                raise ValueError(f"sample_weight_fn must return a [B={b}] tensor, got {got}")
+            sample_weight = sample_weight.detach().float().to(device)
+
+        options = dataclasses.asdict(self.loss.options)
+        loss, stats = pgdpo_loss(pred, ref_pred, pairs.target, **options, sample_weight=sample_weight,
+                                 backend=self.loss.backend, return_stats=True)
+        stats = {k: v.detach() for k, v in stats.items()}  # logging values; keep them off the graph
+        tokens_per_sample = a.tokens_per_sample(chosen.shape)
+        return StepOutput(loss=loss, stats=stats, timesteps=pairs.timesteps, sigmas=pairs.sigmas,
+                          sample_weight=sample_weight, num_pairs=b, num_samples=2 * b,
+                          tokens=2 * b * tokens_per_sample, model_flops=4 * 2 * b * self._flops(batch))
+
+    def _flops(self, batch: Mapping) -> int:
+        """Forward FLOPs per sample for this batch's shapes (cached: the UNet count runs a meta forward)."""
+        text_len = batch["encoder_hidden_states"].shape[1]
+        image = batch.get("encoder_hidden_states_image")
+        image_len = image.shape[1] if isinstance(image, Tensor) else 0
+        key = (tuple(batch["chosen"].shape[1:]), text_len, image_len)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = self.adapter.forward_flops_per_sample(key[0], text_len, image_len)
+        return self._flops_cache[key]
+
+
+def _checkpoint_every(checkpointing) -> int:
+    """0 (off) or k >= 1 (every k-th block) from the ``checkpointing`` argument."""
+    if checkpointing is None or checkpointing is False or checkpointing == "none":
+        return 0
+    if checkpointing is True or checkpointing == "every":
+        return 1
+    if isinstance(checkpointing, int) and checkpointing >= 0:
+        return checkpointing
+    raise ValueError(f"checkpointing must be None/'none'/0 (off), 'every'/1 (every block) or an int k >= 1 "
+                     f"(every k-th block), got {checkpointing!r}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    raise ValueError("the policy has no parameters")
