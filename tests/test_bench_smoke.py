@@ -1,0 +1,133 @@
+"""The benchmark suite and the demo run end to end on tiny shapes (CI; ~30 s on 2 cores).
+
+Timings are not asserted (speed is a benchmark, not a test): only that the outputs are well-formed,
+the figures are positive and ordered, and every provider that ran agrees with the float64 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-smoke")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--no-progress", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, f"python -m bench --smoke failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return out, proc
+
+
+def _check_summary(fig: dict):
+    for key in ("median_ms", "min_ms", "max_ms", "p10_ms", "p90_ms", "q1_ms", "q3_ms"):
+        assert math.isfinite(fig[key]) and fig[key] > 0, (key, fig)
+    assert fig["min_ms"] <= fig["p10_ms"] <= fig["q1_ms"] <= fig["median_ms"] <= fig["q3_ms"]
+    assert fig["median_ms"] <= fig["p90_ms"] <= fig["max_ms"]
+    assert fig["n"] >= 1
+    assert fig["gbps"] > 0 and fig["time_over_floor"] > 0
+
+
+def test_smoke_json(smoke):
+    out, _ = smoke
+    record = json.loads((out / "bench.json").read_text())
+    assert record["schema"] == "pgdpo-bench/1"
+    for key in ("python", "torch", "triton"):
+        assert key in record["versions"]
+    assert "commit" in record["git"] and "dirty" in record["git"]
+    assert record["machine"]["cpu_model"] and record["machine"]["torch_threads"] >= 1
+    for when in ("start", "end"):
+        assert record["bandwidth"][when]["gbps_median"] > 0
+    passes = record["config"]["passes"]
+    assert passes == ["fwd", "bwd", "fwdbwd"]
+    assert len(record["cases"]) == 2 and {c["dtype"] for c in record["cases"]} == {"fp32", "bf16"}
+    for case in record["cases"]:
+        assert case["floor"]["fwdbwd"]["bytes"] == 4 * math.prod(case["shape"]) * (
+            4 if case["dtype"] == "fp32" else 2)
+        assert case["floor"]["fwdbwd"]["ms"] > 0
+        assert case["providers"]["eager"]["available"], case["providers"]["eager"]
+        for name, entry in case["providers"].items():
+            if not entry["available"]:
+                assert entry["reason"], f"{name} unavailable without a reason"
+                continue
+            ver = entry["verify"]
+            assert ver["ok"], f"{case['name']} {case['dtype']} {name} disagrees with the reference: {ver}"
+            assert ver["grad_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[case["dtype"]]
+            for err in ("loss_max_abs_err", "grad_max_rel_err", "stats_max_abs_err"):
+                assert math.isfinite(ver[err]) and ver[err] >= 0
+            assert entry["first_call_s"] > 0
+            for pass_ in passes:
+                _check_summary(entry["passes"][pass_])
+            mem = entry["memory"]
+            assert mem["extra_bytes"] >= 0 and mem["peak_bytes"] >= mem["extra_bytes"], mem
+        if case["providers"]["compile"]["available"]:
+            assert case["providers"]["compile"]["compile_s"] > 0
+        if all(case["providers"][p]["available"] for p in ("fused", "eager")):
+            assert case["speedups"]["fwdbwd"]["fused_vs_eager"] > 0
+    assert record["summary"]["all_agree"]
+
+
+def test_smoke_markdown_and_plot(smoke):
+    out, proc = smoke
+    md = (out / "bench.md").read_text()
+    assert md.startswith("# pgdpo loss benchmark")
+    rows = [line for line in md.splitlines() if line.startswith("| tiny-")]
+    assert len(rows) == 2 * 3 + 2 * 3  # time rows (case x pass) + agreement rows (case x provider)
+    header = next(line for line in md.splitlines() if line.startswith("| case | shape"))
+    assert all(row.count("|") == header.count("|") for row in rows[:6])
+    assert "| case | shape" in proc.stdout  # the table is printed too
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out / "bench.png")
+    assert img.shape[0] > 200 and img.shape[1] > 200
+
+
+def test_bench_rejects_bad_arguments():
+    from bench.__main__ import main
+
+    assert main(["--shapes", "3x4x5", "--no-progress"]) == 2  # odd first dimension
+    assert main(["--providers", "fused,nonsense"]) == 2
+    assert main(["--dtypes", "int8"]) == 2
+
+
+def test_demo_runs_and_agrees(capsys):
+    from pgdpo.demo import main
+
+    rc = main(["--shapes", "4x2x3x5x7,2x3x9x11", "--dtypes", "fp32,bf16", "--repeats", "3", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = [line for line in out.splitlines() if line.strip().startswith(("4x2x3x5x7", "2x3x9x11"))]
+    if "unavailable" in out:  # no fused op here (e.g. no compiler): eager rows only, the reason said
+        assert len(rows) == 4
+    else:
+        assert len(rows) == 8 and "agrees with eager on every case" in out
+        assert "DISAGREES" not in out
+
+
+def test_demo_help(capsys):
+    from pgdpo.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "fused" in text and "eager" in text and "--repeats" in text
+
+
+def test_demo_rejects_bad_shape(capsys):
+    from pgdpo.demo import main
+
+    assert main(["--shapes", "3x4"]) == 2
+    assert "first one 2B" in capsys.readouterr().err
