@@ -200,10 +200,10 @@ def pgdpo_loss(
     acc = torch.float64 if common == torch.float64 else torch.float32
     weight = None if sample_weight is None else sample_weight.to(acc).contiguous()
     need_grad = torch.is_grad_enabled() and pred.requires_grad
-    loss, stats, _ = ops.fused_loss(
-        *flat, weight, float(options.beta), float(options.k1), float(options.k2), float(options.eps),
-        options.ars, options.ipr, options.anchor, options.element, options.detach_weights,
-        options.reduction_code, need_grad, chosen_backend)
+    flags = ops.pack_flags(options.ars, options.ipr, options.anchor, options.element,
+                           options.detach_weights, need_grad, options.reduction_code)
+    scalars = [float(options.beta), float(options.k1), float(options.k2), float(options.eps)]
+    loss, stats, _ = ops.fused_loss(*flat, weight, scalars, flags, chosen_backend)
     if not return_stats:
         return loss
     return loss, dict(zip(STAT_NAMES, stats.detach().unbind(1)))

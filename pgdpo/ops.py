@@ -1,6 +1,7 @@
 """The fused PG-DPO loss as a ``torch.library`` custom op, with autograd and fake (meta) kernels.
 
-One op, ``pgdpo::fused_loss``, whose implementation is chosen by its ``impl`` argument:
+One op, ``pgdpo::fused_loss(pred, ref_pred, target, sample_weight, scalars=[beta, k1, k2, eps], flags,
+impl)``, whose implementation is chosen by its ``impl`` argument:
 ``"triton"`` (``pgdpo.kernels.pgdpo_loss``: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) or
 ``"cpu"`` (the C++ op of ``csrc/``, built just in time by ``pgdpo.cpu_op``). Because it is a real
 custom op with a fake kernel, ``torch.compile(fullgraph=True)`` traces through it.
@@ -52,40 +53,47 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Flags of the op packed in one int: the dispatcher's per-call argument handling grows with the
+# square of the argument count, and at GPU sizes (a few microseconds of kernel time) that overhead
+# is what a caller sees.
+ARS, IPR, ANCHOR, ELEMENT, DETACH, NEED_GRAD = 1, 2, 4, 8, 16, 32
+_REDUCTION_SHIFT = 6
+
+
+def pack_flags(ars: bool, ipr: bool, anchor: bool, element: bool, detach: bool, need_grad: bool,
+               reduction: int) -> int:
+    """Bitmask of the op's boolean options, with the reduction code (0 none, 1 mean, 2 sum) on top."""
+    return (ARS * ars | IPR * ipr | ANCHOR * anchor | ELEMENT * element | DETACH * detach
+            | NEED_GRAD * need_grad | reduction << _REDUCTION_SHIFT)
+
+
 @torch.library.custom_op("pgdpo::fused_loss", mutates_args=())
 def fused_loss(
     pred: Tensor,
     ref_pred: Tensor,
     target: Tensor,
     sample_weight: Tensor | None,
-    beta: float,
-    k1: float,
-    k2: float,
-    eps: float,
-    ars: bool,
-    ipr: bool,
-    anchor: bool,
-    element: bool,
-    detach: bool,
-    reduction: int,
-    need_grad: bool,
+    scalars: list[float],
+    flags: int,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``scalars = [beta, k1, k2, eps]``; ``flags`` from :func:`pack_flags`; ``impl`` "triton" | "cpu"."""
+    beta, k1, k2, eps = scalars
     return _impl(impl).forward(
         pred, ref_pred, target, sample_weight, beta, k1, k2, eps,
-        ars, ipr, anchor, element, detach, reduction, need_grad,
+        bool(flags & ARS), bool(flags & IPR), bool(flags & ANCHOR), bool(flags & ELEMENT),
+        bool(flags & DETACH), flags >> _REDUCTION_SHIFT, bool(flags & NEED_GRAD),
     )
 
 
 @fused_loss.register_fake
-def _(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, anchor, element, detach,
-      reduction, need_grad, impl):
+def _(pred, ref_pred, target, sample_weight, scalars, flags, impl):
     two_b, n = pred.shape
     acc = _acc_dtype(pred.dtype)
-    loss = pred.new_empty((two_b // 2,) if reduction == 0 else (), dtype=acc)
+    loss = pred.new_empty((two_b // 2,) if flags >> _REDUCTION_SHIFT == 0 else (), dtype=acc)
     stats = pred.new_empty((two_b // 2, NUM_STATS), dtype=acc)
-    if element:
-        saved = pred.new_empty((two_b, n) if need_grad else (0,))
+    if flags & ELEMENT:
+        saved = pred.new_empty((two_b, n) if flags & NEED_GRAD else (0,))
     else:
         saved = pred.new_empty((two_b, 2), dtype=acc)
     return loss, stats, saved
@@ -105,8 +113,8 @@ def _(grad_loss, pred, ref_pred, target, saved, element, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    pred, ref_pred, target = inputs[:3]
-    ctx.element, ctx.impl = inputs[11], inputs[15]
+    pred, ref_pred, target, _, _, flags, impl = inputs
+    ctx.element, ctx.impl = bool(flags & ELEMENT), impl
     saved = output[2]
     if ctx.element:  # the gradient is already in `saved`: keep no input alive
         ctx.save_for_backward(saved)
@@ -124,7 +132,7 @@ def _backward(ctx, grad_loss, grad_stats, grad_saved):
         raise RuntimeError("pgdpo: backward through a fused loss computed with need_grad=False")
     grad_pred = fused_loss_backward(grad_loss.contiguous(), pred, ref_pred, target, saved,
                                     ctx.element, ctx.impl)
-    return (grad_pred,) + (None,) * 15
+    return (grad_pred,) + (None,) * 6
 
 
 fused_loss.register_autograd(_backward, setup_context=_setup_context)
