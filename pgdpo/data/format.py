@@ -215,6 +215,22 @@ class IndexEntry:
         return out
 
 
+def iter_jsonl(path: str | os.PathLike, error: type[Exception] = DataError):
+    """Yield ``(line_number, where, obj)`` for each non-blank line of a JSONL file (``where = "path:line"``).
+
+    A line that is not valid JSON raises ``error`` naming the file and line.
+    """
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield number, where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{where}: not valid JSON ({exc})") from None
+
+
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
 
@@ -290,16 +306,8 @@ def read_index(root: str | os.PathLike, meta: DatasetMeta | None = None) -> list
     if not path.is_file():
         raise DataError(f"{path}: missing; {META_FILE} names it as the dataset's index")
     entries: list[IndexEntry] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc})") from None
-            entries.append(_entry_from_json(data, where, meta))
+    for _, where, data in iter_jsonl(path):
+        entries.append(_entry_from_json(data, where, meta))
     ids = [e.pair for e in entries]
     if ids != list(range(len(entries))):
         raise DataError(f"{path}: pair ids must be 0, 1, 2, ... in order; got {ids[:8]}"

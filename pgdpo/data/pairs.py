@@ -25,6 +25,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .format import iter_jsonl
+
 
 @dataclass
 class PairsReport:
@@ -60,25 +62,17 @@ def _score(record: dict, key: str, where: str) -> float:
 def read_scores(path: str | os.PathLike, score_key: str = "score") -> list[dict]:
     """Read a scored-generations JSONL file into ``[{"prompt_id", "prompt", "video", "score", "image"?}]``."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc})") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"{where}: expected a JSON object per line, got {type(data).__name__}")
-            for key in ("prompt", "video"):
-                if not isinstance(data.get(key), str) or not data[key]:
-                    raise ValueError(f"{where}: {key!r} must be a non-empty string")
-            record = {"prompt_id": str(data.get("prompt_id", data["prompt"])), "prompt": data["prompt"],
-                      "video": data["video"], "score": _score(data, score_key, where), "line": number}
-            if data.get("image") is not None:
-                record["image"] = str(data["image"])
-            records.append(record)
+    for number, where, data in iter_jsonl(path, ValueError):
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object per line, got {type(data).__name__}")
+        for key in ("prompt", "video"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise ValueError(f"{where}: {key!r} must be a non-empty string")
+        record = {"prompt_id": str(data.get("prompt_id", data["prompt"])), "prompt": data["prompt"],
+                  "video": data["video"], "score": _score(data, score_key, where), "line": number}
+        if data.get("image") is not None:
+            record["image"] = str(data["image"])
+        records.append(record)
     return records
 
 
@@ -137,24 +131,16 @@ def write_pairs(pairs: list[dict], path: str | os.PathLike) -> None:
 def read_pairs(path: str | os.PathLike) -> list[dict]:
     """Read a pairs JSONL file written by :func:`write_pairs` (checked: fields, scores)."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc})") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"{where}: expected a JSON object per line")
-            for side in ("chosen", "rejected"):
-                if not isinstance(data.get(side), dict) or not isinstance(data[side].get("video"), str):
-                    raise ValueError(f"{where}: {side!r} must be an object with a 'video' path")
-            if not isinstance(data.get("prompt"), str):
-                raise ValueError(f"{where}: 'prompt' must be a string")
-            data.setdefault("prompt_id", data["prompt"])
-            pairs.append(data)
+    for _, where, data in iter_jsonl(path, ValueError):
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object per line")
+        for side in ("chosen", "rejected"):
+            if not isinstance(data.get(side), dict) or not isinstance(data[side].get("video"), str):
+                raise ValueError(f"{where}: {side!r} must be an object with a 'video' path")
+        if not isinstance(data.get("prompt"), str):
+            raise ValueError(f"{where}: 'prompt' must be a string")
+        data.setdefault("prompt_id", data["prompt"])
+        pairs.append(data)
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs

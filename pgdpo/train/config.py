@@ -9,10 +9,11 @@ Schema (section -> keys; defaults in the dataclasses below)::
     output_dir, seed, device
     model:        name, path, precision, attention, gradient_checkpointing, lora_rank, lora_alpha,
                   lora_targets
-    data:         path, synthesize, synth_pairs, height, width, frames, text_len, shuffle
+    data:         path, synthesize, synth_pairs, synth_difference, height, width, frames, text_len,
+                  shuffle
     method:       name, beta, k1, k2, eps, ipr_target, weighting, detach_weights, backend, schedule,
-                  reference, ref_ema_every, ref_ema_rate, timestep_weighting, timestep_bins,
-                  timestep_momentum
+                  flow_shift, flow_density, reference, ref_ema_every, ref_ema_rate,
+                  timestep_weighting, timestep_bins, timestep_momentum
     optim:        name, lr, betas, weight_decay, eps, grad_clip, scheduler, warmup_steps
     train:        max_steps, batch_size, micro_batch_size, log_every
     distributed:  strategy, backend, reshard_after_forward
@@ -74,12 +75,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    #: dataset folder (JSONL index + safetensors shards); relative paths are relative to output_dir
-    path: str = "data"
+    #: dataset folder (dataset.json, index.jsonl, safetensors shards); "{output_dir}" is replaced by the
+    #: output folder; other relative paths are relative to the working directory
+    path: str = "{output_dir}/data"
     #: write a synthetic dataset (``pgdpo data synth``) at ``path`` when it does not exist
     synthesize: bool = False
     #: pairs in the synthetic dataset
     synth_pairs: int = field(default=64, metadata={"min": 1})
+    #: synthetic rejected = sqrt(1 - d^2) chosen + d noise (d in [0, 1])
+    synth_difference: float = field(default=0.5, metadata={"min": 0, "max": 1})
     #: video size in pixels (the latents are /8 in space, (frames-1)/4+1 in time); the planner reads these
     height: int = field(default=480, metadata={"min": 8})
     width: int = field(default=832, metadata={"min": 8})
@@ -105,6 +109,9 @@ class MethodConfig:
     backend: str = field(default="auto", metadata=_choice(*LOSS_BACKENDS))
     #: noise schedule: flow (Wan, flow matching) | ddpm-eps | ddpm-v (VideoCrafter2-style UNets)
     schedule: str = field(default="flow", metadata=_choice(*SCHEDULES))
+    #: flow schedule: timestep shift (Wan2.1: 3.0 at 480p, 5.0 at 720p) and the density of the draws
+    flow_shift: float = field(default=3.0, metadata={"gt": 0})
+    flow_density: str = field(default="logit_normal", metadata=_choice("logit_normal", "uniform", "mode"))
     #: reference: copy (a frozen copy of the initial policy) | lora (the policy with adapters off)
     reference: str = field(default="copy", metadata=_choice(*REFERENCES))
     #: every this many optimiser steps the reference moves toward the policy (0 = frozen; needs copy)
@@ -161,7 +168,8 @@ class CheckpointConfig:
     keep_last: int = field(default=3, metadata={"min": 0})
     #: "latest" (newest complete checkpoint in output_dir; fresh start when there is none) or a path
     resume: str | None = None
-    #: start over in an output_dir that already holds checkpoints (they are deleted as new ones land)
+    #: without resume, a previous run in output_dir is moved to output_dir/previous-<n>; overwrite: it is
+    #: replaced instead (its checkpoints are deleted when the first new one is written)
     overwrite: bool = False
 
 
@@ -205,8 +213,14 @@ class TrainConfig:
         if m.reference == "lora" and self.model.lora_rank == 0 and m.name != "sft":
             raise ConfigError("method.reference: lora needs model.lora_rank > 0 (the reference is the policy "
                               "with its LoRA adapters disabled)")
+        if m.ref_ema_every and self.model.lora_rank:
+            raise ConfigError("method.ref_ema_every > 0 (EMA reference) is for full fine-tuning; with "
+                              "model.lora_rank > 0 use method.reference: lora or copy without EMA")
         if m.name == "sft" and m.ref_ema_every:
             raise ConfigError("method.name: sft uses no reference; set method.ref_ema_every: 0")
+        if m.name == "sft" and m.timestep_weighting != "none":
+            raise ConfigError("method.timestep_weighting weighs pairs by their reward signal, which sft "
+                              "does not have; set method.timestep_weighting: none for sft")
         if self.train.batch_size % self.train.micro_batch_size:
             raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.train.micro_batch_size})")
@@ -231,8 +245,7 @@ class TrainConfig:
         return self.train.batch_size // per_step
 
     def data_path(self) -> str:
-        path = os.path.expanduser(self.data.path)
-        return path if os.path.isabs(path) else os.path.join(self.output_dir, path)
+        return os.path.expanduser(self.data.path.replace("{output_dir}", self.output_dir))
 
 
 # ------------------------------------------------------------------------------------------ loading
