@@ -1,0 +1,313 @@
+"""Checkpoints that lose nothing, written atomically, found again by ``--resume latest``.
+
+A checkpoint is a folder ``<output_dir>/checkpoint-<step>``:
+
+- DCP files (``torch.distributed.checkpoint``; ``.metadata`` + ``*.distcp``): the sharded state of the
+  policy (trainable parameters), the optimiser and, when it moves, the EMA reference. Written by every
+  rank, resharded on load (``get_state_dict`` / ``set_state_dict``).
+- ``rank-<r>.pt``: what differs between ranks: RNG states (torch CPU/CUDA, python, numpy) and the
+  position of the rank's data shard (the dataset's ``state_dict()``).
+- ``trainer.pt``: what all ranks share: step, LR schedule, timestep-weighting statistics, world size.
+- ``trainer_state.json`` (human-readable summary) and ``config.yaml``.
+
+Atomicity: everything goes to ``checkpoint-<step>.tmp``; files are fsynced; after a barrier (every rank
+finished) rank 0 renames the folder to ``checkpoint-<step>`` and fsyncs the parent. A crash (even
+``kill -9``) leaves either a complete checkpoint or a ``.tmp`` folder, which ``latest`` ignores and the
+next save removes. Everything is read back with ``torch.load(weights_only=True)`` / DCP / JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_SUFFIX = ".tmp"
+STATE_JSON = "trainer_state.json"
+TRAINER_FILE = "trainer.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the folder or file."""
+
+
+# ---------------------------------------------------------------------------------------------- finding
+
+
+def checkpoint_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"checkpoint-{step}")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, STATE_JSON)) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in ``output_dir`` as ``(step, path)``, oldest first (``.tmp`` folders ignored)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path) and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder ``resume`` names: None, ``"latest"`` (None when there is none) or a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = os.path.expanduser(resume)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+    if path.rstrip(os.sep).endswith(TMP_SUFFIX):
+        raise CheckpointError(f"--resume {resume}: a '.tmp' folder is an unfinished checkpoint (the run was "
+                              "interrupted while saving it); resume from a complete checkpoint-<step>")
+    if not is_complete(path):
+        raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {STATE_JSON} or DCP "
+                              ".metadata in it)")
+    return path
+
+
+#: what a run writes in its output folder (the dataset and anything else are left alone)
+RUN_ARTIFACTS = ("metrics.jsonl", "tensorboard", "config.yaml", "loss.png", "alpha_gamma.png",
+                 "likelihood.png")
+
+
+def archive_previous_run(output_dir: str) -> str | None:
+    """Move a previous run's checkpoints and logs into ``output_dir/previous-<n>``; returns it (or None).
+
+    A fresh start (no ``--resume``) in a folder that holds a run keeps that run instead of mixing with it
+    or deleting it. Renames only: no data is copied.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") or n in RUN_ARTIFACTS]
+    if not names:
+        return None
+    n = 1
+    while os.path.exists(os.path.join(output_dir, f"previous-{n}")):
+        n += 1
+    target = os.path.join(output_dir, f"previous-{n}")
+    os.makedirs(target)
+    for name in sorted(names):
+        os.rename(os.path.join(output_dir, name), os.path.join(target, name))
+    _fsync_dir(output_dir)
+    return target
+
+
+def read_summary(path: str) -> dict:
+    file = os.path.join(path, STATE_JSON)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot be read ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """RNG states of torch (CPU and every CUDA device), python and numpy, in weights_only-loadable types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generators:
+        state["generators"] = {name: g.get_state() for name, g in generators.items()}
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in (generators or {}).items():
+        if name in state.get("generators", {}):
+            g.set_state(state["generators"][name])
+
+
+# ----------------------------------------------------------------------------------------------- I/O
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_torch(obj, path: str) -> None:
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def load_torch(path: str):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _state_dict_options(trainable_only: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Only trained parameters are saved (a LoRA run saves its adapters, not the frozen base). Loading
+    # is then non-strict about the frozen ones; every saved key must still be found (DCP raises).
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _dcp_state(policy, optimizer, reference):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer, options=_state_dict_options(True))
+    state = {"model": model_sd, "optim": optim_sd}
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference, options=_state_dict_options(False))
+    return state
+
+
+def save_checkpoint(output_dir: str, step: int, *, dist_state, policy, optimizer, reference=None,
+                    rank_state: dict, trainer_state: dict, summary: dict, config_yaml: str,
+                    keep_last: int = 0, stale: list[str] | None = None) -> str:
+    """Write ``checkpoint-<step>`` atomically (collective: every rank calls it). Returns its path.
+
+    ``reference``: the EMA reference model to save (None when it is the frozen initial weights).
+    ``stale``: checkpoint folders of an abandoned timeline, deleted once this one is complete.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    final = checkpoint_dir(output_dir, step)
+    tmp = final + TMP_SUFFIX
+    if dist_state.is_main:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist_state.barrier()
+
+    with warnings.catch_warnings():  # single process: "torch.distributed is disabled ... single process"
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(_dcp_state(policy, optimizer, reference), checkpoint_id=tmp)
+    save_torch(rank_state, os.path.join(tmp, f"rank-{dist_state.rank}.pt"))
+    ok = dist_state.all_ok(True)  # every rank has written and fsynced its part
+    if not ok:  # pragma: no cover - all_ok(True) is true unless a rank raised, which propagates
+        raise CheckpointError(f"{tmp}: a rank failed to write its part")
+
+    if dist_state.is_main:
+        save_torch(trainer_state, os.path.join(tmp, TRAINER_FILE))
+        _write_text(os.path.join(tmp, "config.yaml"), config_yaml)
+        for name in os.listdir(tmp):
+            if os.path.isfile(os.path.join(tmp, name)):
+                _fsync_file(os.path.join(tmp, name))
+        # The summary is the completion marker: written last, inside the .tmp folder.
+        _write_text(os.path.join(tmp, STATE_JSON), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # same step written before (resumed from an older checkpoint)
+            old = final + ".replaced" + TMP_SUFFIX
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(output_dir)
+        _prune(output_dir, keep_last, stale or [], keep=final)
+    dist_state.barrier()
+    return final
+
+
+def _prune(output_dir: str, keep_last: int, stale: list[str], keep: str) -> None:
+    for path in stale:
+        if os.path.abspath(path) != os.path.abspath(keep) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+    stale.clear()
+    for name in os.listdir(output_dir):  # leftovers of interrupted saves
+        if name.startswith("checkpoint-") and name.endswith(TMP_SUFFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    if keep_last > 0:
+        complete = list_checkpoints(output_dir)
+        for _, path in complete[:-keep_last]:
+            if os.path.abspath(path) != os.path.abspath(keep):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: str, *, dist_state, policy, optimizer, reference=None) -> tuple[dict, dict]:
+    """Load ``path`` into the (already wrapped) models and optimiser; returns (rank_state, trainer_state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    trainer_state = load_torch(os.path.join(path, TRAINER_FILE))
+    saved_world = trainer_state.get("world_size")
+    if saved_world != dist_state.world_size:
+        raise CheckpointError(
+            f"{path} was written by {saved_world} processes but this run has {dist_state.world_size}: the "
+            "data position and RNG streams are per process, so an exact resume needs the same number of "
+            "processes")
+    if reference is None and trainer_state.get("has_reference_state"):
+        raise CheckpointError(f"{path} holds an EMA reference but this run's config has no moving "
+                              "reference (method.ref_ema_every: 0)")
+    if reference is not None and not trainer_state.get("has_reference_state"):
+        raise CheckpointError(f"{path} holds no EMA reference but this run's config moves the reference "
+                              "(method.ref_ema_every > 0); resume with the config the checkpoint was made "
+                              "with")
+    state = _dcp_state(policy, optimizer, reference)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(state, checkpoint_id=path)
+    except Exception as exc:  # noqa: BLE001 - DCP raises several types; name the folder
+        raise CheckpointError(f"{path}: the sharded model/optimiser state cannot be loaded into this model "
+                              f"({type(exc).__name__}: {exc})") from exc
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_state_dict_options(True))
+    if reference is not None:
+        set_model_state_dict(reference, state["reference"], options=_state_dict_options(False))
+    rank_state = load_torch(os.path.join(path, f"rank-{dist_state.rank}.pt"))
+    return rank_state, trainer_state

@@ -1,0 +1,198 @@
+"""Process group and model wrapping: FSDP2 (``fully_shard``), DDP, or a single process.
+
+Launchers: ``torchrun`` and ``accelerate launch`` both export ``RANK`` / ``WORLD_SIZE`` /
+``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``; a plain ``python`` / ``pgdpo`` run is one process and
+needs no launcher. NCCL on GPU, gloo on CPU; the same code path either way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError, DistributedConfig
+
+
+@dataclass
+class DistState:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    strategy: str  # "fsdp" | "ddp" | "none"
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def broadcast_object(self, obj, src: int = 0):
+        """``obj`` of rank ``src`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank when ``ok`` is true on every rank (to fail together, not hang)."""
+        if not self.distributed:
+            return ok
+        flag = torch.tensor([0 if ok else 1], device=self.device)
+        dist.all_reduce(flag)
+        return int(flag.item()) == 0
+
+    def shutdown(self) -> None:
+        if self.initialized_here and self.distributed:
+            dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def die_with_launcher() -> None:
+    """Under torchrun (and ``accelerate launch``, which uses it), end this worker when its launcher dies.
+
+    torchrun starts each worker in a session of its own, so a ``kill -9`` of the launcher (or of its
+    process group) leaves the workers running as orphans that keep training and writing checkpoints
+    while the next run resumes from the same folder. Linux ``PR_SET_PDEATHSIG`` sends this process
+    SIGKILL when its parent exits; elsewhere this is a no-op.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return
+        if os.getppid() != parent or parent == 1:  # the launcher died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        return
+
+
+def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
+    """Join the process group the launcher describes (or run as one process) and pick the device."""
+    die_with_launcher()
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device: cuda was asked for but torch.cuda.is_available() is False")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+
+    strategy = cfg.strategy
+    if strategy == "auto":
+        strategy = "fsdp" if world > 1 else "none"
+    if strategy == "none" and world > 1:
+        raise ConfigError(f"distributed.strategy: none cannot run {world} processes; use fsdp or ddp")
+
+    initialized_here = False
+    if world > 1 and not dist.is_initialized():
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        if backend == "nccl" and dev.type != "cuda":
+            raise ConfigError("distributed.backend: nccl needs CUDA devices; use gloo (or auto) on CPU")
+        kwargs = {"backend": backend, "rank": rank, "world_size": world, "timeout": timedelta(minutes=30)}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+        initialized_here = True
+    if strategy in ("fsdp", "ddp") and world == 1 and not dist.is_initialized():
+        # FSDP2 / DDP need a process group even for one process: a private single-rank one.
+        _init_single_process_group(dev)
+        initialized_here = True
+    return DistState(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy,
+                     initialized_here=initialized_here)
+
+
+def _init_single_process_group(dev: torch.device) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+
+
+def mixed_precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Compute dtype for ``precision``: bf16 on GPU; None (fp32 everywhere) on CPU or for fp32."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, precision: str,
+               reshard_after_forward: bool = True, trainable: bool = True) -> nn.Module:
+    """Shard (FSDP2), replicate (DDP) or keep ``model`` as it is, after moving it to the device.
+
+    FSDP2: ``fully_shard`` on each block, then on the root; with bf16 on GPU a
+    ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (fp32 sharded master weights). A frozen
+    model (``trainable=False``, the reference) is sharded the same way. DDP wraps only trainable models.
+    """
+    model.to(state.device)
+    if state.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        compute = mixed_precision_dtype(precision, state.device)
+        kwargs = {"reshard_after_forward": reshard_after_forward}
+        if compute is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    if state.strategy == "ddp" and trainable:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [state.device.index] if state.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (FSDP2 modules are the original modules)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (no-op without a process group); ``op``: sum, min, max."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor

@@ -1,0 +1,608 @@
+"""The training loop of ``pgdpo train``: one trainer for pgdpo, dpo, ars, ipr (``PGDPOLoss``) and sft.
+
+Per optimiser step, on every rank: ``grad_accum`` micro-batches from this rank's data shard, each noised
+by a generator seeded from ``(seed, step, rank, micro-batch)`` (so a resumed run draws exactly what the
+uninterrupted run drew), one :class:`pgdpo.step.PreferenceStep` (policy forward with grad, reference
+forward without), backward; then gradient clipping, AdamW, the LR schedule, the optional EMA
+reference update and timestep-weighting statistics; statistics are reduced over micro-batches and
+ranks, written to ``metrics.jsonl`` and the trackers by rank 0; every ``save_every`` steps an atomic
+checkpoint (:mod:`pgdpo.train.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+
+from .checkpoint import (
+    CheckpointError,
+    archive_previous_run,
+    list_checkpoints,
+    load_checkpoint,
+    read_summary,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import ConfigError, TrainConfig
+from .distributed import DistState, init_distributed, mixed_precision_dtype, wrap_model
+from .metrics import MetricsLog, peak_memory_gb, reduce_stats
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """Seed of the noise / timestep generator of one micro-batch: a hash of its coordinates."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(rank), int(micro)])
+    return int(state.generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1)
+
+
+def latent_shape_for(config: TrainConfig, adapter) -> list[int]:
+    """Latent ``[C, F, H, W]`` of the configured video size: VAE /8 in space; Wan VAE 4x in time."""
+    d = config.data
+    frames = (d.frames - 1) // 4 + 1 if adapter.is_wan else d.frames
+    return [adapter.latent_channels, frames, d.height // 8, d.width // 8]
+
+
+# Wan's output is a reshaped view; the loss only reads it (no in-place op), which is what the FSDP2 warning
+# is about, so it is silenced for that message only.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+class Trainer:
+    """Set up from a :class:`TrainConfig` (collective: every rank builds one), then :meth:`train`."""
+
+    def __init__(self, config: TrainConfig):
+        self.cfg = config
+        self.dist: DistState = init_distributed(config.distributed, config.device)
+        self.out = config.output_dir
+        self.is_main = self.dist.is_main
+        self.log_file = sys.stderr
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(f"pgdpo train: {message}", file=self.log_file, flush=True)
+
+    def _on_rank0(self, fn):
+        """Run ``fn`` on rank 0 only; every rank gets its result or raises its error (no hang)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                error = exc
+        result, error = self.dist.broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.grad_accum = cfg.grad_accum(self.dist.world_size)
+        self._on_rank0(lambda: os.makedirs(self.out, exist_ok=True))
+        self.resume_path, self.stale = self._on_rank0(self._find_resume)
+
+        # Global RNGs: seeded per rank (nothing in the step draws from them; they are saved anyway).
+        random.seed(cfg.seed + self.dist.rank)
+        np.random.seed((cfg.seed + self.dist.rank) % 2**32)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+
+        from ..models import adapter_for, resolve_config
+
+        self.arch = self._pretrained_config() if cfg.model.path else resolve_config(cfg.model.name)
+        self.adapter = adapter_for(self.arch)
+        self._prepare_data()
+        self._build_models()
+        self._build_optimizer()
+        self.start_step = 0
+        self.probe = self._build_probe() if cfg.logging.diagnostics_every else None
+        if self.resume_path is not None:
+            self._load(self.resume_path)
+        self.metrics = MetricsLog(self.out, active=self.is_main, resume_step=self.start_step,
+                                  trackers=cfg.logging.trackers, run_name=cfg.logging.run_name,
+                                  config=cfg.to_dict())
+        if self.is_main:
+            import yaml
+
+            self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            with open(os.path.join(self.out, "config.yaml"), "w") as f:
+                f.write(self.config_yaml)
+        else:
+            self.config_yaml = ""
+
+    def _find_resume(self):
+        """(checkpoint to resume from or None, checkpoint folders to delete once a new one is written)."""
+        ck = self.cfg.checkpoint
+        existing = list_checkpoints(self.out)
+        path = resolve_resume(ck.resume, self.out)
+        if path is not None:
+            step = int(read_summary(path)["step"])
+            stale = [p for s, p in existing if s > step]
+            if stale:
+                print(f"pgdpo train: resuming from {path} (step {step}); the later checkpoints "
+                      f"{[os.path.basename(p) for p in stale]} belong to the abandoned run and are deleted "
+                      "when the next checkpoint is written", file=self.log_file)
+            return path, stale
+        if ck.resume == "latest":
+            print(f"pgdpo train: --resume latest: no complete checkpoint in {self.out}; starting from step 0",
+                  file=self.log_file)
+        if ck.overwrite:
+            if existing:
+                print(f"pgdpo train: --overwrite: the checkpoints of the previous run in {self.out} are "
+                      "deleted when the first new one is written", file=self.log_file)
+            return None, [p for _, p in existing]
+        moved = archive_previous_run(self.out)
+        if moved:
+            print(f"pgdpo train: {self.out} held a previous run; moved its checkpoints and logs to {moved} "
+                  "(pass --resume latest to continue a run, --overwrite to replace it)", file=self.log_file)
+        return None, []
+
+    def _prepare_data(self) -> None:
+        from ..data.compat import check_compatible
+        from ..data.dataset import PreferenceDataset
+
+        cfg = self.cfg
+        path = cfg.data_path()
+        if cfg.data.synthesize:  # decided on rank 0 alone: every rank must agree on the collective
+            exists = os.path.join(path, "dataset.json")
+            self._on_rank0(lambda: os.path.isfile(exists) or self._synthesize(path))
+        elif not os.path.isdir(path):
+            from ..data.format import DataError
+
+            raise DataError(f"data.path: no dataset folder at {path!r}; make one with `pgdpo data pairs` "
+                            "/ `pgdpo data encode` (or `pgdpo data synth`), or set data.synthesize: true to "
+                            "write a synthetic one there (as configs/demo.yaml does)")
+        self.dataset = PreferenceDataset(path, batch_size=cfg.train.micro_batch_size, rank=self.dist.rank,
+                                         world_size=self.dist.world_size, seed=cfg.seed,
+                                         shuffle=cfg.data.shuffle, drop_last=True, dtype=torch.float32,
+                                         pin_memory=self.dist.device.type == "cuda")
+        check_compatible(self.dataset.meta, self.arch)
+        expected = latent_shape_for(cfg, self.adapter)
+        if list(self.dataset.meta.latent_shape) != expected:
+            self.info(f"note: the dataset's latents are {self.dataset.meta.latent_shape} [C, F, H, W] but "
+                      f"data.height/width/frames = {cfg.data.height}x{cfg.data.width}x{cfg.data.frames} mean "
+                      f"{expected}; training uses the dataset's (set data.* to match for `pgdpo plan`)")
+
+    def _synthesize(self, path: str) -> None:
+        from ..data.synth import synth_dataset
+
+        cfg, a = self.cfg, self.adapter
+        shape = latent_shape_for(cfg, a)
+        print(f"pgdpo train: writing a synthetic dataset of {cfg.data.synth_pairs} pairs, latents {shape}, "
+              f"to {path}", file=self.log_file, flush=True)
+        extra = {}
+        if a.family == "wan-i2v":
+            extra = {"image_len": 257 if a.image_dim >= 1280 else 8, "image_dim": a.image_dim}
+        synth_dataset(path, pairs=cfg.data.synth_pairs, task="i2v" if a.family == "wan-i2v" else "t2v",
+                      latent_shape=shape, text_len=cfg.data.text_len, text_dim=a.text_dim,
+                      difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True, progress=False,
+                      **extra)
+
+    def _pretrained_config(self) -> dict:
+        import json
+
+        path = self.cfg.model.path
+        for folder in (path, os.path.join(path, "transformer"), os.path.join(path, "unet")):
+            file = os.path.join(folder, "config.json")
+            if os.path.isfile(file):
+                with open(file) as f:
+                    return json.load(f)
+        raise ConfigError(f"model.path: no config.json in {path} (nor in its transformer/ or unet/ "
+                          "subfolder)")
+
+    def _build_models(self) -> None:
+        from ..loss import PGDPOLoss
+        from ..models import adapter_for, build_model, load_model
+        from ..step import PreferenceStep
+        from .sft import SFTStep
+        from .weighting import TimestepWeighting
+
+        cfg, m, meth = self.cfg, self.cfg.model, self.cfg.method
+        compute = mixed_precision_dtype(m.precision, self.dist.device)
+        if m.precision == "bf16" and compute is None:
+            self.info("model.precision bf16 runs in fp32 on CPU")
+        autocast = compute if self.dist.strategy != "fsdp" else None  # FSDP2: MixedPrecisionPolicy
+
+        def base_model(dtype: torch.dtype) -> torch.nn.Module:
+            """The initial weights (pretrained, or random from ``seed``): the same on every call and rank."""
+            if m.path:
+                return load_model(m.path, dtype=dtype)
+            return build_model(m.name, seed=cfg.seed, dtype=dtype)
+
+        if m.lora_rank:
+            from peft import LoraConfig
+
+            # The frozen base only runs in the compute dtype; the trained adapters stay fp32.
+            model = base_model(compute or torch.float32).requires_grad_(False)
+            model.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank,
+                                         target_modules=list(m.lora_targets), init_lora_weights=True))
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
+                    p.requires_grad_(True)
+        else:
+            model = base_model(torch.float32)
+        self.adapter = adapter_for(model)
+        model.train()
+
+        self.weighting = None
+        if meth.timestep_weighting == "inverse-std":
+            self.weighting = TimestepWeighting(meth.timestep_bins, meth.timestep_momentum)
+        schedule_options = {}
+        if meth.schedule == "flow":
+            schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
+        checkpointing = "every" if m.gradient_checkpointing else None
+
+        reference = None
+        if meth.name == "sft":
+            step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
+                           schedule_options=schedule_options, attention_backend=m.attention,
+                           checkpointing=1 if checkpointing else 0, autocast_dtype=autocast)
+        else:
+            if meth.reference == "copy":
+                # Built again rather than deep-copied: no second fp32 copy of the policy in host memory.
+                # A frozen reference only runs no-grad forwards, so it is stored in the compute dtype (bf16
+                # on GPU); an EMA reference stays fp32 (small updates vanish in bf16). With LoRA it is the
+                # base without adapters (equal to the policy at the start: LoRA B starts at zero).
+                dtype = torch.float32 if meth.ref_ema_every else (compute or torch.float32)
+                reference = base_model(dtype)
+            loss = PGDPOLoss(method=meth.name, beta=meth.beta, k1=meth.k1, k2=meth.k2, eps=meth.eps,
+                             ipr_target=meth.ipr_target, weighting=meth.weighting,
+                             detach_weights=meth.detach_weights, backend=meth.backend)
+            step = PreferenceStep(model, reference, meth.schedule, loss, sample_weight_fn=self.weighting,
+                                  schedule_options=schedule_options, attention_backend=m.attention,
+                                  checkpointing=checkpointing, autocast_dtype=autocast)
+        if self.weighting is not None:
+            self.weighting.num_train_timesteps = float(step.schedule.num_train_timesteps)
+
+        reshard = cfg.distributed.reshard_after_forward
+        policy = wrap_model(model, self.adapter.blocks(model), self.dist, precision=m.precision,
+                            reshard_after_forward=reshard)
+        if reference is not None:
+            wrap_model(reference, self.adapter.blocks(reference), self.dist, precision=m.precision,
+                       reshard_after_forward=reshard, trainable=False)
+        if policy is not model:  # DDP: the step calls the wrapper (gradient sync); peft / dtype look inside
+            policy.get_base_model = lambda: policy.module
+            step.policy = policy
+        self.model, self.policy, self.reference, self.step_fn = model, policy, reference, step
+        self.ema_reference = reference if meth.ref_ema_every else None
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        lora = f", LoRA rank {m.lora_rank}" if m.lora_rank else ""
+        ema = f" (EMA every {meth.ref_ema_every} steps)" if meth.ref_ema_every else ""
+        self.info(f"model {m.path or m.name} ({self.adapter.family}): {n_all:,} parameters "
+                  f"({n_train:,} trained{lora}), "
+                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}, device "
+                  f"{self.dist.device}; method {meth.name}, reference "
+                  f"{'none' if meth.name == 'sft' else meth.reference}"
+                  f"{ema}")
+
+    def _build_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        o = self.cfg.optim
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the policy has no trainable parameters (model.lora_targets matched no "
+                              "module?)")
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.lr_scheduler = get_scheduler(o.scheduler, self.optimizer, num_warmup_steps=o.warmup_steps,
+                                          num_training_steps=self.cfg.train.max_steps)
+
+    def _build_probe(self):
+        """Fixed probe set (first pairs of the dataset, fixed noise) for pgdpo.diagnostics.LikelihoodProbe."""
+        from ..data.collate import collate
+        from ..diagnostics import LikelihoodProbe
+
+        n = min(4, self.dataset.num_pairs)
+        batch = collate([self.dataset.read_pair(i) for i in range(n)], dtype=torch.float32)
+        batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+        gen = torch.Generator(device=self.dist.device).manual_seed(step_seed(self.cfg.seed, 0, 0, 1 << 20))
+        pairs = self.step_fn.schedule.noise_pairs(batch["chosen"], batch["rejected"], gen)
+        probe_batch = (pairs.noisy, pairs.model_timesteps, batch, pairs.target)
+        adapter, step = self.adapter, self.step_fn
+
+        def predict(model, b):
+            noisy, t, cond, target = b
+            ctx = (torch.autocast(noisy.device.type, dtype=step.autocast_dtype) if step.autocast_dtype
+                   else nullcontext())
+            with ctx:
+                pred = adapter.predict(model, noisy.to(adapter.input_dtype(model)), t, cond)
+            return pred, target
+
+        return LikelihoodProbe([probe_batch], predict, every=self.cfg.logging.diagnostics_every)
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _load(self, path: str) -> None:
+        rank_state, trainer_state = load_checkpoint(path, dist_state=self.dist, policy=self.policy,
+                                                    optimizer=self.optimizer, reference=self.ema_reference)
+        if trainer_state.get("grad_accum") != self.grad_accum:
+            raise CheckpointError(f"{path}: written with {trainer_state.get('grad_accum')} micro-batches per "
+                                  f"step per rank, this run has {self.grad_accum} (train.batch_size / "
+                                  "micro_batch_size); resume with the same batch settings")
+        self.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        if self.weighting is not None:
+            if trainer_state.get("weighting") is None:
+                raise CheckpointError(f"{path}: has no timestep-weighting statistics but this run uses "
+                                      "method.timestep_weighting; resume with the checkpoint's config")
+            self.weighting.load_state_dict(trainer_state["weighting"])
+        if self.probe is not None and trainer_state.get("probe"):
+            self.probe.load_state_dict(trainer_state["probe"])
+        try:
+            self.dataset.load_state_dict(rank_state["data"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: the data position cannot be restored: {exc}") from None
+        set_rng_state(rank_state["rng"])
+        self.start_step = int(trainer_state["step"])
+        self.info(f"resumed from {path} at step {self.start_step}")
+
+    def save(self, step: int, last_record: dict | None) -> str:
+        self.metrics.sync()
+        trainer_state = {
+            "step": step, "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
+            "lr_scheduler": self.lr_scheduler.state_dict(), "seed": self.cfg.seed,
+            "weighting": self.weighting.state_dict() if self.weighting is not None else None,
+            "has_reference_state": self.ema_reference is not None,
+            "probe": self.probe.state_dict() if self.probe is not None else None,
+        }
+        summary = {"step": step, "world_size": self.dist.world_size, "method": self.cfg.method.name,
+                   "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
+                   "metrics": {k: v for k, v in (last_record or {}).items() if isinstance(v, (int, float))}}
+        rank_state = {"rng": rng_state(), "data": self.dataset.state_dict()}
+        return save_checkpoint(self.out, step, dist_state=self.dist, policy=self.policy,
+                               optimizer=self.optimizer, reference=self.ema_reference, rank_state=rank_state,
+                               trainer_state=trainer_state, summary=summary, config_yaml=self.config_yaml,
+                               keep_last=self.cfg.checkpoint.keep_last, stale=self.stale)
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.dist.device
+        return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+    def _grad_sync(self, last: bool):
+        """DDP: no all-reduce on the micro-batches before the last one. FSDP2: reduce-scatter every one
+        (sharded gradients accumulate; nothing unsharded is kept between micro-batches)."""
+        if self.dist.strategy == "ddp" and not last:
+            return self.policy.no_sync()
+        return nullcontext()
+
+    def train_step(self, step: int, data_iter) -> dict | None:
+        """One optimiser step (``step`` counts from 1). Returns the metrics record on logging steps."""
+        cfg, dev = self.cfg, self.dist.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        chunks, losses, tokens, flops, weights = [], [], 0, 0, []
+        for micro in range(self.grad_accum):
+            batch = self._to_device(next(data_iter))
+            gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.rank, micro))
+            with self._grad_sync(micro == self.grad_accum - 1):
+                out = self.step_fn(batch, gen)
+                (out.loss / self.grad_accum).backward()
+            chunks.append({k: v for k, v in out.stats.items() if k != "loss"})
+            losses.append(out.loss.detach())
+            tokens += out.tokens
+            flops += out.model_flops
+            if out.sample_weight is not None:
+                weights.append(out.sample_weight.detach())
+            if self.weighting is not None:
+                self.weighting.observe(out.timesteps, out.stats["reward_margin"])
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"step {step}: the gradient norm is {grad_norm} (loss {float(losses[-1])}); the optimiser "
+                f"step was not taken. The last complete checkpoint in {self.out} is intact")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.weighting is not None:
+            self.weighting.update()
+        if self.ema_reference is not None and step % cfg.method.ref_ema_every == 0:
+            from .ema import ema_update_
+
+            ema_update_(self.ema_reference, self.policy, cfg.method.ref_ema_rate)
+        probe = self.probe.maybe_measure(step, self.policy) if self.probe is not None else None
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t0
+        if step % cfg.train.log_every and step != cfg.train.max_steps:
+            return None
+        record = {"step": step}
+        record.update(reduce_stats(chunks, losses))
+        world = self.dist.world_size
+        record.update({
+            "lr": lr, "grad_norm": grad_norm, "epoch": self.dataset.epoch,
+            "step_time_s": dt, "tokens_per_s": tokens * world / dt,
+            "pairs_per_s": cfg.train.batch_size / dt,
+            "tflops_per_device": flops / dt / 1e12,
+            "peak_mem_gb": peak_memory_gb(dev),
+        })
+        if weights:
+            record["sample_weight_mean"] = float(torch.cat(weights).float().mean())
+        if probe is not None:
+            record["probe_logp_chosen"] = probe.chosen_mean
+            record["probe_logp_rejected"] = probe.rejected_mean
+            first = self.probe.history[0]
+            record["probe_logp_chosen_change"] = float((probe.chosen - first.chosen).mean())
+            record["probe_logp_rejected_change"] = float((probe.rejected - first.rejected).mean())
+        return record
+
+    def train(self) -> dict:
+        """Run to ``train.max_steps``; returns the summary (also printed by rank 0)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        max_steps, save_every = cfg.train.max_steps, cfg.checkpoint.save_every
+        data_iter = self.dataset.stream()
+        bar = tqdm(total=max_steps, initial=self.start_step, desc=f"pgdpo train ({cfg.method.name})",
+                   unit="step", disable=not (self.is_main and cfg.logging.progress), dynamic_ncols=True,
+                   file=self.log_file)
+        t_start = time.perf_counter()
+        last, saved_at = None, self.start_step
+        if self.probe is not None and not self.probe.history:
+            self.probe.measure(self.policy, step=self.start_step)  # the baseline of the *_change curves
+        if self.start_step >= max_steps:
+            self.info(f"already at step {self.start_step} >= train.max_steps {max_steps}: nothing to train")
+        stop = _StopRequest()
+        try:
+            with stop.installed():
+                for step in range(self.start_step + 1, max_steps + 1):
+                    record = self.train_step(step, data_iter)
+                    if record is not None:
+                        self.metrics.log(record)
+                        last = record
+                        bar.set_postfix(_postfix(record), refresh=False)
+                    bar.update(1)
+                    stopping = not self.dist.all_ok(stop.signal is None)  # any rank signalled: all stop
+                    if (save_every and step % save_every == 0) or step == max_steps or stopping:
+                        self.save(step, last)
+                        saved_at = step
+                    if stopping:
+                        self.info(f"stopped by a signal after step {step}; checkpoint-{step} written "
+                                  "(continue with --resume latest)")
+                        break
+        finally:
+            bar.close()
+        wall = time.perf_counter() - t_start
+        summary = self._summary(wall, saved_at)
+        summary["signal"] = stop.signal
+        if self.is_main and cfg.logging.plots:
+            from .plots import write_plots
+
+            summary["plots"] = write_plots(self.out)
+        if self.is_main:
+            print(format_summary(summary), flush=True)
+        return summary
+
+    def _summary(self, wall: float, saved_at: int) -> dict:
+        from .metrics import read_metrics
+
+        records = read_metrics(os.path.join(self.out, "metrics.jsonl")) if self.is_main else []
+        out = {"output_dir": self.out, "method": self.cfg.method.name, "steps": saved_at,
+               "model": self.cfg.model.path or self.cfg.model.name, "processes": self.dist.world_size,
+               "strategy": self.dist.strategy, "wall_s": wall, "trained_steps": saved_at - self.start_step,
+               "checkpoint": os.path.join(self.out, f"checkpoint-{saved_at}") if saved_at else None}
+        if records:
+            tail = records[-max(1, min(10, len(records) // 5 or 1)):]
+            mean = lambda key, rs: (sum(r[key] for r in rs if isinstance(r.get(key), (int, float)))
+                                    / max(1, sum(isinstance(r.get(key), (int, float)) for r in rs)))
+            out["first"] = records[0]
+            out["last"] = records[-1]
+            keys = ("loss", "accuracy", "reward_margin", "alpha_mean", "gamma_mean", "mse_policy_chosen",
+                    "mse_policy_rejected", "mse_ref_chosen", "mse_ref_rejected", "tokens_per_s",
+                    "step_time_s")
+            out["tail_mean"] = {k: mean(k, tail) for k in keys if any(k in r for r in tail)}
+            out["peak_mem_gb"] = max((r.get("peak_mem_gb") or 0.0) for r in records)
+        return out
+
+    def close(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+        self.dist.shutdown()
+
+
+class _StopRequest:
+    """SIGTERM (a scheduler's preemption notice, torchrun passing on a kill) or a first Ctrl-C: finish the
+    step, write a checkpoint, stop. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\npgdpo train: got {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(Ctrl-C again to interrupt at once)", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def installed(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+            yield
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _postfix(record: dict) -> dict:
+    out = {"loss": f"{record['loss']:.4g}"}
+    if "accuracy" in record:
+        out["acc"] = f"{record['accuracy']:.2f}"
+    if "alpha_mean" in record:
+        out["α"] = f"{record['alpha_mean']:.2f}"
+        out["γ"] = f"{record['gamma_mean']:.2f}"
+    out["lr"] = f"{record['lr']:.2g}"
+    out["tok/s"] = f"{record['tokens_per_s']:.3g}"
+    return out
+
+
+def format_summary(s: dict) -> str:
+    """The end-of-run summary printed by ``pgdpo train``."""
+    lines = [f"pgdpo train: done: {s['steps']} steps ({s['trained_steps']} this run) of {s['method']} on "
+             f"{s['model']}, {s['processes']} process(es) ({s['strategy']}), {s['wall_s']:.1f} s"]
+    tm, first = s.get("tail_mean"), s.get("first")
+    if tm and first:
+        lines.append(f"  loss            {first['loss']:.4g} (step {first['step']}) -> {tm['loss']:.4g} "
+                     "(mean of the last steps)")
+        if "accuracy" in tm:
+            lines.append(f"  implicit acc.   {tm['accuracy']:.3f}    reward margin {tm['reward_margin']:.4g}")
+        if "alpha_mean" in tm:
+            last = s["last"]
+            lines.append(f"  alpha           {tm['alpha_mean']:.3f} (last step range "
+                         f"{last.get('alpha_min', 0):.3f}..{last.get('alpha_max', 0):.3f})    "
+                         f"gamma {tm['gamma_mean']:.3f} (range "
+                         f"{last.get('gamma_min', 0):.3f}..{last.get('gamma_max', 0):.3f})")
+        if "mse_ref_chosen" in tm:
+            lines.append(f"  MSE chosen      policy {tm['mse_policy_chosen']:.5g} vs reference "
+                         f"{tm['mse_ref_chosen']:.5g}   (lower = more likely)")
+            lines.append(f"  MSE rejected    policy {tm['mse_policy_rejected']:.5g} vs reference "
+                         f"{tm['mse_ref_rejected']:.5g}")
+        elif "mse_policy_chosen" in tm:
+            lines.append(f"  MSE chosen      policy {tm['mse_policy_chosen']:.5g}")
+        lines.append(f"  throughput      {tm['tokens_per_s']:.4g} tokens/s, {tm['step_time_s']:.3g} s/step, "
+                     f"peak memory {s.get('peak_mem_gb', float('nan')):.2f} GB")
+    lines.append(f"  metrics         {os.path.join(s['output_dir'], 'metrics.jsonl')}")
+    if s.get("checkpoint"):
+        lines.append(f"  checkpoint      {s['checkpoint']}")
+    if s.get("plots"):
+        lines.append(f"  plots           {', '.join(s['plots'])}")
+    return "\n".join(lines)
+
+
+def train(config: TrainConfig) -> dict:
+    """Build a :class:`Trainer` and run it (collective under torchrun); returns the summary."""
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
