@@ -335,3 +335,18 @@ def test_stats_carry_no_graph(backend):
     pred, ref, target = make_inputs((4, 6), dtype=torch.float32, seed=12)
     _, stats = pgdpo_loss(pred.clone().requires_grad_(True), ref, target, backend=backend, return_stats=True)
     assert all(v.grad_fn is None and not v.requires_grad for v in stats.values())
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("weighting", ["sample", "element"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_parity_video_shape_large(fused, weighting, dtype):
+    """A real video-latent shape (the CPU benchmark's): many chunks / programs per sample."""
+    pred, ref, target = make_inputs((4, 16, 8, 30, 52), dtype=dtype, seed=21)
+    got = _run(fused, pred, ref, target, weighting=weighting)
+    want = _oracle(pred, ref, target, weighting=weighting)
+    if dtype == torch.float64:
+        _assert_matches(got, want, rtol=1e-9, atol=1e-12)
+    else:
+        _assert_matches(got, want, rtol=2e-4, atol=1e-6, grad_rtol=1e-2,
+                        grad_atol=1e-2 * float(got[2].abs().max()))
