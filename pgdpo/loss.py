@@ -203,7 +203,9 @@ def pgdpo_loss(
     flags = ops.pack_flags(options.ars, options.ipr, options.anchor, options.element,
                            options.detach_weights, need_grad, options.reduction_code)
     scalars = [float(options.beta), float(options.k1), float(options.k2), float(options.eps)]
-    loss, stats, _ = ops.fused_loss(*flat, weight, scalars, flags, chosen_backend)
+    # torch.compile traces the custom op; eager mode skips its Python dispatch (same kernels).
+    fused = ops.fused_loss if torch.compiler.is_compiling() else ops.FusedLossFunction.apply
+    loss, stats, _ = fused(*flat, weight, scalars, flags, chosen_backend)
     if not return_stats:
         return loss
     return loss, dict(zip(STAT_NAMES, stats.detach().unbind(1)))

@@ -78,6 +78,10 @@ def fused_loss(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``scalars = [beta, k1, k2, eps]``; ``flags`` from :func:`pack_flags`; ``impl`` "triton" | "cpu"."""
+    return _run_forward(pred, ref_pred, target, sample_weight, scalars, flags, impl)
+
+
+def _run_forward(pred, ref_pred, target, sample_weight, scalars, flags, impl):
     beta, k1, k2, eps = scalars
     return _impl(impl).forward(
         pred, ref_pred, target, sample_weight, beta, k1, k2, eps,
@@ -122,7 +126,7 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(pred, ref_pred, target, saved)
 
 
-def _backward(ctx, grad_loss, grad_stats, grad_saved):
+def _saved_for_backward(ctx):
     if ctx.element:
         (saved,) = ctx.saved_tensors
         pred = ref_pred = target = saved
@@ -130,9 +134,38 @@ def _backward(ctx, grad_loss, grad_stats, grad_saved):
         pred, ref_pred, target, saved = ctx.saved_tensors
     if saved.numel() == 0:
         raise RuntimeError("pgdpo: backward through a fused loss computed with need_grad=False")
+    return pred, ref_pred, target, saved
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_saved):
+    pred, ref_pred, target, saved = _saved_for_backward(ctx)
     grad_pred = fused_loss_backward(grad_loss.contiguous(), pred, ref_pred, target, saved,
                                     ctx.element, ctx.impl)
     return (grad_pred,) + (None,) * 6
 
 
 fused_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedLossFunction(torch.autograd.Function):
+    """Eager-mode autograd of the same op, calling the backend directly.
+
+    Going through the custom op costs ~100 us of Python dispatch per forward + backward (argument
+    normalisation, the autograd wrapper, a redispatch), which is more than the kernels take at GPU
+    sizes; ``pgdpo_loss`` uses this in eager mode and the custom op under ``torch.compile``. The two
+    paths share the forward, the saved tensors and the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, ref_pred, target, sample_weight, scalars, flags, impl):
+        output = _run_forward(pred, ref_pred, target, sample_weight, scalars, flags, impl)
+        _setup_context(ctx, (pred, ref_pred, target, sample_weight, scalars, flags, impl), output)
+        ctx.mark_non_differentiable(output[1], output[2])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats, grad_saved):
+        pred, ref_pred, target, saved = _saved_for_backward(ctx)
+        grad_pred = _impl(ctx.impl).backward(grad_loss.contiguous(), pred, ref_pred, target, saved,
+                                             ctx.element)
+        return (grad_pred,) + (None,) * 6
