@@ -72,12 +72,15 @@ def set_attention_backend(model: nn.Module, backend: str) -> None:
         raise ValueError(f"attention_backend={backend!r} has no effect on {type(base).__name__}: its "
                          "attention processors call PyTorch SDPA directly instead of diffusers' "
                          "dispatcher; use 'native'")
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
     # diffusers also makes the backend the process-wide default; keep it scoped to this model (its
-    # processors carry it), so other models in the process are not switched behind their back.
-    active = _AttentionBackendRegistry._active_backend
+    # processors carry it), so other models in the process are not switched behind their back. The
+    # registry is private diffusers API: where it is missing, the process-wide switch stays.
+    from diffusers.models import attention_dispatch
+
+    registry = getattr(attention_dispatch, "_AttentionBackendRegistry", None)
+    active = getattr(registry, "_active_backend", None)
     try:
         base.set_attention_backend(name)
     finally:
-        _AttentionBackendRegistry.set_active_backend(active)
+        if active is not None and hasattr(registry, "set_active_backend"):
+            registry.set_active_backend(active)

@@ -37,6 +37,7 @@ import importlib
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .options import NUM_STATS
 
@@ -164,6 +165,7 @@ class FusedLossFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the fused backward is not itself differentiable: say so, don't return zeros
     def backward(ctx, grad_loss, grad_stats, grad_saved):
         pred, ref_pred, target, saved = _saved_for_backward(ctx)
         grad_pred = _impl(ctx.impl).backward(grad_loss.contiguous(), pred, ref_pred, target, saved,

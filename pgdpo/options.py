@@ -62,8 +62,10 @@ class LossOptions:
         _check_choice("ipr_target", self.ipr_target, IPR_TARGETS)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("reduction", self.reduction, REDUCTIONS)
-        _check_number("beta", self.beta, positive=True)
-        for name in ("k1", "k2", "eps"):
+        # eps = 0 makes the margin 0/0 = NaN at initialisation (policy == reference): refused.
+        for name in ("beta", "eps"):
+            _check_number(name, getattr(self, name), positive=True)
+        for name in ("k1", "k2"):
             _check_number(name, getattr(self, name), positive=False)
         if not isinstance(self.detach_weights, bool):
             raise TypeError(f"detach_weights must be a bool, got {type(self.detach_weights).__name__}")

@@ -287,7 +287,8 @@ def _bad_cases():
     yield "beta zero", (p, r, t), {"beta": 0.0}, ValueError, "beta must be > 0"
     yield "beta negative", (p, r, t), {"beta": -1.0}, ValueError, "beta must be > 0"
     yield "beta string", (p, r, t), {"beta": "100"}, TypeError, "beta must be a real number"
-    yield "eps negative", (p, r, t), {"eps": -1e-6}, ValueError, "eps must be >= 0"
+    yield "eps negative", (p, r, t), {"eps": -1e-6}, ValueError, "eps must be > 0"
+    yield "eps zero", (p, r, t), {"eps": 0.0}, ValueError, "eps must be > 0"
     yield "k1 negative", (p, r, t), {"k1": -1.0}, ValueError, "k1 must be >= 0"
     yield "k2 negative", (p, r, t), {"k2": -2.0}, ValueError, "k2 must be >= 0"
     yield "k1 nan", (p, r, t), {"k1": float("nan")}, ValueError, "k1 must be finite"
@@ -350,3 +351,26 @@ def test_parity_video_shape_large(fused, weighting, dtype):
     else:
         _assert_matches(got, want, rtol=2e-4, atol=1e-6, grad_rtol=1e-2,
                         grad_atol=1e-2 * float(got[2].abs().max()))
+
+
+@pytest.mark.parametrize("weighting", ["sample", "element"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_custom_op_opcheck(fused, weighting, reduction):
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, no aliasing."""
+    from pgdpo import ops
+
+    pred, ref, target = (x.reshape(4, -1).contiguous() for x in make_inputs((4, 3, 5), dtype=torch.float32))
+    pred.requires_grad_(True)
+    flags = ops.pack_flags(True, True, True, weighting == "element", True, True,
+                           {"none": 0, "mean": 1}[reduction])
+    weight = torch.tensor([0.5, 2.0])
+    torch.library.opcheck(ops.fused_loss, (pred, ref, target, weight, [100.0, 10.0, 10.0, 1e-6], flags, fused))
+
+
+def test_double_backward_is_refused(fused):
+    """The fused backward is first-order only: a second derivative is an error, never silent zeros."""
+    pred, ref, target = make_inputs((4, 6), dtype=torch.float32, seed=3)
+    pred.requires_grad_(True)
+    (grad,) = torch.autograd.grad(pgdpo_loss(pred, ref, target, backend=fused), pred, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        grad.sum().backward()

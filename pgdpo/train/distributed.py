@@ -191,8 +191,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (no-op without a process group); ``op``: sum, min, max."""
+    """In-place all-reduce (no-op without a process group); ``op``: sum, min, max.
+
+    A CPU tensor under NCCL (which reduces GPU tensors only) makes a round trip through the GPU.
+    """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        dist.all_reduce(tensor, op=ops[op])
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = tensor.cuda()
+            dist.all_reduce(on_gpu, op=ops[op])
+            tensor.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(tensor, op=ops[op])
     return tensor

@@ -36,10 +36,10 @@ def reduce_stats(stat_chunks: list[dict[str, torch.Tensor]], losses: list[torch.
     ranged = [n for n in names if n in RANGE_STATS]
     mins = torch.tensor([float(cat[n].min()) for n in ranged], dtype=torch.float64)
     maxs = torch.tensor([float(cat[n].max()) for n in ranged], dtype=torch.float64)
-    _reduce_cpu(sums, "sum")
+    all_reduce_(sums, "sum")
     if ranged:
-        _reduce_cpu(mins, "min")
-        _reduce_cpu(maxs, "max")
+        all_reduce_(mins, "min")
+        all_reduce_(maxs, "max")
     out = {"loss": sums[2].item() / max(sums[1].item(), 1.0)}
     for i, n in enumerate(names):
         out[n if n not in RANGE_STATS else f"{n}_mean"] = sums[3 + i].item() / max(sums[0].item(), 1.0)
@@ -48,19 +48,6 @@ def reduce_stats(stat_chunks: list[dict[str, torch.Tensor]], losses: list[torch.
         out[f"{n}_max"] = maxs[i].item()
     out.pop("loss_mean", None)
     return out
-
-
-def _reduce_cpu(t: torch.Tensor, op: str) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        backend = dist.get_backend()
-        if backend == "nccl":
-            moved = t.cuda()
-            all_reduce_(moved, op)
-            t.copy_(moved.cpu())
-            return
-    all_reduce_(t, op)
 
 
 def peak_memory_gb(device: torch.device) -> float:
