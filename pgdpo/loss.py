@@ -188,6 +188,11 @@ def pgdpo_loss(
     chosen_backend = resolve_backend(backend, pred.device.type)
 
     common = torch.promote_types(torch.promote_types(pred.dtype, ref_pred.dtype), target.dtype)
+    if common == torch.float16 and options.element:
+        # Element weighting stores dloss/dpred (~1/(B N) in size) in the forward, before a loss scale
+        # (GradScaler) multiplies it in the backward: in fp16 that is subnormal for large N. Storing it
+        # in fp32 keeps full precision; the gradient is rounded to fp16 after the scale is applied.
+        common = torch.float32
     pred, ref_pred, target = (x.to(common) for x in (pred, ref_pred, target))
 
     if chosen_backend == "torch":
