@@ -244,15 +244,18 @@ class ModelAdapter:
             return list(base.blocks)
         return [*base.down_blocks, base.mid_block, *base.up_blocks]
 
-    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, batch: dict) -> Tensor:
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, batch: dict, *,
+                paired: bool = True) -> Tensor:
         """Model output ``[2B, C, F, H, W]`` for noisy latents ``[2B, C, F, H, W]``.
 
         ``timesteps``: ``[2B]`` in the model's own units (``1000 * sigma`` for Wan, step index for UNet).
         ``batch`` holds the ``[B, ...]`` conditions; they are repeated so chosen and rejected of a pair
-        see the same prompt (and image), and cast to ``noisy``'s dtype.
+        see the same prompt (and image), and cast to ``noisy``'s dtype. ``paired=False``: ``noisy`` is
+        ``[B, ...]`` (one half, e.g. supervised fine-tuning on the chosen samples) and the conditions
+        are used as they are.
         """
         def both(x: Tensor) -> Tensor:
-            return torch.cat([x, x], dim=0).to(noisy.dtype)
+            return (torch.cat([x, x], dim=0) if paired else x).to(noisy.dtype)
 
         text = both(batch["encoder_hidden_states"])
         if self.family == "wan-t2v":

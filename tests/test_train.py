@@ -278,9 +278,8 @@ def test_corrupt_and_missing_data_name_the_file(tmp_path, data, capsys):
 # ------------------------------------------------------------------------------------------- parts
 
 
-def test_predict_unpaired_matches_paired_predict():
+def test_unpaired_predict_matches_paired_predict():
     from pgdpo.models import adapter_for, build_model
-    from pgdpo.train.sft import predict_unpaired
 
     for name in ("tiny-wan-t2v", "tiny-wan-i2v", "tiny-unet3d"):
         model = build_model(name, seed=0).eval()
@@ -295,7 +294,7 @@ def test_predict_unpaired_matches_paired_predict():
         t = torch.tensor([300.0, 700.0, 100.0, 900.0]) if a.is_wan else torch.tensor([300, 700, 100, 900])
         with torch.no_grad():
             paired = a.predict(model, noisy, t, batch)
-            half = predict_unpaired(a, model, noisy[:b], t[:b], batch)
+            half = a.predict(model, noisy[:b], t[:b], batch, paired=False)
         torch.testing.assert_close(half, paired[:b], rtol=1e-5, atol=1e-5)
 
 

@@ -17,27 +17,6 @@ from ..models import adapter_for, enable_checkpointing
 from ..step import PreferenceStep, StepOutput
 
 
-def predict_unpaired(adapter, model: nn.Module, noisy: Tensor, timesteps: Tensor, batch: Mapping) -> Tensor:
-    """Model output for ``noisy`` ``[B, C, F, H, W]`` with the ``[B]`` conditions of ``batch`` as they are.
-
-    ``ModelAdapter.predict`` repeats the conditions for the ``[2B]`` chosen + rejected batch; this is
-    its one-half form (the same calls, checked equal to the first half of ``predict`` in the tests).
-    """
-    def cond(key: str) -> Tensor:
-        return batch[key].to(noisy.dtype)
-
-    text = cond("encoder_hidden_states")
-    if adapter.family == "wan-t2v":
-        out = model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text, return_dict=False)
-    elif adapter.family == "wan-i2v":
-        hidden = torch.cat([noisy, cond("image_condition")], dim=1)
-        out = model(hidden_states=hidden, timestep=timesteps, encoder_hidden_states=text,
-                    encoder_hidden_states_image=cond("encoder_hidden_states_image"), return_dict=False)
-    else:
-        out = model(sample=noisy, timestep=timesteps, encoder_hidden_states=text, return_dict=False)
-    return out[0]
-
-
 class SFTStep:
     """``step(batch, generator) -> StepOutput`` with loss ``mean_b w_b mean_S (pred_w - target_w)^2``.
 
@@ -74,7 +53,7 @@ class SFTStep:
         ctx = (torch.autocast(chosen.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else contextlib.nullcontext())
         with ctx:
-            pred = predict_unpaired(a, self.policy, noisy, pairs.model_timesteps[:b], batch)
+            pred = a.predict(self.policy, noisy, pairs.model_timesteps[:b], batch, paired=False)
         mse = (pred.float() - pairs.target[:b].float()).square().flatten(1).mean(1)
         weight = None
         if self.sample_weight_fn is not None:

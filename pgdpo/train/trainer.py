@@ -263,6 +263,10 @@ class Trainer:
                 # base without adapters (equal to the policy at the start: LoRA B starts at zero).
                 dtype = torch.float32 if meth.ref_ema_every else (compute or torch.float32)
                 reference = base_model(dtype)
+                if m.lora_rank:
+                    self.info("note: model.lora_rank > 0 with method.reference: copy keeps a second copy of "
+                              "the base weights; method.reference: lora uses the policy with its adapters "
+                              "off instead (same reference, no copy)")
             loss = PGDPOLoss(method=meth.name, beta=meth.beta, k1=meth.k1, k2=meth.k2, eps=meth.eps,
                              ipr_target=meth.ipr_target, weighting=meth.weighting,
                              detach_weights=meth.detach_weights, backend=meth.backend)
