@@ -104,7 +104,7 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "memory_bytes": _total_memory(),
         "device": str(device),
-        "python_executable": sys.executable,
+        "python_executable": portable_path(sys.executable),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -139,3 +139,13 @@ def slug(device: torch.device) -> str:
         model = re.sub(r"\(.*?\)|@.*$|\b(cpu|processor)\b", " ", cpu_model(), flags=re.I)
         name = f"cpu-{model}-{available_cpus()}c"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48] or "machine"
+
+
+def portable_path(path) -> str:
+    """``path`` relative to the repository, or with the home directory as ``~``: records name no
+    user's machine layout."""
+    text = str(path)
+    for root, shown in ((str(REPO), "."), (str(Path.home()), "~")):
+        if text == root or text.startswith(root + "/"):
+            return shown + text[len(root):]
+    return text

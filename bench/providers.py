@@ -22,6 +22,8 @@ from pgdpo import pgdpo_loss
 from pgdpo.options import STAT_NAMES, LossOptions
 from pgdpo.reference import pgdpo_loss_reference
 
+from .machine import portable_path
+
 PROVIDERS = ("fused", "eager", "compile")
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
@@ -88,11 +90,11 @@ class Fused(Provider):
             if self.backend == "cpu":
                 from pgdpo import cpu_op
 
-                return {"build": cpu_op.build_info().strip(), "library": cpu_op.library_path()}
+                return {"build": cpu_op.build_info().strip(), "library": portable_path(cpu_op.library_path())}
             import triton
             from pgdpo.kernels import pgdpo_loss as kernels
 
-            return {"triton": triton.__version__, "module": kernels.__file__}
+            return {"triton": triton.__version__, "module": portable_path(kernels.__file__)}
         except Exception as exc:  # noqa: BLE001
             return {"error": f"{type(exc).__name__}: {exc}"}
 
