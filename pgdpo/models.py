@@ -451,6 +451,23 @@ def disable_checkpointing(model: nn.Module) -> None:
             del block.__dict__["forward"]  # back to the class's forward
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Set ``p = 0`` on every ``nn.Dropout`` of ``model`` (as TRL's DPO trainer does by default).
+
+    Why: the policy runs in train mode and the reference in eval mode, so any active dropout makes
+    ``d_w`` / ``d_l`` compare a randomly thinned network with a full one: a bias in the margin and a loss
+    that changes from call to call with the same generator. diffusers' ``UNet3DConditionModel`` builds
+    its temporal convolutions with dropout 0.1 (hard-coded); it is harmless only while their last
+    convolution is still at its zero init. Returns the number of dropout layers that were active.
+    """
+    active = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            active += 1
+    return active
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """Regional ``torch.compile``: compile each repeated block in place, not the whole model.
 

@@ -27,6 +27,7 @@ from .attention import set_attention_backend
 from .diffusion import DDPMSchedule, FlowMatchingSchedule, make_schedule
 from .loss import PGDPOLoss, pgdpo_loss
 from .models import adapter_for, cast_weights, compile_blocks, enable_checkpointing, unwrap_model
+from .models import disable_dropout as _disable_dropout  # the name of PreferenceStep's switch too
 
 
 @dataclass
@@ -127,6 +128,10 @@ class PreferenceStep:
         autocast_dtype: run both forwards under ``torch.autocast`` in this dtype (fp32 master weights).
         compile: regionally ``torch.compile`` the repeated blocks of policy and reference.
         compile_options: keyword arguments of ``torch.compile`` (e.g. ``{"fullgraph": True}``).
+        disable_dropout: set every dropout probability of policy and reference to 0 (default, as TRL's
+            DPO trainer does): the policy runs in train mode and the reference in eval mode, so active
+            dropout would bias ``d_w`` / ``d_l`` and make the loss random (see
+            :func:`pgdpo.models.disable_dropout`). ``False`` keeps the models' dropout.
     """
 
     def __init__(self, policy: nn.Module, reference: nn.Module | str | None = None,
@@ -135,7 +140,7 @@ class PreferenceStep:
                  schedule_options: dict | None = None, attention_backend: str | None = None,
                  checkpointing: int | str | None = None, weights_dtype: torch.dtype | None = None,
                  autocast_dtype: torch.dtype | None = None, compile: bool = False,
-                 compile_options: dict | None = None):
+                 compile_options: dict | None = None, disable_dropout: bool = True):
         if not isinstance(policy, nn.Module):
             raise TypeError(f"policy must be an nn.Module, got {type(policy).__name__}")
         self.adapter = adapter_for(policy)
@@ -154,6 +159,10 @@ class PreferenceStep:
                 raise TypeError(f"{name} must be a floating-point torch.dtype or None, got {dt!r}")
         self.autocast_dtype = autocast_dtype
         every = _checkpoint_every(checkpointing)
+        if not isinstance(disable_dropout, bool):
+            raise TypeError(f"disable_dropout must be a bool, got {disable_dropout!r}")
+        if disable_dropout:
+            _disable_dropout(policy)  # before a copy is taken, so the copy has none either
 
         # The reference, made before any speed switch touches the policy so a copy is a plain model.
         if reference is None:
@@ -168,6 +177,8 @@ class PreferenceStep:
                     raise ValueError(f"reference must be an nn.Module, 'copy' or None, got {reference!r}")
                 reference = copy.deepcopy(policy)
             self.reference = self._freeze_reference(policy, reference)
+            if disable_dropout:
+                _disable_dropout(self.reference)
             if adapter_for(self.reference).family != self.adapter.family:
                 raise ValueError(f"reference is a {adapter_for(self.reference).family} model but the policy "
                                  f"is a {self.adapter.family} model")

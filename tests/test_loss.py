@@ -1,8 +1,9 @@
 """One parametrised suite for every backend of the PG-DPO loss, against the float64 eager reference.
 
-Fused backends ("triton" under the interpreter on CPU, "cpu" = the C++ op) are compared with
-``pgdpo.reference`` (whose gradients come from autograd, independent of the fused backward); the
-behavioural tests (equal policy/reference, numerics, determinism, compile, autocast) run on every backend.
+Each test runs over ``(backend, device)`` cases (``tests/_inputs.py``): on CPU the eager reference, the
+C++ op and the Triton kernels under the interpreter; on a CUDA machine also the compiled Triton kernels
+and the eager reference on CUDA tensors. Fused results are compared with ``pgdpo.reference`` in float64
+on the CPU (its gradients come from autograd, independent of the fused backward).
 """
 
 from __future__ import annotations
@@ -18,62 +19,60 @@ import pytest
 import torch
 
 from pgdpo import STAT_NAMES, PGDPOLoss, pgdpo_loss
-from pgdpo.loss import cpu_unavailable_reason, triton_unavailable_reason
 from pgdpo.options import LossOptions
 from pgdpo.reference import pgdpo_loss_reference
 
-from ._inputs import make_inputs
-
-FUSED = ["triton", "cpu"]
-ALL = ["torch", *FUSED]
+from ._inputs import CUDA, FUSED_CASES, LOSS_CASES, PARALLEL_CASES, case_unavailable_reason, make_inputs
 
 
-def _reason(backend: str) -> str | None:
-    if backend == "triton":
-        return triton_unavailable_reason("cpu")
-    if backend == "cpu":
-        return cpu_unavailable_reason("cpu")
-    return None
-
-
-@pytest.fixture(params=ALL)
-def backend(request):
-    reason = _reason(request.param)
+def _available(request):
+    reason = case_unavailable_reason(request.param)
     if reason is not None:
-        pytest.skip(f"{request.param} unavailable here: {reason}")
+        pytest.skip(f"{request.param.id} unavailable here: {reason}")
     return request.param
 
 
-@pytest.fixture(params=FUSED)
+@pytest.fixture(params=LOSS_CASES, ids=lambda c: c.id)
+def case(request):
+    return _available(request)
+
+
+@pytest.fixture(params=FUSED_CASES, ids=lambda c: c.id)
 def fused(request):
-    reason = _reason(request.param)
-    if reason is not None:
-        pytest.skip(f"{request.param} unavailable here: {reason}")
-    return request.param
+    return _available(request)
 
 
-def test_fused_backends_available_in_ci():
-    """CI must exercise every fused backend: a build failure may not hide behind skips."""
-    if os.environ.get("CI") != "true":
-        pytest.skip("only enforced in CI (CI=true)")
-    for name in FUSED:
-        assert _reason(name) is None, f"{name}: {_reason(name)}"
+@pytest.fixture(params=PARALLEL_CASES, ids=lambda c: c.id)
+def parallel(request):
+    return _available(request)
 
 
-def _run(backend, pred, ref, target, upstream=None, **kw):
-    """Loss, stats and d loss / d pred (weighted by ``upstream`` for reduction='none')."""
+def test_fused_backends_available():
+    """CI must exercise every fused backend (a build failure may not hide behind skips); on a CUDA
+    machine the compiled Triton kernels must always be there."""
+    for c in FUSED_CASES:
+        if os.environ.get("CI") == "true" or c.device == "cuda":
+            assert case_unavailable_reason(c) is None, f"{c.id}: {case_unavailable_reason(c)}"
+
+
+def _run(case, pred, ref, target, upstream=None, **kw):
+    """Loss, stats and d loss / d pred (weighted by ``upstream`` for reduction='none'), on the case's device."""
+    pred, ref, target = (x.to(case.device) for x in (pred, ref, target))
     pred = pred.detach().clone().requires_grad_(True)
-    loss, stats = pgdpo_loss(pred, ref, target, backend=backend, return_stats=True, **kw)
-    (loss if upstream is None else (loss * upstream).sum()).backward()
-    return loss.detach(), stats, pred.grad
+    if kw.get("sample_weight") is not None:
+        kw["sample_weight"] = kw["sample_weight"].to(case.device)
+    loss, stats = pgdpo_loss(pred, ref, target, backend=case.backend, return_stats=True, **kw)
+    (loss if upstream is None else (loss * upstream.to(case.device)).sum()).backward()
+    return loss.detach().cpu(), {k: v.cpu() for k, v in stats.items()}, pred.grad.cpu()
 
 
 def _oracle(pred, ref, target, upstream=None, sample_weight=None, **kw):
+    """The float64 eager reference on the CPU; gradients from autograd."""
     opts = LossOptions(**kw)
-    p = pred.detach().to(torch.float64).clone().requires_grad_(True)
-    loss, stats = pgdpo_loss_reference(p, ref.to(torch.float64), target.to(torch.float64), opts,
-                                       None if sample_weight is None else sample_weight.double())
-    (loss if upstream is None else (loss * upstream.double()).sum()).backward()
+    p, r, t = (x.detach().cpu().to(torch.float64) for x in (pred, ref, target))
+    p.requires_grad_(True)
+    loss, stats = pgdpo_loss_reference(p, r, t, opts, None if sample_weight is None else sample_weight.cpu().double())
+    (loss if upstream is None else (loss * upstream.cpu().double()).sum()).backward()
     return loss.detach(), stats, p.grad
 
 
@@ -123,10 +122,10 @@ def test_parity_shapes(fused, shape, weighting):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weighting", ["sample", "element"])
-def test_parity_low_precision_inputs(backend, dtype, weighting):
+def test_parity_low_precision_inputs(case, dtype, weighting):
     """Low-precision inputs: fp32 statistics and loss, gradient in pred's dtype."""
     pred, ref, target = make_inputs((4, 3, 50), dtype=dtype, seed=7)
-    got = _run(backend, pred, ref, target, weighting=weighting)
+    got = _run(case, pred, ref, target, weighting=weighting)
     assert got[0].dtype == torch.float32 and all(s.dtype == torch.float32 for s in got[1].values())
     assert got[2].dtype == dtype
     # The oracle sees the same rounded inputs in float64: the only differences are fp32 arithmetic
@@ -136,108 +135,113 @@ def test_parity_low_precision_inputs(backend, dtype, weighting):
                     grad_rtol=grad_tol, grad_atol=grad_tol * float(got[2].abs().max()))
 
 
-def test_parity_non_contiguous(backend):
-    base = make_inputs((3, 8, 2, 20), seed=11)
+def test_parity_non_contiguous(case):
+    base = make_inputs((3, 8, 2, 20), seed=11, device=case.device)
     # transposed and sliced views: [3,8,2,20] -> [8,3,20,2] -> take every other row of S
     views = [x.transpose(0, 1).transpose(2, 3)[:, :, ::2] for x in base]
     assert not views[0].is_contiguous()
-    got = _run(backend, *views)
+    got = _run(case, *views)
     want = _oracle(*(v.contiguous() for v in views))
     _assert_matches(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_separate_halves_match_full_batch(backend):
-    pred, ref, target = make_inputs((4, 3, 9), seed=5)
-    full = pgdpo_loss(pred, ref, target, backend=backend)
-    halves = pgdpo_loss(pred.chunk(2), ref.chunk(2), target.chunk(2), backend=backend)
+def test_separate_halves_match_full_batch(case):
+    # The halves are joined into the full batch before the kernels run: one computation, so bitwise.
+    pred, ref, target = make_inputs((4, 3, 9), seed=5, device=case.device)
+    full = pgdpo_loss(pred, ref, target, backend=case.backend)
+    halves = pgdpo_loss(pred.chunk(2), ref.chunk(2), target.chunk(2), backend=case.backend)
     torch.testing.assert_close(halves, full, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("weighting", ["sample", "element"])
 @pytest.mark.parametrize("method", ["pgdpo", "dpo"])
-def test_policy_equals_reference(backend, method, weighting):
+def test_policy_equals_reference(case, method, weighting):
     """At initialisation d_w = d_l = 0: alpha = gamma = 0.5, L_dpo = ln 2 and L_ipr = 0."""
-    _, ref, target = make_inputs((4, 2, 33), dtype=torch.float32, seed=2)
+    _, ref, target = make_inputs((4, 2, 33), dtype=torch.float32, seed=2, device=case.device)
     loss, stats = pgdpo_loss(ref.clone(), ref, target, method=method, weighting=weighting,
-                             backend=backend, return_stats=True)
+                             backend=case.backend, return_stats=True)
     expected = 0.5 * math.log(2) if method == "pgdpo" else math.log(2)
     assert abs(loss.item() - expected) < 1e-6
     if method == "pgdpo":
-        torch.testing.assert_close(stats["alpha"], torch.full((2,), 0.5))
-        torch.testing.assert_close(stats["gamma"], torch.full((2,), 0.5))
-    torch.testing.assert_close(stats["loss_dpo"], torch.full((2,), math.log(2)))
+        torch.testing.assert_close(stats["alpha"].cpu(), torch.full((2,), 0.5))
+        torch.testing.assert_close(stats["gamma"].cpu(), torch.full((2,), 0.5))
+    torch.testing.assert_close(stats["loss_dpo"].cpu(), torch.full((2,), math.log(2)))
 
 
-def test_cancellation_free_d_w(backend):
+def test_cancellation_free_d_w(case):
     """pred = ref + 1e-4 noise: fused d_w keeps 1e-5 relative accuracy; a difference of fp32 means cannot."""
-    n = 4096 if backend == "triton" else 65536
+    n = 4096 if case.backend == "triton" and case.device == "cpu" else 65536  # the interpreter is slow
     g = torch.Generator().manual_seed(0)
     target = torch.randn(2, n, generator=g)
     ref = target + torch.randn(2, n, generator=g)
     pred = ref + 1e-4 * torch.randn(2, n, generator=g)
-    _, stats = pgdpo_loss(pred, ref, target, backend=backend, return_stats=True)
+    _, stats = pgdpo_loss(*(x.to(case.device) for x in (pred, ref, target)), backend=case.backend,
+                          return_stats=True)
     p64, r64, t64 = (x.double() for x in (pred, ref, target))
     exact = ((p64 - r64) * (p64 + r64 - 2 * t64)).mean(1)
     naive = (pred - target).square().mean(1) - (ref - target).square().mean(1)
-    fused_err = ((stats["d_w"].double() - exact[:1]) / exact[:1]).abs().item()
+    fused_err = ((stats["d_w"].cpu().double() - exact[:1]) / exact[:1]).abs().item()
     naive_err = ((naive.double() - exact) / exact).abs().max().item()
     assert fused_err <= 1e-5, fused_err
     assert naive_err > 100 * max(fused_err, 1e-7), (naive_err, fused_err)
 
 
 @pytest.mark.parametrize("weighting", ["sample", "element"])
-def test_bitwise_deterministic(backend, weighting):
-    pred, ref, target = make_inputs((4, 3, 300), dtype=torch.float32, seed=9)
-    a = _run(backend, pred, ref, target, weighting=weighting)
-    b = _run(backend, pred, ref, target, weighting=weighting)
+def test_bitwise_deterministic(parallel, weighting):
+    """Two calls give identical bits where the work is split across threads or GPU programs (a reduction
+    order that depended on scheduling, or an atomic add, would show here); 2^17 elements per sample, so
+    the C++ op uses several chunks and threads and the GPU many programs."""
+    pred, ref, target = make_inputs((4, 2, 2**16), dtype=torch.float32, seed=9)
+    a = _run(parallel, pred, ref, target, weighting=weighting)
+    b = _run(parallel, pred, ref, target, weighting=weighting)
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert all(torch.equal(a[1][k], b[1][k]) for k in STAT_NAMES)
 
 
 @pytest.mark.parametrize("method", ["pgdpo", "ars", "ipr"])
 @pytest.mark.parametrize("weighting", ["sample", "element"])
-def test_gradcheck_through_weights(backend, method, weighting):
+def test_gradcheck_through_weights(case, method, weighting):
     """detach_weights=False: the gradient (through alpha, gamma and m) matches finite differences."""
-    pred, ref, target = make_inputs((4, 5), seed=13)
+    pred, ref, target = make_inputs((4, 5), seed=13, device=case.device)
     pred.requires_grad_(True)
     fn = lambda p: pgdpo_loss(p, ref, target, method=method, weighting=weighting, detach_weights=False,
-                              beta=5.0, backend=backend)
+                              beta=5.0, backend=case.backend)
     assert torch.autograd.gradcheck(fn, (pred,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_loss_scale_scales_gradient(backend):
+def test_loss_scale_scales_gradient(case):
     """Gradient accumulation: scaling the loss scales the gradient exactly (power of two)."""
-    pred, ref, target = make_inputs((4, 2, 21), dtype=torch.float32, seed=4)
+    pred, ref, target = make_inputs((4, 2, 21), dtype=torch.float32, seed=4, device=case.device)
     p1 = pred.clone().requires_grad_(True)
     p2 = pred.clone().requires_grad_(True)
-    pgdpo_loss(p1, ref, target, backend=backend).backward()
-    (0.25 * pgdpo_loss(p2, ref, target, backend=backend)).backward()
+    pgdpo_loss(p1, ref, target, backend=case.backend).backward()
+    (0.25 * pgdpo_loss(p2, ref, target, backend=case.backend)).backward()
     torch.testing.assert_close(p2.grad, 0.25 * p1.grad, rtol=0, atol=0)
 
 
-def test_autocast_bfloat16(backend):
+def test_autocast_bfloat16(case):
     """Under autocast the model emits bf16; the loss runs on those values and grads flow to the model."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(16, 16)
-    x = torch.randn(4, 16)
-    _, ref, target = make_inputs((4, 16), dtype=torch.float32, seed=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model = torch.nn.Linear(16, 16).to(case.device)
+    x = torch.randn(4, 16, device=case.device)
+    _, ref, target = make_inputs((4, 16), dtype=torch.float32, seed=1, device=case.device)
+    with torch.autocast(case.device, dtype=torch.bfloat16):
         pred = model(x)
         assert pred.dtype == torch.bfloat16
-        loss = pgdpo_loss(pred, ref, target, backend=backend)
+        loss = pgdpo_loss(pred, ref, target, backend=case.backend)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert model.weight.grad is not None and torch.isfinite(model.weight.grad).all()
-    want = pgdpo_loss_reference(pred.detach().double(), ref.double(), target.double(), LossOptions())[0]
-    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-6)
+    want = pgdpo_loss_reference(*(v.detach().cpu().double() for v in (pred, ref, target)), LossOptions())[0]
+    torch.testing.assert_close(loss.cpu().double(), want, rtol=1e-4, atol=1e-6)
 
 
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(case):
     torch._dynamo.reset()
-    pred, ref, target = make_inputs((4, 3, 40), dtype=torch.float32, seed=6)
+    pred, ref, target = make_inputs((4, 3, 40), dtype=torch.float32, seed=6, device=case.device)
 
     def step(p, r, t):
-        loss, stats = pgdpo_loss(p, r, t, backend=backend, return_stats=True)
+        loss, stats = pgdpo_loss(p, r, t, backend=case.backend, return_stats=True)
         return loss * 2.0, stats["alpha"].mean()
 
     compiled = torch.compile(step, fullgraph=True)
@@ -252,24 +256,29 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(p_comp.grad, p_eager.grad, rtol=1e-5, atol=1e-9)
 
 
-def test_module_matches_functional(backend):
-    pred, ref, target = make_inputs((4, 7), dtype=torch.float32, seed=8)
-    crit = PGDPOLoss(method="ars", beta=50.0, k1=3.0, reduction="sum", backend=backend)
-    assert "method='ars'" in repr(crit)
-    torch.testing.assert_close(crit(pred, ref, target),
-                               pgdpo_loss(pred, ref, target, method="ars", beta=50.0, k1=3.0,
-                                          reduction="sum", backend=backend), rtol=0, atol=0)
+def test_module_applies_its_options(case):
+    """PGDPOLoss's keywords reach the computation: the module with non-default options matches the float64
+    reference with those options (and not with the defaults), values and gradients."""
+    options = dict(method="ars", beta=50.0, k1=3.0, ipr_target="reward", weighting="element", reduction="sum")
+    crit = PGDPOLoss(**options, backend=case.backend)
+    assert "method='ars'" in repr(crit) and "k1=3.0" in repr(crit)
+    pred, ref, target = make_inputs((4, 7), seed=8, device=case.device)
+    p = pred.clone().requires_grad_(True)
+    loss = crit(p, ref, target)
+    loss.backward()
+    want_loss, _, want_grad = _oracle(pred, ref, target, **options)
+    torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(p.grad.cpu(), want_grad, rtol=1e-9, atol=1e-12)
+    default_loss = _oracle(pred, ref, target, reduction="sum")[0]
+    assert not torch.allclose(loss.cpu(), default_loss, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: each raises ValueError or TypeError naming the argument.
 
-def _good():
-    return make_inputs((4, 3), dtype=torch.float32)
-
-
-def _bad_cases():
-    p, r, t = _good()
+def _bad_cases(device="cpu"):
+    p, r, t = make_inputs((4, 3), dtype=torch.float32, device=device)
+    ones = lambda *a, **k: torch.ones(*a, device=device, **k)
     yield "odd batch", (p[:3], r[:3], t[:3]), {}, ValueError, "first dimension"
     yield "shape mismatch", (p, r[:, :2], t), {}, ValueError, "ref_pred has shape"
     yield "integer pred", (p.long(), r, t), {}, TypeError, "pred must be a floating-point"
@@ -292,23 +301,23 @@ def _bad_cases():
     yield "k1 negative", (p, r, t), {"k1": -1.0}, ValueError, "k1 must be >= 0"
     yield "k2 negative", (p, r, t), {"k2": -2.0}, ValueError, "k2 must be >= 0"
     yield "k1 nan", (p, r, t), {"k1": float("nan")}, ValueError, "k1 must be finite"
-    yield "weight length", (p, r, t), {"sample_weight": torch.ones(3)}, ValueError, r"sample_weight must have shape \[2\]"
-    yield "weight int", (p, r, t), {"sample_weight": torch.ones(2, dtype=torch.long)}, TypeError, "sample_weight must be floating"
+    yield "weight length", (p, r, t), {"sample_weight": ones(3)}, ValueError, r"sample_weight must have shape \[2\]"
+    yield "weight int", (p, r, t), {"sample_weight": ones(2, dtype=torch.long)}, TypeError, "sample_weight must be floating"
     yield "weight list", (p, r, t), {"sample_weight": [1.0, 1.0]}, TypeError, "sample_weight must be a torch.Tensor"
-    yield "weight grad", (p, r, t), {"sample_weight": torch.ones(2, requires_grad=True)}, ValueError, "sample_weight requires grad"
+    yield "weight grad", (p, r, t), {"sample_weight": ones(2, requires_grad=True)}, ValueError, "sample_weight requires grad"
     yield "ref grad", (p, r.clone().requires_grad_(True), t), {}, ValueError, "ref_pred requires grad"
     yield "target grad", (p, r, t.clone().requires_grad_(True)), {}, ValueError, "target requires grad"
     yield "detach not bool", (p, r, t), {"detach_weights": 1}, TypeError, "detach_weights must be a bool"
 
 
-BAD = list(_bad_cases())
+BAD = [c[0] for c in _bad_cases()]
 
 
-@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_bad_input_raises_clear_error(backend, case):
-    _, args, kwargs, exc, match = case
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_raises_clear_error(case, name):
+    _, args, kwargs, exc, match = next(c for c in _bad_cases(case.device) if c[0] == name)
     with pytest.raises(exc, match=match):
-        pgdpo_loss(*args, **{"backend": backend, **kwargs})
+        pgdpo_loss(*args, **{"backend": case.backend, **kwargs})
 
 
 def test_bad_module_options():
@@ -332,9 +341,9 @@ def test_triton_on_cpu_without_interpreter_is_an_error():
     assert "TRITON_INTERPRET=1" in out.stdout
 
 
-def test_stats_carry_no_graph(backend):
-    pred, ref, target = make_inputs((4, 6), dtype=torch.float32, seed=12)
-    _, stats = pgdpo_loss(pred.clone().requires_grad_(True), ref, target, backend=backend, return_stats=True)
+def test_stats_carry_no_graph(case):
+    pred, ref, target = make_inputs((4, 6), dtype=torch.float32, seed=12, device=case.device)
+    _, stats = pgdpo_loss(pred.clone().requires_grad_(True), ref, target, backend=case.backend, return_stats=True)
     assert all(v.grad_fn is None and not v.requires_grad for v in stats.values())
 
 
@@ -359,31 +368,57 @@ def test_custom_op_opcheck(fused, weighting, reduction):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, no aliasing."""
     from pgdpo import ops
 
-    pred, ref, target = (x.reshape(4, -1).contiguous() for x in make_inputs((4, 3, 5), dtype=torch.float32))
+    pred, ref, target = (x.reshape(4, -1).contiguous()
+                         for x in make_inputs((4, 3, 5), dtype=torch.float32, device=fused.device))
     pred.requires_grad_(True)
     flags = ops.pack_flags(True, True, True, weighting == "element", True, True,
                            {"none": 0, "mean": 1}[reduction])
-    weight = torch.tensor([0.5, 2.0])
-    torch.library.opcheck(ops.fused_loss, (pred, ref, target, weight, [100.0, 10.0, 10.0, 1e-6], flags, fused))
+    weight = torch.tensor([0.5, 2.0], device=fused.device)
+    torch.library.opcheck(ops.fused_loss, (pred, ref, target, weight, [100.0, 10.0, 10.0, 1e-6], flags,
+                                           fused.backend))
 
 
 def test_double_backward_is_refused(fused):
     """The fused backward is first-order only: a second derivative is an error, never silent zeros."""
-    pred, ref, target = make_inputs((4, 6), dtype=torch.float32, seed=3)
+    pred, ref, target = make_inputs((4, 6), dtype=torch.float32, seed=3, device=fused.device)
     pred.requires_grad_(True)
-    (grad,) = torch.autograd.grad(pgdpo_loss(pred, ref, target, backend=fused), pred, create_graph=True)
+    (grad,) = torch.autograd.grad(pgdpo_loss(pred, ref, target, backend=fused.backend), pred, create_graph=True)
     with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
         grad.sum().backward()
 
 
-def test_fp16_element_gradient_survives_loss_scaling(backend):
+def test_fp16_element_gradient_survives_loss_scaling(case):
     """fp16, element weighting, loss scaled by 65536 (GradScaler): the gradient keeps fp16 precision."""
-    pred, ref, target = make_inputs((2, 1_000_000), dtype=torch.float16, seed=17)
+    pred, ref, target = make_inputs((2, 1_000_000), dtype=torch.float16, seed=17, device=case.device)
     scale = 65536.0
     p = pred.clone().requires_grad_(True)
-    (scale * pgdpo_loss(p, ref, target, weighting="element", backend=backend)).backward()
+    (scale * pgdpo_loss(p, ref, target, weighting="element", backend=case.backend)).backward()
     want = _oracle(pred, ref, target, weighting="element")[2] * scale
-    rel = ((p.grad.double() - want).abs() / want.abs().clamp_min(1e-30))[want.abs() > 1e-3 * want.abs().max()]
-    assert p.grad.dtype == torch.float16
+    grad = p.grad.cpu()
+    rel = ((grad.double() - want).abs() / want.abs().clamp_min(1e-30))[want.abs() > 1e-3 * want.abs().max()]
+    assert grad.dtype == torch.float16
     # fp16 rounding of the result gives a median of ~1.7e-4; an fp16 stored gradient (subnormal here) ~3e-3
     assert rel.median() < 5e-4, float(rel.median())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: a CUDA graph capture")
+def test_cuda_graph_capture_replays_the_fused_loss():
+    """The Triton path is capturable in a CUDA graph (no host syncs, no allocations from the host in the
+    forward and backward): a replay on new inputs gives what an eager call gives."""
+    pred, ref, target = (x.cuda() for x in make_inputs((4, 3, 1000), dtype=torch.float32, seed=31))
+    p = pred.clone().requires_grad_(True)
+    for _ in range(2):  # warm-up on a side stream, as torch.cuda.graphs asks
+        pgdpo_loss(p, ref, target, backend="triton").backward()
+    p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = pgdpo_loss(p, ref, target, backend="triton")
+        loss.backward()
+    new = make_inputs((4, 3, 1000), dtype=torch.float32, seed=32)
+    with torch.no_grad():
+        for dst, src in zip((p, ref, target), new):
+            dst.copy_(src.cuda())
+    graph.replay()
+    want_loss, _, want_grad = _run(FUSED_CASES[-1], *new)
+    torch.testing.assert_close(loss.detach().cpu(), want_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p.grad.cpu(), want_grad, rtol=1e-5, atol=1e-9)

@@ -32,3 +32,73 @@ def test_kernels_import_as_pgdpo_kernels_not_top_level(tmp_path):
     ours, top_level = out.stdout.split("\n")[:2]
     assert Path(ours) == (ROOT / "kernels").resolve()
     assert top_level != str((ROOT / "kernels").resolve())
+
+
+# A finder placed first on sys.meta_path that makes `import triton` fail as on a platform without it.
+_NO_TRITON = '''
+import importlib.abc, importlib.machinery, sys
+class _NoTriton(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ImportError("No module named 'triton' (blocked by the test)")
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, _NoTriton())
+'''
+
+
+def test_library_works_without_triton(tmp_path):
+    """triton is a Linux-only requirement: without it, the loss still runs on the 'cpu' and 'torch'
+    backends, 'auto' picks the C++ op, and 'triton' is a clear error naming the package."""
+    code = _NO_TRITON + (
+        "import warnings, torch, pgdpo\n"
+        "x = torch.randn(4, 3); r = torch.randn(4, 3); t = torch.randn(4, 3)\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error')\n"  # auto must not fall back to eager: the C++ op is there
+        "    a = pgdpo.pgdpo_loss(x, r, t)\n"
+        "e = pgdpo.pgdpo_loss(x, r, t, backend='torch')\n"
+        "print('CLOSE', bool(torch.allclose(a, e, rtol=1e-5, atol=1e-6)))\n"
+        "try:\n"
+        "    pgdpo.pgdpo_loss(x, r, t, backend='triton')\n"
+        "except ValueError as err:\n"
+        "    print('ERR', err)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "CLOSE True" in out.stdout
+    assert "ERR backend='triton' is not available" in out.stdout and "triton" in out.stdout.split("ERR")[1]
+
+
+def _readme_test_command() -> str:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("# Run the tests"))
+    return lines[i + 1].strip()
+
+
+def test_ci_runs_the_readme_test_command_from_the_constraints():
+    """.ci/run is the README's test command, and both install from constraints.txt (what was tested)."""
+    command = _readme_test_command()
+    assert command in (ROOT / ".ci" / "run").read_text()
+    assert command.count("-c constraints.txt") >= 2  # torch first, then the package and its extras
+    assert "pytest" in command
+
+
+def test_constraints_pin_every_dependency():
+    """Every requirement of the package and of its dev extra is pinned with == in constraints.txt."""
+    import re
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.split(";")[0].partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pinned[re.sub(r"[-_.]+", "-", name.strip().lower())] = version.strip()
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    names = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower()) for req in wanted}
+    missing = sorted(names - set(pinned))
+    assert not missing, f"not pinned in constraints.txt: {missing}"

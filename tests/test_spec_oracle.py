@@ -14,7 +14,7 @@ import torch
 
 from pgdpo import pgdpo_loss
 
-from .test_loss import ALL, _reason
+from ._inputs import LOSS_CASES, case_unavailable_reason
 
 ARS_IPR = {"pgdpo": (True, True), "ars": (True, False), "ipr": (False, True), "dpo": (False, False)}
 
@@ -91,24 +91,25 @@ def spec_loss_and_grad(method, ipr_target, weighting, detach, weight=(1.0, 1.0))
     return loss, per_pair, torch.tensor(grad, dtype=torch.float64).reshape(4, 3)
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("method,ipr_target,weighting,detach",
                          list(itertools.product(["pgdpo", "ars", "ipr", "dpo"], ["anchor", "reward"],
                                                 ["sample", "element"], [True, False])))
-def test_matches_spec_transcription(backend, method, ipr_target, weighting, detach):
-    if _reason(backend):
-        pytest.skip(_reason(backend))
+def test_matches_spec_transcription(case, method, ipr_target, weighting, detach):
+    if case_unavailable_reason(case):
+        pytest.skip(case_unavailable_reason(case))
     weight = (0.5, 1.5)
     loss, per_pair, grad = spec_loss_and_grad(method, ipr_target, weighting, detach, weight)
-    pred = torch.tensor(P, dtype=torch.float64, requires_grad=True)
-    got, stats = pgdpo_loss(pred, torch.tensor(R, dtype=torch.float64), torch.tensor(T, dtype=torch.float64),
+    f64 = dict(dtype=torch.float64, device=case.device)
+    pred = torch.tensor(P, **f64, requires_grad=True)
+    got, stats = pgdpo_loss(pred, torch.tensor(R, **f64), torch.tensor(T, **f64),
                             method=method, ipr_target=ipr_target, weighting=weighting, detach_weights=detach,
-                            sample_weight=torch.tensor(weight, dtype=torch.float64), backend=backend,
+                            sample_weight=torch.tensor(weight, **f64), backend=case.backend,
                             return_stats=True, **KW)
     got.backward()
     assert abs(got.item() - loss) < 1e-12
-    torch.testing.assert_close(stats["loss"], torch.tensor(per_pair, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(pred.grad, grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(stats["loss"].cpu(), torch.tensor(per_pair, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pred.grad.cpu(), grad, rtol=1e-6, atol=1e-8)
 
 
 def test_transcription_sees_both_margin_signs():

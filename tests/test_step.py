@@ -46,22 +46,117 @@ def lora_config():
                       init_lora_weights=False)
 
 
-@pytest.mark.parametrize("name, schedule", [
-    ("tiny-wan-t2v", "flow"), ("tiny-wan-t2v", "ddpm-eps"), ("tiny-wan-t2v", "ddpm-v"),
-    ("tiny-wan-i2v", "flow"), ("tiny-unet3d", "ddpm-eps"), ("tiny-unet3d", "ddpm-v")])
+def zero_lora(model):
+    """``model`` with peft LoRA adapters whose B starts at zero: the adapted policy computes exactly
+    its base (base + 0), so the adapters-off reference is the same computation on the same weights."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                            init_lora_weights=True))
+
+
+def output_noise(step, batch, generator):
+    """max |pred - ref_pred| of the step's two forwards on the step's own noisy inputs: the float noise
+    between the policy and reference computations (0 when they are one computation)."""
+    a = step.adapter
+    pairs = step.schedule.noise_pairs(batch["chosen"], batch["rejected"], generator)
+    with torch.no_grad():
+        pred = a.predict(step.policy, pairs.noisy, pairs.model_timesteps, batch)
+        ref = a.predict(step.reference, pairs.noisy, pairs.model_timesteps, batch)
+    return (pred - ref).abs().max().item(), (pred + ref - 2 * pairs.target).abs().max().item()
+
+
+SCHEDULE_CASES = [("tiny-wan-t2v", "flow"), ("tiny-wan-t2v", "ddpm-eps"), ("tiny-wan-t2v", "ddpm-v"),
+                  ("tiny-wan-i2v", "flow"), ("tiny-unet3d", "ddpm-eps"), ("tiny-unet3d", "ddpm-v")]
+
+
+@pytest.mark.parametrize("name, schedule", SCHEDULE_CASES)
 def test_policy_equal_to_reference_gives_half_ln2(name, schedule):
-    # At init d_w = d_l = 0: m = 0, alpha = gamma = 1/2, z = 0, so L = 1/2 * ln 2 + 1/2 * 0.
-    step = PreferenceStep(build_model(name, seed=0), "copy", schedule=schedule)
+    # At init d_w = d_l = 0: m = 0, alpha = gamma = 1/2, z = 0, so L = 1/2 * ln 2 + 1/2 * 0. Policy and
+    # reference are made one computation (zero LoRA on, adapters off): two copies of a model need not agree
+    # bitwise on every CPU, and the margin's 1/(d_l + eps) turns 1e-8 of noise into gamma = 0.42.
+    step = PreferenceStep(zero_lora(build_model(name, seed=0)).train(), None, schedule=schedule)
     out = step(make_batch(name), torch.Generator().manual_seed(0))
     assert out.loss.shape == () and out.loss.dtype == torch.float32
     assert out.loss.item() == pytest.approx(HALF_LN2, abs=1e-6)
     assert set(out.stats) >= {"d_w", "d_l", "gamma", "accuracy"} and out.stats["d_w"].shape == (B,)
-    assert torch.equal(out.stats["d_w"], torch.zeros(B))
+    assert torch.equal(out.stats["d_w"], torch.zeros(B)) and torch.equal(out.stats["d_l"], torch.zeros(B))
 
 
-def test_dpo_method_at_init_gives_ln2():
-    step = PreferenceStep(build_model("tiny-wan-t2v"), "copy", loss=PGDPOLoss(method="dpo"))
-    assert step(make_batch("tiny-wan-t2v")).loss.item() == pytest.approx(math.log(2.0), abs=1e-6)
+@pytest.mark.parametrize("name, schedule", SCHEDULE_CASES)
+def test_copy_reference_at_init_gives_ln2_within_its_measured_noise(name, schedule):
+    """A frozen copy is a second computation: DPO's loss at init is ln 2 up to the two copies' float noise.
+
+    |d| = |mean (p - r)(p + r - 2t)| <= max|p - r| * max|p + r - 2t| =: delta, and
+    |softplus(beta/2 (d_w - d_l)) - ln 2| <= beta/4 * |d_w - d_l| <= beta/2 * delta.
+    """
+    step = PreferenceStep(build_model(name, seed=0), "copy", schedule=schedule, loss=PGDPOLoss(method="dpo"))
+    batch = make_batch(name)
+    diff, spread = output_noise(step, batch, torch.Generator().manual_seed(0))
+    delta = diff * spread * (1 + 1e-5) + 1e-12  # + fp32 rounding of the means
+    out = step(batch, torch.Generator().manual_seed(0))
+    assert out.stats["d_w"].abs().max().item() <= delta and out.stats["d_l"].abs().max().item() <= delta
+    assert abs(out.loss.item() - math.log(2.0)) <= 0.5 * 100.0 * delta + 1e-6
+
+
+def moved_temporal_convs(model, seed=3):
+    """Move each UNet3D temporal block's zero-initialised last convolution off zero, as training does:
+    from then on its dropout (diffusers hard-codes p = 0.1) changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if type(m).__name__ == "TemporalConvLayer"]
+    assert layers
+    with torch.no_grad():
+        for layer in layers:
+            layer.conv4[-1].weight.add_(0.1 * torch.randn(layer.conv4[-1].weight.shape, generator=g))
+    return model
+
+
+def active_dropout(model):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+
+
+@pytest.mark.parametrize("schedule", ["ddpm-eps", "ddpm-v"])
+def test_dropout_off_by_default_policy_equal_to_reference_in_train_mode(schedule):
+    """UNet3D with trained temporal convolutions, policy in train mode, reference = the same weights:
+    0.5 ln 2 on every call with the same generator, because the step turned the dropout off."""
+    policy = zero_lora(moved_temporal_convs(build_model("tiny-unet3d", seed=0))).train()
+    assert active_dropout(policy)  # diffusers' hard-coded 0.1: the step must turn it off
+    step = PreferenceStep(policy, None, schedule=schedule)
+    assert active_dropout(policy) == []
+    batch = make_batch("tiny-unet3d")
+    losses = [step(batch, torch.Generator().manual_seed(5)).loss.item() for _ in range(3)]
+    assert losses == pytest.approx([HALF_LN2] * 3, abs=1e-6)
+    assert len(set(losses)) == 1
+
+
+def test_active_dropout_would_bias_and_randomise_the_loss():
+    """The check above can fail: with ``disable_dropout=False`` the train-mode policy drops activations the
+    eval-mode reference keeps, so the loss leaves 0.5 ln 2 and changes from call to call."""
+    policy = zero_lora(moved_temporal_convs(build_model("tiny-unet3d", seed=0))).train()
+    step = PreferenceStep(policy, None, schedule="ddpm-eps", disable_dropout=False)
+    assert active_dropout(policy)
+    batch = make_batch("tiny-unet3d")
+    torch.manual_seed(0)  # dropout masks come from the global generator
+    losses = [step(batch, torch.Generator().manual_seed(5)).loss.item() for _ in range(3)]
+    assert len(set(losses)) == 3
+    assert all(abs(x - HALF_LN2) > 1e-4 for x in losses)
+
+
+def test_copy_reference_and_sft_step_have_no_dropout():
+    from pgdpo.train.sft import SFTStep
+
+    model = moved_temporal_convs(build_model("tiny-unet3d", seed=0))
+    step = PreferenceStep(model, "copy", schedule="ddpm-eps")
+    assert active_dropout(step.policy) == [] and active_dropout(step.reference) == []
+    given = build_model("tiny-unet3d", seed=0)
+    PreferenceStep(build_model("tiny-unet3d", seed=0), given, schedule="ddpm-eps")
+    assert active_dropout(given) == []
+    sft = SFTStep(build_model("tiny-unet3d", seed=0), "ddpm-eps")
+    assert active_dropout(sft.policy) == []
+    kept = PreferenceStep(build_model("tiny-unet3d", seed=0), "copy", schedule="ddpm-eps", disable_dropout=False)
+    assert active_dropout(kept.policy) and active_dropout(kept.reference)
+    with pytest.raises(TypeError, match="disable_dropout must be a bool"):
+        PreferenceStep(build_model("tiny-unet3d"), "copy", schedule="ddpm-eps", disable_dropout="yes")
 
 
 def test_gradients_reach_the_policy_only_and_reference_stays_bitwise():
@@ -256,28 +351,50 @@ def test_reference_errors():
         PreferenceStep(policy, "copy", checkpointing="some")
 
 
-def test_low_precision_switches_run():
+def _record_forward_dtypes(model, seen: set):
+    """Record in ``seen`` the output dtype of every Linear layer of ``model`` in its forwards."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+
+
+def test_low_precision_switches_compute_in_bf16():
+    """bf16 weights and bf16 autocast really run the forwards in bf16, and agree with fp32 to bf16 accuracy."""
     name = "tiny-wan-t2v"
-    bf16 = PreferenceStep(build_model(name, seed=0), "copy", weights_dtype=torch.bfloat16)
-    assert bf16.policy.patch_embedding.weight.dtype == torch.bfloat16
-    assert bf16.reference.patch_embedding.weight.dtype == torch.bfloat16
-    out = bf16(make_batch(name))
-    out.loss.backward()
-    assert out.loss.item() == pytest.approx(HALF_LN2, abs=1e-6)
-    assert bf16.policy.patch_embedding.weight.grad.dtype == torch.bfloat16
-    auto = PreferenceStep(build_model(name, seed=0), "copy", autocast_dtype=torch.bfloat16)
-    out = auto(make_batch(name))
-    out.loss.backward()
-    assert auto.policy.patch_embedding.weight.dtype == torch.float32
-    assert out.loss.item() == pytest.approx(HALF_LN2, abs=1e-6)
+    keys = ("mse_policy_chosen", "mse_policy_rejected", "mse_ref_chosen", "mse_ref_rejected")
+    fp32 = PreferenceStep(perturbed(build_model(name, seed=0)), build_model(name, seed=0))(
+        make_batch(name), torch.Generator().manual_seed(0))
+    for switch in ("weights_dtype", "autocast_dtype"):
+        step = PreferenceStep(perturbed(build_model(name, seed=0)), build_model(name, seed=0),
+                              **{switch: torch.bfloat16})
+        weight_dtype = torch.bfloat16 if switch == "weights_dtype" else torch.float32
+        assert step.policy.patch_embedding.weight.dtype == step.reference.patch_embedding.weight.dtype == weight_dtype
+        dtypes = set()
+        _record_forward_dtypes(step.policy, dtypes)
+        _record_forward_dtypes(step.reference, dtypes)
+        out = step(make_batch(name), torch.Generator().manual_seed(0))
+        out.loss.backward()
+        assert torch.bfloat16 in dtypes, switch
+        assert step.policy.patch_embedding.weight.grad.dtype == weight_dtype
+        assert torch.isfinite(out.loss)
+        for k in keys:  # bf16 rounding moves the MSEs a little, never far
+            assert not torch.equal(out.stats[k], fp32.stats[k]), (switch, k)
+            torch.testing.assert_close(out.stats[k], fp32.stats[k], rtol=3e-2, atol=1e-3, msg=f"{switch} {k}")
 
 
 def test_regional_compile_matches_eager():
+    """Regional torch.compile (Inductor) of the repeated blocks: same loss and policy gradients as eager."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     name = "tiny-wan-t2v"
     eager = PreferenceStep(perturbed(build_model(name, seed=0)), build_model(name, seed=0))
-    compiled = PreferenceStep(perturbed(build_model(name, seed=0)), build_model(name, seed=0), compile=True,
-                              compile_options={"backend": "eager"})
+    compiled = PreferenceStep(perturbed(build_model(name, seed=0)), build_model(name, seed=0), compile=True)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.policy.blocks)
     a = eager(make_batch(name), torch.Generator().manual_seed(0)).loss
     b = compiled(make_batch(name), torch.Generator().manual_seed(0)).loss
-    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # Dynamo captured the blocks
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(eager.policy.named_parameters(), compiled.policy.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")

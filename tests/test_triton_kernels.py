@@ -213,23 +213,23 @@ def test_element_gradient_is_computed_in_the_forward():
         loss_ng, stats_ng, saved_ng, _ = _call(pred, ref, target, opts, weight, need_grad=False)
     _, _, grad_ref = _oracle(pred, ref, target, opts, weight)
     # saved is dloss/dpred itself, before any backward call
-    torch.testing.assert_close(saved, grad_ref, **TOL64["element"])
+    torch.testing.assert_close(saved.cpu(), grad_ref, **TOL64["element"])
     # the backward only scales it by the upstream gradient
-    flat = [x.reshape(6, -1) for x in (pred, ref, target)]
-    grad = K.backward(torch.tensor(2.5, dtype=torch.float64), *flat, saved, True)
+    flat = [x.reshape(6, -1).to(DEVICE) for x in (pred, ref, target)]
+    grad = K.backward(torch.tensor(2.5, dtype=torch.float64, device=DEVICE), *flat, saved, True)
     assert torch.equal(grad, 2.5 * saved)
     # need_grad=False skips the gradient (empty saved) without changing loss or stats
     assert saved_ng.numel() == 0
     assert torch.equal(loss_ng, loss) and torch.equal(stats_ng, stats)
     with pytest.raises(RuntimeError, match="need_grad=True"):
-        K.backward(torch.tensor(1.0, dtype=torch.float64), *flat, saved_ng, True)
+        K.backward(torch.tensor(1.0, dtype=torch.float64, device=DEVICE), *flat, saved_ng, True)
 
 
 @pytest.mark.parametrize("method", ["pgdpo", "dpo"])
 def test_sample_backward_reads_ref_only_where_needed(method):
     """c_r (the anchor coefficient) is 0 on rejected rows, and on every row without IPR: the backward
     must not depend on ref_pred there, so NaNs in those rows of ref_pred cannot leak into the grad."""
-    pred, ref, target = make_inputs((6, 40), seed=12)
+    pred, ref, target = make_inputs((6, 40), seed=12, device=DEVICE)
     opts = LossOptions(method=method)
     loss, stats, saved, grad = _call(pred, ref, target, opts)
     zero_rows = slice(3, 6) if method == "pgdpo" else slice(0, 6)
@@ -238,9 +238,10 @@ def test_sample_backward_reads_ref_only_where_needed(method):
         assert torch.all(saved[:3, 1] != 0)
     poisoned = ref.clone()
     poisoned[zero_rows] = float("nan")
-    grad_poisoned = K.backward(torch.tensor(1.0, dtype=torch.float64), pred, poisoned, target, saved, False)
+    one = torch.tensor(1.0, dtype=torch.float64, device=DEVICE)
+    grad_poisoned = K.backward(one, pred, poisoned, target, saved, False)
     assert torch.equal(grad_poisoned, grad)
-    torch.testing.assert_close(grad, _oracle(pred, ref, target, opts)[2], **TOL64["sample"])
+    torch.testing.assert_close(grad.cpu(), _oracle(pred, ref, target, opts)[2], **TOL64["sample"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,10 +267,10 @@ def test_forward_rejects_bad_inputs(case):
 
 
 def test_backward_rejects_bad_upstream_shape():
-    p, r, t = make_inputs((4, 6))
+    p, r, t = make_inputs((4, 6), device=DEVICE)
     _, _, saved = K.forward(p, r, t, None, 100.0, 10.0, 10.0, 1e-6, True, True, True, False, True, 0, True)
     with pytest.raises(ValueError, match=r"grad_loss must be \[\] or \[2\]"):
-        K.backward(torch.ones(3, dtype=torch.float64), p, r, t, saved, False)
+        K.backward(torch.ones(3, dtype=torch.float64, device=DEVICE), p, r, t, saved, False)
 
 
 def test_interpret_flag_follows_environment_at_import():
@@ -290,3 +291,23 @@ def test_interpret_flag_follows_environment_at_import():
     assert out.returncode == 0, out.stderr
     assert "INTERPRET False" in out.stdout
     assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device with ~20 GB free: 2^31 elements per input")
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_inputs_over_2_31_elements(weighting):
+    """int64 offsets: a [2, 2^30 + ...] bf16 batch (over 2^31 elements per input). Each sample repeats one
+    small random tile, so its means equal the tile's and d loss / d pred at every element equals the
+    tile problem's gradient scaled by tile / N: the float64 oracle of the tile checks the far end."""
+    period = 768
+    n = period * (2**30 // period + 1)
+    assert 2 * n > 2**31
+    small = make_inputs((2, period), dtype=torch.bfloat16, seed=41)
+    big = [x.to(DEVICE).repeat(1, n // period) for x in small]
+    opts = LossOptions(weighting=weighting)
+    loss, stats, _, grad = _call(*big, opts)
+    want_loss, want_stats, want_grad = _oracle(*small, opts)
+    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(stats[:, 0].cpu().double(), want_stats[:, 0], rtol=2e-3, atol=1e-6)  # d_w
+    tail = grad[:, -period:].cpu().double() * (n // period)  # the last tile: offsets beyond 2^31 in row 1
+    torch.testing.assert_close(tail, want_grad, rtol=1e-2, atol=1e-2 * float(want_grad.abs().max()))

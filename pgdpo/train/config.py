@@ -8,7 +8,7 @@ Schema (section -> keys; defaults in the dataclasses below)::
 
     output_dir, seed, device
     model:        name, path, precision, attention, gradient_checkpointing, lora_rank, lora_alpha,
-                  lora_targets
+                  lora_targets, disable_dropout
     data:         path, synthesize, synth_pairs, synth_difference, height, width, frames, text_len,
                   shuffle
     method:       name, beta, k1, k2, eps, ipr_target, weighting, detach_weights, backend, schedule,
@@ -71,6 +71,10 @@ class ModelConfig:
     #: LoRA scale numerator (None = lora_rank)
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    #: dropout probabilities of policy and reference set to 0 (as TRL's DPO trainer does): the policy runs
+    #: in train mode and the reference in eval mode, so active dropout (UNet3D's temporal convolutions
+    #: hard-code 0.1) would bias d_w / d_l and make the loss random from call to call
+    disable_dropout: bool = True
 
 
 @dataclass

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..diffusion import make_schedule
 from ..models import adapter_for, enable_checkpointing
+from ..models import disable_dropout as _disable_dropout
 from ..step import PreferenceStep, StepOutput
 
 
@@ -21,13 +22,20 @@ class SFTStep:
     """``step(batch, generator) -> StepOutput`` with loss ``mean_b w_b mean_S (pred_w - target_w)^2``.
 
     ``stats`` has ``mse_policy_chosen`` (``[B]``) and ``loss`` (per-pair, before ``sample_weight``).
+    ``disable_dropout`` (default True) sets the policy's dropout to 0, as :class:`PreferenceStep` does.
     """
 
     def __init__(self, policy: nn.Module, schedule: str = "flow", *,
                  sample_weight_fn: Callable[[Tensor], Tensor] | None = None,
                  schedule_options: dict | None = None, attention_backend: str | None = None,
-                 checkpointing: int = 0, autocast_dtype: torch.dtype | None = None):
+                 checkpointing: int = 0, autocast_dtype: torch.dtype | None = None,
+                 disable_dropout: bool = True):
         from ..attention import set_attention_backend
+
+        if not isinstance(disable_dropout, bool):
+            raise TypeError(f"disable_dropout must be a bool, got {disable_dropout!r}")
+        if disable_dropout:  # as in PreferenceStep: SFT compares runs, so no random thinning by default
+            _disable_dropout(policy)
 
         self.adapter = adapter_for(policy)
         self.policy = policy

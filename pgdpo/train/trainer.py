@@ -254,7 +254,8 @@ class Trainer:
         if meth.name == "sft":
             step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
                            schedule_options=schedule_options, attention_backend=m.attention,
-                           checkpointing=1 if checkpointing else 0, autocast_dtype=autocast)
+                           checkpointing=1 if checkpointing else 0, autocast_dtype=autocast,
+                           disable_dropout=m.disable_dropout)
         else:
             if meth.reference == "copy":
                 # Built again rather than deep-copied: no second fp32 copy of the policy in host memory.
@@ -272,7 +273,8 @@ class Trainer:
                              detach_weights=meth.detach_weights, backend=meth.backend)
             step = PreferenceStep(model, reference, meth.schedule, loss, sample_weight_fn=self.weighting,
                                   schedule_options=schedule_options, attention_backend=m.attention,
-                                  checkpointing=checkpointing, autocast_dtype=autocast)
+                                  checkpointing=checkpointing, autocast_dtype=autocast,
+                                  disable_dropout=m.disable_dropout)
         if self.weighting is not None:
             self.weighting.num_train_timesteps = float(step.schedule.num_train_timesteps)
 
