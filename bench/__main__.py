@@ -35,7 +35,7 @@ Before timing, each provider's loss, gradient and statistics are checked against
 reference on the same inputs (errors recorded; a mismatch makes the exit status 1). Providers are
 timed interleaved round by round, each call on another input set, the sets together larger than
 twice the last-level cache; figures are medians with p10/p90, min/max and quartiles. The device's
-copy bandwidth is measured in the same run (start and end) and gives the floor of SPEC section 5:
+copy bandwidth is measured in the same run (start and end) and gives the floor:
 read pred, ref_pred, target once and write the gradient once, 4 * 2B * N * itemsize bytes;
 achieved GB/s and time/floor are reported. Peak extra memory of one forward+backward beyond the
 inputs and the gradient: CUDA from torch.cuda.max_memory_allocated, CPU from torch.profiler's

@@ -1,4 +1,4 @@
-"""The benchmark cases: named shapes, dtypes, the input maker and the byte floor of SPEC section 5.
+"""The benchmark cases: named shapes, dtypes, the input maker and the byte floor.
 
 A case is one ``(shape, dtype)``; every shape is the full ``[2B, *S]`` batch (chosen half first).
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-#: name -> (shape [2B, *S], what it is). SPEC section 5 lists the shapes that matter.
+#: name -> (shape [2B, *S], what it is). The shapes that matter for the loss's users.
 SHAPES: dict[str, tuple[tuple[int, ...], str]] = {
     "cpu-target": ((4, 16, 8, 30, 52), "the CPU target: 2 pairs of a small 16-channel video latent"),
     "wan480": ((2, 16, 21, 60, 104), "Wan2.1 480p x 81 frames latent, 1 pair"),
@@ -37,8 +37,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DEFAULT_DTYPES = ("fp32", "bf16")
 
-#: Floor of each timed pass, in whole-tensor transfers of ``2B * N * itemsize`` bytes. SPEC section 5
-#: defines the loss's floor as fwd+bwd = read pred, ref_pred, target once + write the gradient once.
+#: Floor of each timed pass, in whole-tensor transfers of ``2B * N * itemsize`` bytes. The loss's floor
+#: is fwd+bwd = read pred, ref_pred, target once + write the gradient once.
 #: The forward alone must read the three inputs. The backward's floor is one read and one write: a
 #: gradient computed in the forward only needs scaling (what element weighting does); sample
 #: weighting's backward reads pred and target again (and ref_pred where the anchor term needs it), so

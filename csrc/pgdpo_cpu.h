@@ -1,5 +1,5 @@
 // Fused PG-DPO loss on CPU: declarations shared by the op layer (pgdpo_cpu_ops.cpp) and the
-// vectorised kernels (pgdpo_cpu_kernels.cpp). The formulas are those of SPEC.md section 1; the
+// vectorised kernels (pgdpo_cpu_kernels.cpp). The formulas are those of docs/loss.md; the
 // interface is the backend contract in pgdpo/ops.py.
 #pragma once
 

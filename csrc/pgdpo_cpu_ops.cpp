@@ -99,7 +99,7 @@ struct SampleParams {
   bool ars, ipr, anchor, detach;
 };
 
-// One pair of sample weighting (SPEC section 1). dw, dl, anchor: the per-pair means. Writes the
+// One pair of sample weighting (docs/loss.md). dw, dl, anchor: the per-pair means. Writes the
 // stats columns it owns and dL_b/d(dw), dL_b/d(dl), dL_b/d(anchor).
 void sample_pair(const SampleParams& s, double dw, double dl, double anchor_mean, double* stats, double& g_dw,
                  double& g_dl, double& g_anchor) {

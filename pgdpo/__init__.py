@@ -1,7 +1,7 @@
 """pgdpo: fused PG-DPO (Policy-Guided DPO) loss and trainer for aligning diffusion models.
 
 Paper: "Beyond Reward Margin: Rethinking and Resolving Likelihood Displacement in Diffusion Models
-via Video Generation" (arXiv 2511.19049). ``SPEC.md`` is the contract of this package.
+via Video Generation" (arXiv 2511.19049). ``docs/loss.md`` is the contract of the loss.
 """
 
 import importlib

@@ -155,7 +155,7 @@ Noising = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 def make_probe_batch(x0_w: Tensor, x0_l: Tensor, timesteps: Tensor, noising: Noising = flow_matching_noising,
                      *, generator: torch.Generator | None = None, cond: Any = None) -> ProbeBatch:
     """Noise a set of pairs once, with one noise draw and one timestep shared by the two samples of a
-    pair (SPEC section 3), and return the fixed :class:`ProbeBatch`.
+    pair (as in the training step, ``pgdpo.step``), and return the fixed :class:`ProbeBatch`.
 
     ``x0_w``, ``x0_l``: ``[B, *S]`` clean chosen / rejected samples (latents). ``timesteps``: ``[B]``.
     ``noising(x0, noise, timesteps) -> (x_t, target)``: the schedule, e.g. :func:`flow_matching_noising`

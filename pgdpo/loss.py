@@ -6,7 +6,7 @@ PG-DPO (arXiv 2511.19049, Eq. 7-9): for pairs of chosen (w) and rejected (l) sam
     alpha = sigmoid(K1 m) (ARS),   gamma = sigmoid(-K2 m) (IPR),   z = -beta/2 (d_w - alpha d_l)
     L_b = gamma softplus(-z) + (1-gamma) L_ipr,   loss = reduce(sample_weight * L_b)
 
-with ``L_ipr = mean_S[(p_w-r_w)^2]`` ("anchor") or ``d_w`` ("reward"). ``SPEC.md`` section 1 has
+with ``L_ipr = mean_S[(p_w-r_w)^2]`` ("anchor") or ``d_w`` ("reward"). ``docs/loss.md`` has
 the element-wise variant and every option.
 """
 
@@ -159,7 +159,7 @@ def pgdpo_loss(
     backend: str = "auto",
     return_stats: bool = False,
 ):
-    """PG-DPO loss of a batch of preference pairs (SPEC section 1; paper Eq. 7-9).
+    """PG-DPO loss of a batch of preference pairs (``docs/loss.md``; paper Eq. 7-9).
 
     Args:
         pred: policy prediction ``[2B, *S]`` (chosen half first), or a ``(pred_w, pred_l)`` pair of

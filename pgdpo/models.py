@@ -3,7 +3,8 @@
 The models are diffusers' own classes, configured (never subclassed):
 
 - ``WanTransformer3DModel`` -- Wan2.1 text-to-video (16 latent channels) and image-to-video (36 input
-  channels = 16 noisy + 4 mask + 16 first-frame latent channels, plus CLIP image tokens); SPEC section 3.
+  channels = 16 noisy + 4 mask + 16 first-frame latent channels, plus CLIP image tokens),
+  as in diffusers' Wan I2V pipeline.
 - ``UNet3DConditionModel`` -- VideoCrafter2 / ModelScope-style video UNet on ``[B, C, F, H, W]`` latents.
 
 A :class:`ModelAdapter` knows how one family is called: which batch keys it needs, how the ``[2B]``

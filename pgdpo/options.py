@@ -1,6 +1,6 @@
 """Option parsing and validation shared by every backend of the PG-DPO loss.
 
-The loss is specified in ``SPEC.md`` section 1; this module turns the user-facing keywords
+The loss is specified in ``docs/loss.md``; this module turns the user-facing keywords
 (``method``, ``ipr_target``, ``weighting``, ...) into the flat flags the kernels take, and raises
 clear errors naming the bad argument.
 """
@@ -45,7 +45,7 @@ STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Resolved, validated options of the PG-DPO loss (SPEC section 1)."""
+    """Resolved, validated options of the PG-DPO loss (``docs/loss.md``)."""
 
     method: str = "pgdpo"
     beta: float = 100.0

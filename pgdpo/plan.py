@@ -350,7 +350,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     ref = fwd if s.reference != "none" else 0
     per_video = {"policy forward": fwd, "backward": bwd, "recompute": recompute, "reference forward": ref}
     step_flops = 2 * effective_batch * sum(per_video.values())
-    model_flops = 2 * effective_batch * (fwd + 2 * fwd + ref)  # MFU numerator (SPEC 5): no recompute
+    model_flops = 2 * effective_batch * (fwd + 2 * fwd + ref)  # MFU numerator: no recompute
     compute_s = step_flops / (gpus * gpu.peak_bf16 * mfu)
     if s.batch_size < per_step:
         notes.append(f"a {s.batch_size}-pair step spread over the {gpus} GPUs would take about "

@@ -1,6 +1,6 @@
 """The PG-DPO loss in plain eager PyTorch: the test oracle and the ``"torch"`` backend.
 
-Formulas are those of ``SPEC.md`` section 1 (paper: "Beyond Reward Margin", arXiv 2511.19049,
+Formulas are those of ``docs/loss.md`` (paper: "Beyond Reward Margin", arXiv 2511.19049,
 Eq. 7-9 and appendix A.5.4). Inputs are ``[2B, *S]`` with the chosen half first. Computation runs in
 float32, or float64 when an input is float64; gradients come from autograd, so this file is
 independent of the hand-derived backward of the fused kernels.
@@ -15,7 +15,7 @@ from .options import STAT_NAMES, LossOptions
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32 (SPEC: statistics and loss are fp32)."""
+    """float64 when any input is float64, else float32 (docs/loss.md: statistics and loss are fp32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 

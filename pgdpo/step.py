@@ -1,4 +1,4 @@
-"""One PG-DPO preference step on a video diffusion model: noise, two forwards, the loss (SPEC section 3).
+"""One PG-DPO preference step on a video diffusion model: noise, two forwards, the loss (``docs/loss.md``).
 
     batch = {"chosen": [B, C, F, H, W], "rejected": [B, C, F, H, W], "encoder_hidden_states": [B, L, D],
              # Wan image-to-video only:
