@@ -101,6 +101,20 @@ def _softplus_sigmoid(x):
 
 
 @triton.jit
+def _cast_out(x, out_ptr, EMULATE_RTNE: tl.constexpr):
+    """``x`` (fp32 or fp64) in the element type of ``out_ptr``, rounded to nearest even.
+
+    Triton's interpreter converts fp32 to bf16 by truncation (GPUs round to nearest even); with
+    EMULATE_RTNE (set only under the interpreter for a bf16 output) the rounding is done on the bits
+    so that interpreter runs see the GPU's numerics."""
+    if EMULATE_RTNE:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
+    return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _scalar_from_split(hi, lo, ACC: tl.constexpr):
     # Triton passes Python floats as fp32; the host splits each float64 constant into two fp32 parts
     # so that fp64 runs see ~48 bits of it (eps = 1e-6, 1/N, 1/B are not fp32-representable).
@@ -238,7 +252,8 @@ def _sample_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, saved_ptr
                             eps_rel_hi, eps_rel_lo, inv_n_hi, inv_n_lo, scale_hi, scale_lo,
                             HAS_WEIGHT: tl.constexpr, ARS: tl.constexpr, IPR: tl.constexpr,
                             SAME_K: tl.constexpr, ANCHOR: tl.constexpr, DETACH: tl.constexpr,
-                            ABS: tl.constexpr, REL: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr, NSTATS: tl.constexpr,
+                            ABS: tl.constexpr, REL: tl.constexpr, REDUCTION: tl.constexpr,
+                            ACC: tl.constexpr, NSTATS: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program: per pair, reduce ``part[4, 2B, P]``, evaluate Eq. 7-9, write ``stats[B, NSTATS]``,
     ``saved[2B, 2] = (c_t, c_r)`` and ``loss`` (``[B]`` for none, else the fixed-order sum over B)."""
@@ -303,7 +318,8 @@ def _sample_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, saved_ptr
 
 @triton.jit
 def _sample_backward_kernel(grad_loss_ptr, p_ptr, r_ptr, t_ptr, saved_ptr, out_ptr, B, N,
-                            PER_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                            PER_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                            EMULATE_RTNE: tl.constexpr):
     """Grid ``(cdiv(N, BLOCK), 2B)``: ``grad[row] = g_row (c_t (p-t) + c_r (p-r))``."""
     block = tl.program_id(0)
     row = tl.program_id(1)
@@ -324,7 +340,7 @@ def _sample_backward_kernel(grad_loss_ptr, p_ptr, r_ptr, t_ptr, saved_ptr, out_p
     r_limit = tl.where(c_r != 0.0, N, 0)
     r = tl.load(r_ptr + ptr_off, mask=offs < r_limit, other=0.0).to(ACC)
     grad = c_t * (p - t) + c_r * (p - r)
-    tl.store(out_ptr + ptr_off, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + ptr_off, _cast_out(grad, out_ptr, EMULATE_RTNE), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,7 +471,8 @@ def _element_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, B, P,
             _store_stat(stats_ptr, pairs, mask, 1, d_l, NSTATS)
             for k in tl.static_range(2, 12):
                 if k != 7:
-                    mean = _reduce_partials(part_ptr + k * slab, pairs, mask, P, ACC, BLOCK_B, BLOCK_P) * inv_n
+                    mean = _reduce_partials(part_ptr + k * slab, pairs, mask, P, ACC, BLOCK_B,
+                                            BLOCK_P) * inv_n
                     _store_stat(stats_ptr, pairs, mask, k, mean, NSTATS)
             _store_stat(stats_ptr, pairs, mask, 12, -0.5 * beta * (d_w - d_l), NSTATS)
             _store_stat(stats_ptr, pairs, mask, 13, tl.where(d_w < d_l, 1.0, 0.0).to(ACC), NSTATS)
@@ -480,7 +497,7 @@ def _element_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, B, P,
 
 @triton.jit
 def _scale_rows_kernel(grad_loss_ptr, saved_ptr, out_ptr, B, N, PER_PAIR: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK: tl.constexpr):
+                       ACC: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """Grid ``(cdiv(N, BLOCK), 2B)``: ``out[row] = g_row * saved[row]`` (element-mode backward)."""
     block = tl.program_id(0)
     row = tl.program_id(1)
@@ -492,7 +509,7 @@ def _scale_rows_kernel(grad_loss_ptr, saved_ptr, out_ptr, B, N, PER_PAIR: tl.con
     mask = offs < N
     ptr_off = row.to(tl.int64) * N + offs
     x = tl.load(saved_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
-    tl.store(out_ptr + ptr_off, (g * x).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + ptr_off, _cast_out(g * x, out_ptr, EMULATE_RTNE), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -716,7 +733,8 @@ def backward(grad_loss, pred, ref_pred, target, saved, element, grad_dtype=None)
     out = torch.empty_like(grad_rows, dtype=grad_dtype or grad_rows.dtype)
     block = _backward_block(n)
     grid = (triton.cdiv(n, block), two_b)
-    meta = dict(PER_PAIR=grad_loss.dim() == 1, ACC=acc_tl, BLOCK=block, num_warps=4, **_COMPILE)
+    meta = dict(PER_PAIR=grad_loss.dim() == 1, ACC=acc_tl, BLOCK=block, num_warps=4,
+                EMULATE_RTNE=INTERPRET and out.dtype == torch.bfloat16, **_COMPILE)
     with _on_device(grad_rows):
         if element:
             _scale_rows_kernel[grid](grad_loss, saved, out, two_b // 2, n, **meta)

@@ -96,7 +96,8 @@ def fused_loss(
     flags: int,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``scalars = [beta, k1, k2, eps(, eps_rel)]``; ``flags`` from :func:`pack_flags`; ``impl`` "triton" | "cpu"."""
+    """``scalars = [beta, k1, k2, eps(, eps_rel)]``; ``flags`` from :func:`pack_flags`;
+    ``impl`` "triton" | "cpu"."""
     return _run_forward(pred, ref_pred, target, sample_weight, scalars, flags, impl)
 
 
@@ -182,11 +183,16 @@ class FusedLossFunction(torch.autograd.Function):
         output = _run_forward(pred, ref_pred, target, sample_weight, scalars, flags, impl)
         _setup_context(ctx, (pred, ref_pred, target, sample_weight, scalars, flags, impl), output)
         ctx.mark_non_differentiable(output[1], output[2])
+        # The stats and saved outputs get no gradient: without this autograd would allocate zeros of
+        # their shape for the backward, a full [2B, N] tensor for element weighting's saved gradient.
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     @once_differentiable  # the fused backward is not itself differentiable: say so, don't return zeros
     def backward(ctx, grad_loss, grad_stats, grad_saved):
+        if grad_loss is None:  # not materialised: nothing flowed into the loss
+            return (None,) * 7
         pred, ref_pred, target, saved = _saved_for_backward(ctx)
         grad_pred = _impl(ctx.impl).backward(grad_loss.contiguous(), pred, ref_pred, target, saved,
                                              ctx.element, ctx.grad_dtype)

@@ -1,9 +1,9 @@
 """The PG-DPO loss in plain eager PyTorch: the test oracle and the ``"torch"`` backend.
 
 Formulas are those of ``SPEC.md`` section 1 and ``docs/margin.md`` (paper: "Beyond Reward Margin",
-arXiv 2511.19049, Eq. 7-9 and appendix A.5.4). Inputs are ``[2B, *S]`` with the chosen half first. Computation runs in
-float32, or float64 when an input is float64; gradients come from autograd, so this file is
-independent of the hand-derived backward of the fused kernels.
+arXiv 2511.19049, Eq. 7-9 and appendix A.5.4). Inputs are ``[2B, *S]`` with the chosen half first.
+Computation runs in float32, or float64 when an input is float64; gradients come from autograd, so
+this file is independent of the hand-derived backward of the fused kernels.
 """
 
 from __future__ import annotations
