@@ -8,14 +8,13 @@ of |m| (the other candidate), for both margin readings.
 Part 2, the cost on real signal: the distribution of |d_l| / MSE_ref,l during the toy's PG-DPO training,
 i.e. how often the guard eps_rel * MSE_ref,l would dominate the denominator.
 
-    python -m bench.guard.study [--out bench/guard/study.json]
+    python -m bench.guard.study [--out bench/results/guard-study.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 
@@ -80,7 +79,7 @@ def signal_study(steps: int, seed: int = 0) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.guard.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/guard/study.json")
+    ap.add_argument("--out", default="bench/results/guard-study.json")
     ap.add_argument("--steps", type=int, default=600, help="toy alignment steps for part 2 (default 600)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

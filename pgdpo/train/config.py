@@ -11,8 +11,8 @@ Schema (section -> keys; defaults in the dataclasses below)::
                   lora_targets
     data:         path, synthesize, synth_pairs, synth_difference, height, width, frames, text_len,
                   shuffle
-    method:       name, beta, k1, k2, eps, ipr_target, weighting, detach_weights, backend, schedule,
-                  flow_shift, flow_density, reference, ref_ema_every, ref_ema_rate,
+    method:       name, beta, k1, k2, eps, ipr_target, weighting, margin, eps_rel, detach_weights, backend,
+                  schedule, flow_shift, flow_density, reference, ref_ema_every, ref_ema_rate,
                   timestep_weighting, timestep_bins, timestep_momentum
     optim:        name, lr, betas, weight_decay, eps, grad_clip, scheduler, warmup_steps
     train:        max_steps, batch_size, micro_batch_size, log_every
@@ -104,6 +104,10 @@ class MethodConfig:
     eps: float = field(default=1e-6, metadata={"min": 0})
     ipr_target: str = field(default="anchor", metadata=_choice("anchor", "reward"))
     weighting: str = field(default="sample", metadata=_choice("sample", "element"))
+    #: normalised margin: signed (the paper's Eq. 7) | abs (the reward-margin sign); docs/margin.md
+    margin: str = field(default="signed", metadata=_choice("signed", "abs"))
+    #: relative guard of the margin's denominator, eps + eps_rel * MSE_ref (0 = the paper's); docs/margin.md
+    eps_rel: float = field(default=0.0, metadata={"min": 0})
     detach_weights: bool = True
     #: loss backend: auto (triton on CUDA, fused C++ on CPU), triton, cpu, torch
     backend: str = field(default="auto", metadata=_choice(*LOSS_BACKENDS))

@@ -268,8 +268,8 @@ class Trainer:
                               "the base weights; method.reference: lora uses the policy with its adapters "
                               "off instead (same reference, no copy)")
             loss = PGDPOLoss(method=meth.name, beta=meth.beta, k1=meth.k1, k2=meth.k2, eps=meth.eps,
-                             ipr_target=meth.ipr_target, weighting=meth.weighting,
-                             detach_weights=meth.detach_weights, backend=meth.backend)
+                             ipr_target=meth.ipr_target, weighting=meth.weighting, margin=meth.margin,
+                             eps_rel=meth.eps_rel, detach_weights=meth.detach_weights, backend=meth.backend)
             step = PreferenceStep(model, reference, meth.schedule, loss, sample_weight_fn=self.weighting,
                                   schedule_options=schedule_options, attention_backend=m.attention,
                                   checkpointing=checkpointing, autocast_dtype=autocast)
