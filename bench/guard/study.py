@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         for k, v in rows.items():
             print(f"  {k:24s} |gamma-1/2| median {v['gamma_dev_median']:.3g} max {v['gamma_dev_max']:.3g}")
     for s, v in res["signal"].items():
-        print(s, {k: (round(x, 4) if isinstance(x, float) else [round(y, 4) for y in x]) for k, x in v.items()})
+        print(s, {k: (round(x, 4) if isinstance(x, float) else [round(y, 4) for y in x])
+                  for k, x in v.items()})
     return 0
 
 
