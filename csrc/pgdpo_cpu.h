@@ -43,6 +43,8 @@ enum ElementSum : int {
 struct ElementParams {
   double beta, k1, k2, eps;
   bool ars, ipr, anchor, detach;
+  bool abs_margin;  // m = (d_l - d_w) / (|d_l| + e) instead of (d_w - d_l) / (d_l + e)
+  double eps_rel;   // e = eps + eps_rel * (r_l - t_l)^2
 };
 
 inline int64_t num_chunks(int64_t n) {
@@ -52,17 +54,21 @@ inline int64_t num_chunks(int64_t n) {
 // partials: [rows, num_chunks(n), kNumSampleSums] float64.
 void sample_partials(const at::Tensor& p, const at::Tensor& r, const at::Tensor& t, at::Tensor& partials);
 
+// Inputs p, r, t: [2B, n], each in its own dtype (float / BFloat16 / Half, any mix), or all double.
+
 // Element weighting, forward and (when `grad` is defined) the gradient in one pass.
 // partials: [B, num_chunks(n), kNumElementSums] float64. grad_coef[b] = dloss/dL_b / N (sample
-// weight and the 1/B of mean included). grad: [2B, n] in the inputs' dtype, or undefined.
+// weight and the 1/B of mean included). grad: [2B, n] in the accumulation dtype (float, or double
+// for double inputs: rounded to pred's dtype once, by scale_rows), or undefined.
 void element_forward(const at::Tensor& p, const at::Tensor& r, const at::Tensor& t, const ElementParams& prm,
                      const double* grad_coef, at::Tensor& partials, at::Tensor& grad);
 
-// grad[row] = coef_t[row] * (p - t) + coef_r[row] * (p - r); r is not read on rows where coef_r is 0.
+// grad[row] = coef_t[row] * (p - t) + coef_r[row] * (p - r) in p's dtype; r is not read on rows where
+// coef_r is 0.
 void sample_backward(const at::Tensor& p, const at::Tensor& r, const at::Tensor& t, const double* coef_t,
                      const double* coef_r, at::Tensor& grad);
 
-// out[row] = scale[row] * saved[row].
+// out[row] = scale[row] * saved[row]; saved float (or double), out in any supported dtype.
 void scale_rows(const at::Tensor& saved, const double* scale, at::Tensor& out);
 
 }  // namespace pgdpo_cpu

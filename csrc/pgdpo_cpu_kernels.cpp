@@ -31,25 +31,28 @@ template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // The unit of the inner loops: two vectors of the accumulation type, i.e. exactly one
-// Vectorized<BFloat16/Half>, so reduced-precision loads and stores convert whole registers.
-template <typename scalar_t>
+// Vectorized<BFloat16/Half>, so reduced-precision loads and stores convert whole registers. Loads
+// and stores are templated on the element type of each tensor: pred, ref_pred and target are each
+// read in their own dtype (no promotion copies), and the gradient is written in its own.
+template <typename acc_t_>
 struct Step {
-  using acc_t = acc_type_t<scalar_t>;
+  using acc_t = acc_t_;
   using V = Vectorized<acc_t>;
   static constexpr int64_t kW = V::size();
   static constexpr int64_t kSize = 2 * kW;
-  static constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
-  static_assert(kSame || Vectorized<scalar_t>::size() == kSize, "unexpected reduced-precision vector width");
   static_assert(kChunk % kSize == 0, "chunks must hold whole steps so that only a row's last step is partial");
 
   // Loads `count` <= kSize elements; missing ones read as zero.
-  static inline void load(const scalar_t* ptr, int64_t count, V& lo, V& hi) {
+  template <typename T>
+  static inline void load(const T* ptr, int64_t count, V& lo, V& hi) {
+    constexpr bool kSame = std::is_same_v<T, acc_t>;
+    static_assert(kSame || Vectorized<T>::size() == kSize, "unexpected reduced-precision vector width");
     if (count == kSize) {
       if constexpr (kSame) {
         lo = V::loadu(ptr);
         hi = V::loadu(ptr + kW);
       } else {
-        std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(ptr));
+        std::tie(lo, hi) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(ptr));
       }
       return;
     }
@@ -61,13 +64,15 @@ struct Step {
     hi = V::loadu(buf + kW);
   }
 
-  static inline void store(scalar_t* ptr, int64_t count, const V& lo, const V& hi) {
+  template <typename T>
+  static inline void store(T* ptr, int64_t count, const V& lo, const V& hi) {
+    constexpr bool kSame = std::is_same_v<T, acc_t>;
     if (count == kSize) {
       if constexpr (kSame) {
         lo.store(ptr);
         hi.store(ptr + kW);
       } else {
-        at::vec::convert_from_float<scalar_t>(lo, hi).store(ptr);
+        at::vec::convert_from_float<T>(lo, hi).store(ptr);
       }
       return;
     }
@@ -75,7 +80,7 @@ struct Step {
     lo.store(buf);
     hi.store(buf + kW);
     for (int64_t i = 0; i < count; ++i) {
-      ptr[i] = static_cast<scalar_t>(buf[i]);
+      ptr[i] = static_cast<T>(buf[i]);
     }
   }
 };
@@ -92,10 +97,9 @@ inline double lane_sum(const V& v) {
   return s;
 }
 
-template <typename scalar_t>
-void sample_partials_impl(const scalar_t* p, const scalar_t* r, const scalar_t* t, int64_t rows, int64_t n,
-                          double* out) {
-  using S = Step<scalar_t>;
+template <typename acc_t, typename P, typename R, typename T>
+void sample_partials_impl(const P* p, const R* r, const T* t, int64_t rows, int64_t n, double* out) {
+  using S = Step<acc_t>;
   using V = typename S::V;
   const int64_t nc = num_chunks(n);
   at::parallel_for(0, rows * nc, kStreamGrain, [&](int64_t begin, int64_t end) {
@@ -103,9 +107,9 @@ void sample_partials_impl(const scalar_t* p, const scalar_t* r, const scalar_t* 
       const int64_t row = task / nc;
       const int64_t lo = (task % nc) * kChunk;
       const int64_t hi = std::min(n, lo + kChunk);
-      const scalar_t* pr = p + row * n;
-      const scalar_t* rr = r + row * n;
-      const scalar_t* tr = t + row * n;
+      const P* pr = p + row * n;
+      const R* rr = r + row * n;
+      const T* tr = t + row * n;
       // Two accumulators per sum (one per half-step) keep the FMA chains independent.
       V sd0(0), sd1(0), spt0(0), spt1(0), srt0(0), srt1(0), spr0(0), spr1(0);
       for (int64_t j = lo; j < hi; j += S::kSize) {
@@ -148,16 +152,17 @@ inline V exp_neg_abs(const V& x) {
   }
 }
 
-template <typename scalar_t>
-void element_forward_impl(const scalar_t* p, const scalar_t* r, const scalar_t* t, int64_t pairs, int64_t n,
-                          const ElementParams& prm, const double* grad_coef, double* out, scalar_t* grad) {
-  using S = Step<scalar_t>;
+template <typename acc_t, typename P, typename R, typename T>
+void element_forward_impl(const P* p, const R* r, const T* t, int64_t pairs, int64_t n, const ElementParams& prm,
+                          const double* grad_coef, double* out, acc_t* grad) {
+  using S = Step<acc_t>;
   using V = typename S::V;
-  using acc_t = typename S::acc_t;
   const V zero(0), one(1);
   const V half_beta(static_cast<acc_t>(0.5 * prm.beta));
   const V k1(static_cast<acc_t>(prm.k1)), k2(static_cast<acc_t>(prm.k2)), eps(static_cast<acc_t>(prm.eps));
+  const V eps_rel(static_cast<acc_t>(prm.eps_rel));
   const bool ars = prm.ars, ipr = prm.ipr, anchor = prm.anchor, detach = prm.detach;
+  const bool abs_margin = prm.abs_margin, relative = prm.eps_rel != 0.0;
   // With k1 == k2 (the paper's default) gamma = sigmoid(-k m) = 1 - alpha: one exp and one division
   // per element fewer, and bitwise the same values as computing both.
   const bool shared_sigmoid = ars && ipr && prm.k1 == prm.k2;
@@ -195,8 +200,10 @@ void element_forward_impl(const scalar_t* p, const scalar_t* r, const scalar_t* 
         const V el = pl - tl, fl = rl - tl;
         const V dw = dpr * (ew + fw);
         const V dl = (pl - rl) * (el + fl);
-        const V inv = one / (dl + eps);
-        const V m = (dw - dl) * inv;
+        // Denominator guard e = eps + eps_rel (r_l - t_l)^2 (docs/margin.md); "abs": m = (dl - dw) / (|dl| + e).
+        const V e = relative ? at::vec::fmadd(eps_rel, fl * fl, eps) : eps;
+        const V inv = one / ((abs_margin ? dl.abs() : dl) + e);
+        const V m = abs_margin ? (dl - dw) * inv : (dw - dl) * inv;
         V alpha = one, one_m_alpha = zero, gamma = one, one_m_gamma = zero;
         if (shared_sigmoid) {
           sigmoid_pair(k1 * m, alpha, one_m_alpha);
@@ -243,8 +250,15 @@ void element_forward_impl(const scalar_t* p, const scalar_t* r, const scalar_t* 
           if (ipr) {
             gm = gm - (dpo - lipr) * k2 * gamma * one_m_gamma;
           }
-          g_dw = g_dw + gm * inv;
-          g_dl = g_dl - gm * (dw + eps) * inv * inv;
+          if (abs_margin) {
+            // dm/d(dw) = -1/den, dm/d(dl) = (1 - m sign(dl)) / den, sign(0) = 0 (d|x|/dx at 0 := 0).
+            const V sgn = V::blendv(zero, one, dl > zero) - V::blendv(zero, one, dl < zero);
+            g_dw = g_dw - gm * inv;
+            g_dl = g_dl + gm * (one - m * sgn) * inv;
+          } else {
+            g_dw = g_dw + gm * inv;
+            g_dl = g_dl - gm * (dw + e) * inv * inv;
+          }
         }
         gw = anchor ? coef2 * (g_dw * ew + one_m_gamma * dpr) : coef2 * (g_dw * ew);
         gl = coef2 * (g_dl * el);
@@ -275,12 +289,11 @@ void element_forward_impl(const scalar_t* p, const scalar_t* r, const scalar_t* 
   });
 }
 
-template <typename scalar_t>
-void sample_backward_impl(const scalar_t* p, const scalar_t* r, const scalar_t* t, int64_t rows, int64_t n,
-                          const double* coef_t, const double* coef_r, scalar_t* grad) {
-  using S = Step<scalar_t>;
+template <typename acc_t, typename P, typename R, typename T>
+void sample_backward_impl(const P* p, const R* r, const T* t, int64_t rows, int64_t n, const double* coef_t,
+                          const double* coef_r, P* grad) {
+  using S = Step<acc_t>;
   using V = typename S::V;
-  using acc_t = typename S::acc_t;
   const int64_t nc = num_chunks(n);
   at::parallel_for(0, rows * nc, kStreamGrain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -311,11 +324,10 @@ void sample_backward_impl(const scalar_t* p, const scalar_t* r, const scalar_t* 
   });
 }
 
-template <typename scalar_t>
-void scale_rows_impl(const scalar_t* saved, int64_t rows, int64_t n, const double* scale, scalar_t* out) {
-  using S = Step<scalar_t>;
+template <typename acc_t, typename G>
+void scale_rows_impl(const acc_t* saved, int64_t rows, int64_t n, const double* scale, G* out) {
+  using S = Step<acc_t>;
   using V = typename S::V;
-  using acc_t = typename S::acc_t;
   const int64_t nc = num_chunks(n);
   at::parallel_for(0, rows * nc, kStreamGrain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -336,38 +348,95 @@ void scale_rows_impl(const scalar_t* saved, int64_t rows, int64_t n, const doubl
 
 }  // namespace
 
+namespace {
+
+// Calls f(P{}, R{}, T{}) with the element types of p, r, t: any mix of float / BFloat16 / Half, or
+// all double (the op layer checks that float64 is all-or-nothing).
+template <typename F>
+void dispatch_low(at::ScalarType s, const char* what, F&& f) {
+  switch (s) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, "pgdpo_cpu: ", what, " has unsupported dtype ", s);
+  }
+}
+
+template <typename F>
+void dispatch3(const at::Tensor& p, const at::Tensor& r, const at::Tensor& t, F&& f) {
+  if (p.scalar_type() == at::kDouble) {
+    TORCH_CHECK(r.scalar_type() == at::kDouble && t.scalar_type() == at::kDouble,
+                "pgdpo_cpu: float64 inputs must all be float64");
+    f(double{}, double{}, double{});
+    return;
+  }
+  dispatch_low(p.scalar_type(), "pred", [&](auto pv) {
+    dispatch_low(r.scalar_type(), "ref_pred", [&](auto rv) {
+      dispatch_low(t.scalar_type(), "target", [&](auto tv) { f(pv, rv, tv); });
+    });
+  });
+}
+
+template <typename P>
+using acc_of = acc_type_t<P>;
+
+}  // namespace
+
 void sample_partials(const at::Tensor& p, const at::Tensor& r, const at::Tensor& t, at::Tensor& partials) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "pgdpo_cpu_sample_partials", [&] {
-    sample_partials_impl<scalar_t>(p.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
-                                   t.const_data_ptr<scalar_t>(), p.size(0), p.size(1),
-                                   partials.mutable_data_ptr<double>());
+  dispatch3(p, r, t, [&](auto pv, auto rv, auto tv) {
+    using P = decltype(pv);
+    using R = decltype(rv);
+    using T = decltype(tv);
+    sample_partials_impl<acc_of<P>>(p.const_data_ptr<P>(), r.const_data_ptr<R>(), t.const_data_ptr<T>(),
+                                    p.size(0), p.size(1), partials.mutable_data_ptr<double>());
   });
 }
 
 void element_forward(const at::Tensor& p, const at::Tensor& r, const at::Tensor& t, const ElementParams& prm,
                      const double* grad_coef, at::Tensor& partials, at::Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "pgdpo_cpu_element_forward", [&] {
-    element_forward_impl<scalar_t>(p.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
-                                   t.const_data_ptr<scalar_t>(), p.size(0) / 2, p.size(1), prm, grad_coef,
-                                   partials.mutable_data_ptr<double>(),
-                                   grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr);
+  dispatch3(p, r, t, [&](auto pv, auto rv, auto tv) {
+    using P = decltype(pv);
+    using R = decltype(rv);
+    using T = decltype(tv);
+    using A = acc_of<P>;
+    element_forward_impl<A>(p.const_data_ptr<P>(), r.const_data_ptr<R>(), t.const_data_ptr<T>(), p.size(0) / 2,
+                            p.size(1), prm, grad_coef, partials.mutable_data_ptr<double>(),
+                            grad.defined() ? grad.mutable_data_ptr<A>() : nullptr);
   });
 }
 
 void sample_backward(const at::Tensor& p, const at::Tensor& r, const at::Tensor& t, const double* coef_t,
                      const double* coef_r, at::Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "pgdpo_cpu_sample_backward", [&] {
-    sample_backward_impl<scalar_t>(p.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
-                                   t.const_data_ptr<scalar_t>(), p.size(0), p.size(1), coef_t, coef_r,
-                                   grad.mutable_data_ptr<scalar_t>());
+  dispatch3(p, r, t, [&](auto pv, auto rv, auto tv) {
+    using P = decltype(pv);
+    using R = decltype(rv);
+    using T = decltype(tv);
+    sample_backward_impl<acc_of<P>>(p.const_data_ptr<P>(), r.const_data_ptr<R>(), t.const_data_ptr<T>(),
+                                    p.size(0), p.size(1), coef_t, coef_r, grad.mutable_data_ptr<P>());
   });
 }
 
 void scale_rows(const at::Tensor& saved, const double* scale, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, saved.scalar_type(), "pgdpo_cpu_scale_rows", [&] {
-    scale_rows_impl<scalar_t>(saved.const_data_ptr<scalar_t>(), saved.size(0), saved.size(1), scale,
-                              out.mutable_data_ptr<scalar_t>());
-  });
+  auto run = [&](auto sv, auto gv) {
+    using A = decltype(sv);
+    using G = decltype(gv);
+    scale_rows_impl<A>(saved.const_data_ptr<A>(), saved.size(0), saved.size(1), scale, out.mutable_data_ptr<G>());
+  };
+  if (saved.scalar_type() == at::kDouble) {
+    TORCH_CHECK(out.scalar_type() == at::kDouble, "pgdpo_cpu: a float64 saved gradient gives a float64 gradient");
+    run(double{}, double{});
+    return;
+  }
+  TORCH_CHECK(saved.scalar_type() == at::kFloat, "pgdpo_cpu: the saved gradient must be float32 or float64, got ",
+              saved.scalar_type());
+  dispatch_low(out.scalar_type(), "grad", [&](auto gv) { run(float{}, gv); });
 }
 
 }  // namespace pgdpo_cpu

@@ -50,11 +50,13 @@ void check_inputs(const char* fn, const at::Tensor& p, const at::Tensor& r, cons
     TORCH_CHECK(x->device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got one on ", x->device());
     TORCH_CHECK(x->dim() == 2, fn, ": ", name, " must be 2-D [2B, N], got shape ", x->sizes());
   }
-  TORCH_CHECK(supported_dtype(p.scalar_type()), fn, ": pred must be float32, float64, bfloat16 or float16, got ",
-              p.scalar_type());
+  // Each input is read in its own dtype (fp32 / bf16 / fp16 in any mix); float64 is all-or-nothing.
   for (const auto& [name, x] : named) {
-    TORCH_CHECK(x->scalar_type() == p.scalar_type(), fn, ": ", name, " has dtype ", x->scalar_type(),
-                " but pred has ", p.scalar_type(), "; all three must match");
+    TORCH_CHECK(supported_dtype(x->scalar_type()), fn, ": ", name,
+                " must be float32, float64, bfloat16 or float16, got ", x->scalar_type());
+    TORCH_CHECK((x->scalar_type() == at::kDouble) == (p.scalar_type() == at::kDouble), fn, ": ", name,
+                " has dtype ", x->scalar_type(), " but pred has ", p.scalar_type(),
+                "; float64 inputs must all be float64");
     TORCH_CHECK(x->sizes() == p.sizes(), fn, ": ", name, " has shape ", x->sizes(), " but pred has ", p.sizes());
     TORCH_CHECK(x->is_contiguous(), fn, ": ", name, " must be contiguous");
   }
@@ -97,14 +99,18 @@ void sigmoid_pair(double x, double& pos, double& neg) {
 struct SampleParams {
   double beta, k1, k2, eps;
   bool ars, ipr, anchor, detach;
+  bool abs_margin;
+  double eps_rel;
 };
 
-// One pair of sample weighting (docs/loss.md). dw, dl, anchor: the per-pair means. Writes the
-// stats columns it owns and dL_b/d(dw), dL_b/d(dl), dL_b/d(anchor).
-void sample_pair(const SampleParams& s, double dw, double dl, double anchor_mean, double* stats, double& g_dw,
-                 double& g_dl, double& g_anchor) {
-  const double inv = 1.0 / (dl + s.eps);
-  const double m = (dw - dl) * inv;
+// One pair of sample weighting (docs/loss.md, docs/margin.md). dw, dl, anchor, ref_l: the per-pair
+// means (ref_l = MSE of the reference on the rejected half). Writes the stats columns it owns and
+// dL_b/d(dw), dL_b/d(dl), dL_b/d(anchor).
+void sample_pair(const SampleParams& s, double dw, double dl, double anchor_mean, double ref_l, double* stats,
+                 double& g_dw, double& g_dl, double& g_anchor) {
+  const double e = s.eps + s.eps_rel * ref_l;
+  const double inv = 1.0 / ((s.abs_margin ? std::fabs(dl) : dl) + e);
+  const double m = s.abs_margin ? (dl - dw) * inv : (dw - dl) * inv;
   double alpha = 1, one_m_alpha = 0, gamma = 1, one_m_gamma = 0;
   if (s.ars) {
     sigmoid_pair(s.k1 * m, alpha, one_m_alpha);
@@ -142,8 +148,15 @@ void sample_pair(const SampleParams& s, double dw, double dl, double anchor_mean
     if (s.ipr) {
       gm -= (dpo - lipr) * s.k2 * gamma * one_m_gamma;
     }
-    g_dw += gm * inv;
-    g_dl -= gm * (dw + s.eps) * inv * inv;
+    if (s.abs_margin) {
+      // dm/d(dw) = -1/den, dm/d(dl) = (1 - m sign(dl)) / den with sign(0) = 0 (d|x|/dx at 0 := 0).
+      const double sgn = dl > 0 ? 1.0 : (dl < 0 ? -1.0 : 0.0);
+      g_dw -= gm * inv;
+      g_dl += gm * (1.0 - m * sgn) * inv;
+    } else {
+      g_dw += gm * inv;
+      g_dl -= gm * (dw + e) * inv * inv;
+    }
   }
 }
 
@@ -152,13 +165,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& pred, c
                                                        const std::optional<at::Tensor>& sample_weight, double beta,
                                                        double k1, double k2, double eps, bool ars, bool ipr,
                                                        bool anchor, bool element, bool detach, int64_t reduction,
-                                                       bool need_grad) {
+                                                       bool need_grad, bool abs_margin, double eps_rel,
+                                                       bool need_stats) {
   constexpr const char* fn = "pgdpo_cpu::forward";
   check_inputs(fn, pred, ref_pred, target);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, fn, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
               reduction);
   const int64_t two_b = pred.size(0), pairs = two_b / 2, n = pred.size(1);
   const at::ScalarType acc = acc_dtype(pred.scalar_type());
+  (void)need_stats;  // the CPU kernels always accumulate the statistics (cheap next to the loads on CPU)
 
   std::vector<double> weight(pairs, 1.0);
   if (sample_weight.has_value() && sample_weight->defined()) {
@@ -195,14 +210,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& pred, c
         }
       }
     }
-    const SampleParams prm{beta, k1, k2, eps, ars, ipr, anchor, detach};
+    const SampleParams prm{beta, k1, k2, eps, ars, ipr, anchor, detach, abs_margin, eps_rel};
     std::vector<double> coef(two_b * 2, 0.0);
     for (int64_t b = 0; b < pairs; ++b) {
       const double* sw = &sums[b * kNumSampleSums];
       const double* sl = &sums[(b + pairs) * kNumSampleSums];
       double* st = &stats[b * kNumStats];
       double g_dw, g_dl, g_anchor;
-      sample_pair(prm, sw[kSumD] * inv_n, sl[kSumD] * inv_n, sw[kSumPR] * inv_n, st, g_dw, g_dl, g_anchor);
+      sample_pair(prm, sw[kSumD] * inv_n, sl[kSumD] * inv_n, sw[kSumPR] * inv_n, sl[kSumRT] * inv_n, st, g_dw,
+                  g_dl, g_anchor);
       per[b] = st[7];
       // d(mean_S f)/dp = f'/N, and d[(p-t)^2]/dp = 2(p-t), d[(p-r)^2]/dp = 2(p-r).
       const double scale = weight[b] * red_scale * 2.0 * inv_n;
@@ -221,11 +237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& pred, c
     for (int64_t b = 0; b < pairs; ++b) {
       grad_coef[b] = weight[b] * red_scale * inv_n;
     }
-    const ElementParams prm{beta, k1, k2, eps, ars, ipr, anchor, detach};
+    const ElementParams prm{beta, k1, k2, eps, ars, ipr, anchor, detach, abs_margin, eps_rel};
     at::Tensor partials = at::empty({pairs, nc, kNumElementSums}, f64_opts);
-    at::Tensor grad = need_grad ? at::empty({two_b, n}, pred.options()) : at::Tensor();
+    // Saved in the accumulation dtype: a bf16 / fp16 gradient is rounded once, after the upstream scale.
+    at::Tensor grad = need_grad ? at::empty({two_b, n}, acc_opts) : at::Tensor();
     element_forward(pred, ref_pred, target, prm, grad_coef.data(), partials, grad);
-    saved = need_grad ? grad : at::empty({0}, pred.options());
+    saved = need_grad ? grad : at::empty({0}, acc_opts);
     const double* part = partials.const_data_ptr<double>();
     for (int64_t b = 0; b < pairs; ++b) {
       double sums[kNumElementSums] = {};
@@ -264,7 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& pred, c
 }
 
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& pred, const at::Tensor& ref_pred,
-                    const at::Tensor& target, const at::Tensor& saved, bool element) {
+                    const at::Tensor& target, const at::Tensor& saved, bool element,
+                    std::optional<at::ScalarType> grad_dtype) {
   constexpr const char* fn = "pgdpo_cpu::backward";
   if (element) {
     // `saved` is dloss/dpred itself (forward and backward fused); pred, ref_pred, target unused.
@@ -273,10 +291,14 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& pred, const a
                 ": saved is empty: the forward ran with need_grad=False, so there is no gradient to scale");
     TORCH_CHECK(saved.dim() == 2 && saved.size(0) % 2 == 0 && saved.size(1) > 0, fn,
                 ": saved must be the [2B, N] gradient of element weighting, got shape ", saved.sizes());
-    TORCH_CHECK(supported_dtype(saved.scalar_type()), fn, ": saved has unsupported dtype ", saved.scalar_type());
+    TORCH_CHECK(saved.scalar_type() == at::kFloat || saved.scalar_type() == at::kDouble, fn,
+                ": saved must be the float32 (float64) gradient of element weighting, got ", saved.scalar_type());
     TORCH_CHECK(saved.is_contiguous(), fn, ": saved must be contiguous");
+    const at::ScalarType out_dtype = grad_dtype.value_or(saved.scalar_type());
+    TORCH_CHECK(supported_dtype(out_dtype) && (out_dtype == at::kDouble) == (saved.scalar_type() == at::kDouble),
+                fn, ": grad_dtype ", out_dtype, " does not suit a ", saved.scalar_type(), " saved gradient");
     const std::vector<double> g = row_grads(fn, grad_loss, saved.size(0) / 2);
-    at::Tensor out = at::empty_like(saved);
+    at::Tensor out = at::empty(saved.sizes(), saved.options().dtype(out_dtype));
     scale_rows(saved, g.data(), out);
     return out;
   }
@@ -296,6 +318,9 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& pred, const a
     coef_t[row] = g[row] * ct;
     coef_r[row] = g[row] * cr;
   }
+  TORCH_CHECK(!grad_dtype.has_value() || *grad_dtype == pred.scalar_type(), fn,
+              ": sample weighting writes the gradient in pred's dtype ", pred.scalar_type(), ", got grad_dtype ",
+              *grad_dtype);
   at::Tensor out = at::empty_like(pred);
   sample_backward(pred, ref_pred, target, coef_t.data(), coef_r.data(), out);
   return out;
@@ -312,10 +337,10 @@ TORCH_LIBRARY(pgdpo_cpu, m) {
   m.def(
       "forward(Tensor pred, Tensor ref_pred, Tensor target, Tensor? sample_weight, float beta, float k1, "
       "float k2, float eps, bool ars, bool ipr, bool anchor, bool element, bool detach, int reduction, "
-      "bool need_grad) -> (Tensor, Tensor, Tensor)");
+      "bool need_grad, bool abs_margin=False, float eps_rel=0.0, bool need_stats=True) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "backward(Tensor grad_loss, Tensor pred, Tensor ref_pred, Tensor target, Tensor saved, bool element) "
-      "-> Tensor");
+      "backward(Tensor grad_loss, Tensor pred, Tensor ref_pred, Tensor target, Tensor saved, bool element, "
+      "ScalarType? grad_dtype=None) -> Tensor");
   m.def("build_info() -> str", &pgdpo_cpu::build_info);
 }
 

@@ -59,6 +59,7 @@ from pgdpo.options import NUM_STATS
 #: Triton's interpreter on CPU tensors (slow; for tests), otherwise they need CUDA tensors.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 
+_LOW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NUM_SAMPLE_PARTIALS = 4
 _NUM_ELEMENT_PARTIALS = 12
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, which carries the rows (2B) or pairs
@@ -100,6 +101,20 @@ def _softplus_sigmoid(x):
 
 
 @triton.jit
+def _cast_out(x, out_ptr, EMULATE_RTNE: tl.constexpr):
+    """``x`` (fp32 or fp64) in the element type of ``out_ptr``, rounded to nearest even.
+
+    Triton's interpreter converts fp32 to bf16 by truncation (GPUs round to nearest even); with
+    EMULATE_RTNE (set only under the interpreter for a bf16 output) the rounding is done on the bits
+    so that interpreter runs see the GPU's numerics."""
+    if EMULATE_RTNE:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
+    return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _scalar_from_split(hi, lo, ACC: tl.constexpr):
     # Triton passes Python floats as fp32; the host splits each float64 constant into two fp32 parts
     # so that fp64 runs see ~48 bits of it (eps = 1e-6, 1/N, 1/B are not fp32-representable).
@@ -108,13 +123,23 @@ def _scalar_from_split(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
-def _pair_weights(d_w, d_l, anchor_term, beta, k1, k2, eps,
+def _pair_weights(d_w, d_l, anchor_term, ref_l, beta, k1, k2, eps, eps_rel,
                   ARS: tl.constexpr, IPR: tl.constexpr, SAME_K: tl.constexpr, ANCHOR: tl.constexpr,
-                  DETACH: tl.constexpr, NEED_GRAD: tl.constexpr):
+                  DETACH: tl.constexpr, NEED_GRAD: tl.constexpr, ABS: tl.constexpr, REL: tl.constexpr):
     """Per pair (sample mode) or per element (element mode): m, alpha, gamma, L_dpo, L_ipr, L and the
-    derivatives of L w.r.t. d_w, d_l and the anchor term."""
-    den = d_l + eps
-    m = (d_w - d_l) / den
+    derivatives of L w.r.t. d_w, d_l and the anchor term. ``ref_l``: the reference's squared error on
+    the rejected half, used by the relative guard ``e = eps + eps_rel * ref_l`` (REL) only."""
+    if REL:
+        e = eps + eps_rel * ref_l
+    else:
+        e = eps + tl.zeros(d_l.shape, d_l.dtype)
+    if ABS:
+        # m = (d_l - d_w) / (|d_l| + e): the sign of the reward margin (docs/margin.md).
+        den = tl.abs(d_l) + e
+        m = (d_l - d_w) / den
+    else:
+        den = d_l + e
+        m = (d_w - d_l) / den
     if ARS and IPR and SAME_K:
         # k1 == k2 (the paper's default 10/10): gamma = sigmoid(-k m) shares alpha's exp.
         alpha, gamma = _sigmoid_pair(k1 * m)
@@ -152,8 +177,14 @@ def _pair_weights(d_w, d_l, anchor_term, beta, k1, k2, eps,
                 g_m = g_m - (loss_dpo - loss_ipr) * k2 * gamma * (1.0 - gamma)
             if ARS:
                 g_m = g_m - gamma * sig_nz * half_beta * d_l * k1 * alpha * (1.0 - alpha)
-            g_dw = g_dw + g_m / den
-            g_dl = g_dl - g_m * (d_w + eps) / (den * den)
+            if ABS:
+                # dm/dd_w = -1/den, dm/dd_l = 1/den - m sign(d_l)/den with sign(0) = 0 (d|x|/dx at 0 := 0).
+                sgn = tl.where(d_l > 0, 1.0, tl.where(d_l < 0, -1.0, 0.0))
+                g_dw = g_dw - g_m / den
+                g_dl = g_dl + g_m * (1.0 - m * sgn) / den
+            else:
+                g_dw = g_dw + g_m / den
+                g_dl = g_dl - g_m * (d_w + e) / (den * den)
     return m, alpha, gamma, loss_dpo, loss_ipr, loss, g_dw, g_dl, g_a
 
 
@@ -218,10 +249,11 @@ def _sample_partial_kernel(p_ptr, r_ptr, t_ptr, part_ptr, N, CHUNK, ROWS, P,
 @triton.jit
 def _sample_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, saved_ptr, B, P,
                             beta_hi, beta_lo, k1_hi, k1_lo, k2_hi, k2_lo, eps_hi, eps_lo,
-                            inv_n_hi, inv_n_lo, scale_hi, scale_lo,
+                            eps_rel_hi, eps_rel_lo, inv_n_hi, inv_n_lo, scale_hi, scale_lo,
                             HAS_WEIGHT: tl.constexpr, ARS: tl.constexpr, IPR: tl.constexpr,
                             SAME_K: tl.constexpr, ANCHOR: tl.constexpr, DETACH: tl.constexpr,
-                            REDUCTION: tl.constexpr, ACC: tl.constexpr, NSTATS: tl.constexpr,
+                            ABS: tl.constexpr, REL: tl.constexpr, REDUCTION: tl.constexpr,
+                            ACC: tl.constexpr, NSTATS: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program: per pair, reduce ``part[4, 2B, P]``, evaluate Eq. 7-9, write ``stats[B, NSTATS]``,
     ``saved[2B, 2] = (c_t, c_r)`` and ``loss`` (``[B]`` for none, else the fixed-order sum over B)."""
@@ -229,6 +261,7 @@ def _sample_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, saved_ptr
     k1 = _scalar_from_split(k1_hi, k1_lo, ACC)
     k2 = _scalar_from_split(k2_hi, k2_lo, ACC)
     eps = _scalar_from_split(eps_hi, eps_lo, ACC)
+    eps_rel = _scalar_from_split(eps_rel_hi, eps_rel_lo, ACC)
     inv_n = _scalar_from_split(inv_n_hi, inv_n_lo, ACC)
     scale = _scalar_from_split(scale_hi, scale_lo, ACC)  # 1/B for mean, else 1
     slab = 2 * B * P
@@ -246,7 +279,8 @@ def _sample_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, saved_ptr
         anchor = _reduce_partials(part_ptr + 3 * slab, pairs, mask, P, ACC, BLOCK_B, BLOCK_P) * inv_n
 
         m, alpha, gamma, loss_dpo, loss_ipr, loss, g_dw, g_dl, g_a = _pair_weights(
-            d_w, d_l, anchor, beta, k1, k2, eps, ARS, IPR, SAME_K, ANCHOR, DETACH, True)
+            d_w, d_l, anchor, mse_rl, beta, k1, k2, eps, eps_rel, ARS, IPR, SAME_K, ANCHOR, DETACH, True,
+            ABS, REL)
 
         if HAS_WEIGHT:
             weight = tl.load(weight_ptr + pairs, mask=mask, other=0.0).to(ACC)
@@ -284,7 +318,8 @@ def _sample_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, saved_ptr
 
 @triton.jit
 def _sample_backward_kernel(grad_loss_ptr, p_ptr, r_ptr, t_ptr, saved_ptr, out_ptr, B, N,
-                            PER_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                            PER_PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                            EMULATE_RTNE: tl.constexpr):
     """Grid ``(cdiv(N, BLOCK), 2B)``: ``grad[row] = g_row (c_t (p-t) + c_r (p-r))``."""
     block = tl.program_id(0)
     row = tl.program_id(1)
@@ -305,7 +340,7 @@ def _sample_backward_kernel(grad_loss_ptr, p_ptr, r_ptr, t_ptr, saved_ptr, out_p
     r_limit = tl.where(c_r != 0.0, N, 0)
     r = tl.load(r_ptr + ptr_off, mask=offs < r_limit, other=0.0).to(ACC)
     grad = c_t * (p - t) + c_r * (p - r)
-    tl.store(out_ptr + ptr_off, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + ptr_off, _cast_out(grad, out_ptr, EMULATE_RTNE), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,19 +351,23 @@ def _sample_backward_kernel(grad_loss_ptr, p_ptr, r_ptr, t_ptr, saved_ptr, out_p
 @triton.jit
 def _element_fused_kernel(p_ptr, r_ptr, t_ptr, weight_ptr, grad_ptr, part_ptr, B, N, CHUNK, P,
                           beta_hi, beta_lo, k1_hi, k1_lo, k2_hi, k2_lo, eps_hi, eps_lo,
-                          inv_n_hi, inv_n_lo, scale_hi, scale_lo,
+                          eps_rel_hi, eps_rel_lo, inv_n_hi, inv_n_lo, scale_hi, scale_lo,
                           HAS_WEIGHT: tl.constexpr, ARS: tl.constexpr, IPR: tl.constexpr,
                           SAME_K: tl.constexpr, ANCHOR: tl.constexpr, DETACH: tl.constexpr,
-                          NEED_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                          ABS: tl.constexpr, REL: tl.constexpr, NEED_GRAD: tl.constexpr,
+                          STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Grid ``(P, B)``: Eq. 7-9 per element of pair ``b`` over ``[s*CHUNK, (s+1)*CHUNK)``; writes
     ``dloss/dpred`` for both rows into ``grad[2B, N]`` (when NEED_GRAD) and 12 partial sums
-    (d_w, d_l, m, alpha, gamma, L_dpo, L_ipr, L, 4 MSEs) into ``part[12, B, P]``."""
+    (d_w, d_l, m, alpha, gamma, L_dpo, L_ipr, L, 4 MSEs) into ``part[12, B, P]``. Without STATS only
+    the loss sum (slot 7) is accumulated and written: one fp32 accumulator per lane instead of twelve,
+    which matters for register pressure on a GPU. Each input is loaded in its own dtype."""
     split = tl.program_id(0)
     pair = tl.program_id(1)
     beta = _scalar_from_split(beta_hi, beta_lo, ACC)
     k1 = _scalar_from_split(k1_hi, k1_lo, ACC)
     k2 = _scalar_from_split(k2_hi, k2_lo, ACC)
     eps = _scalar_from_split(eps_hi, eps_lo, ACC)
+    eps_rel = _scalar_from_split(eps_rel_hi, eps_rel_lo, ACC)
     inv_n = _scalar_from_split(inv_n_hi, inv_n_lo, ACC)
     scale = _scalar_from_split(scale_hi, scale_lo, ACC)
     if HAS_WEIGHT:
@@ -339,18 +378,19 @@ def _element_fused_kernel(p_ptr, r_ptr, t_ptr, weight_ptr, grad_ptr, part_ptr, B
     w_start = pair.to(tl.int64) * N
     l_start = (pair + B).to(tl.int64) * N
     chunk_start = split.to(tl.int64) * CHUNK
-    s_dw = tl.zeros([BLOCK], ACC)
-    s_dl = tl.zeros([BLOCK], ACC)
-    s_m = tl.zeros([BLOCK], ACC)
-    s_alpha = tl.zeros([BLOCK], ACC)
-    s_gamma = tl.zeros([BLOCK], ACC)
-    s_dpo = tl.zeros([BLOCK], ACC)
-    s_ipr = tl.zeros([BLOCK], ACC)
     s_loss = tl.zeros([BLOCK], ACC)
-    s_pw = tl.zeros([BLOCK], ACC)
-    s_pl = tl.zeros([BLOCK], ACC)
-    s_rw = tl.zeros([BLOCK], ACC)
-    s_rl = tl.zeros([BLOCK], ACC)
+    if STATS:
+        s_dw = tl.zeros([BLOCK], ACC)
+        s_dl = tl.zeros([BLOCK], ACC)
+        s_m = tl.zeros([BLOCK], ACC)
+        s_alpha = tl.zeros([BLOCK], ACC)
+        s_gamma = tl.zeros([BLOCK], ACC)
+        s_dpo = tl.zeros([BLOCK], ACC)
+        s_ipr = tl.zeros([BLOCK], ACC)
+        s_pw = tl.zeros([BLOCK], ACC)
+        s_pl = tl.zeros([BLOCK], ACC)
+        s_rw = tl.zeros([BLOCK], ACC)
+        s_rl = tl.zeros([BLOCK], ACC)
     for start in range(0, CHUNK, BLOCK):
         offs = chunk_start + start + tl.arange(0, BLOCK)
         mask = offs < N
@@ -368,48 +408,53 @@ def _element_fused_kernel(p_ptr, r_ptr, t_ptr, weight_ptr, grad_ptr, part_ptr, B
         d_w = pr_w * (p_w + r_w - 2.0 * t_w)
         d_l = (p_l - r_l) * (p_l + r_l - 2.0 * t_l)
         m, alpha, gamma, loss_dpo, loss_ipr, loss, g_dw, g_dl, g_a = _pair_weights(
-            d_w, d_l, pr_w * pr_w, beta, k1, k2, eps, ARS, IPR, SAME_K, ANCHOR, DETACH, NEED_GRAD)
+            d_w, d_l, pr_w * pr_w, rt_l * rt_l, beta, k1, k2, eps, eps_rel, ARS, IPR, SAME_K, ANCHOR, DETACH,
+            NEED_GRAD, ABS, REL)
         if NEED_GRAD:
             grad_w = coef * (g_dw * pt_w + g_a * pr_w)
             grad_l = coef * (g_dl * pt_l)
             tl.store(grad_ptr + w_start + offs, grad_w.to(grad_ptr.dtype.element_ty), mask=mask)
             tl.store(grad_ptr + l_start + offs, grad_l.to(grad_ptr.dtype.element_ty), mask=mask)
         # Padding lanes evaluate the formulas on zeros (L_dpo = log 2 there): keep them out of the sums.
-        s_dw += tl.where(mask, d_w, 0.0)
-        s_dl += tl.where(mask, d_l, 0.0)
-        s_m += tl.where(mask, m, 0.0)
-        s_alpha += tl.where(mask, alpha, 0.0)
-        s_gamma += tl.where(mask, gamma, 0.0)
-        s_dpo += tl.where(mask, loss_dpo, 0.0)
-        s_ipr += tl.where(mask, loss_ipr, 0.0)
         s_loss += tl.where(mask, loss, 0.0)
-        s_pw += pt_w * pt_w
-        s_pl += pt_l * pt_l
-        s_rw += rt_w * rt_w
-        s_rl += rt_l * rt_l
+        if STATS:
+            s_dw += tl.where(mask, d_w, 0.0)
+            s_dl += tl.where(mask, d_l, 0.0)
+            s_m += tl.where(mask, m, 0.0)
+            s_alpha += tl.where(mask, alpha, 0.0)
+            s_gamma += tl.where(mask, gamma, 0.0)
+            s_dpo += tl.where(mask, loss_dpo, 0.0)
+            s_ipr += tl.where(mask, loss_ipr, 0.0)
+            s_pw += pt_w * pt_w
+            s_pl += pt_l * pt_l
+            s_rw += rt_w * rt_w
+            s_rl += rt_l * rt_l
     out = part_ptr + pair * P + split
     slab = B * P
-    tl.store(out, tl.sum(s_dw, axis=0))
-    tl.store(out + slab, tl.sum(s_dl, axis=0))
-    tl.store(out + 2 * slab, tl.sum(s_m, axis=0))
-    tl.store(out + 3 * slab, tl.sum(s_alpha, axis=0))
-    tl.store(out + 4 * slab, tl.sum(s_gamma, axis=0))
-    tl.store(out + 5 * slab, tl.sum(s_dpo, axis=0))
-    tl.store(out + 6 * slab, tl.sum(s_ipr, axis=0))
     tl.store(out + 7 * slab, tl.sum(s_loss, axis=0))
-    tl.store(out + 8 * slab, tl.sum(s_pw, axis=0))
-    tl.store(out + 9 * slab, tl.sum(s_pl, axis=0))
-    tl.store(out + 10 * slab, tl.sum(s_rw, axis=0))
-    tl.store(out + 11 * slab, tl.sum(s_rl, axis=0))
+    if STATS:
+        tl.store(out, tl.sum(s_dw, axis=0))
+        tl.store(out + slab, tl.sum(s_dl, axis=0))
+        tl.store(out + 2 * slab, tl.sum(s_m, axis=0))
+        tl.store(out + 3 * slab, tl.sum(s_alpha, axis=0))
+        tl.store(out + 4 * slab, tl.sum(s_gamma, axis=0))
+        tl.store(out + 5 * slab, tl.sum(s_dpo, axis=0))
+        tl.store(out + 6 * slab, tl.sum(s_ipr, axis=0))
+        tl.store(out + 8 * slab, tl.sum(s_pw, axis=0))
+        tl.store(out + 9 * slab, tl.sum(s_pl, axis=0))
+        tl.store(out + 10 * slab, tl.sum(s_rw, axis=0))
+        tl.store(out + 11 * slab, tl.sum(s_rl, axis=0))
 
 
 @triton.jit
 def _element_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, B, P,
                              beta_hi, beta_lo, inv_n_hi, inv_n_lo, scale_hi, scale_lo,
-                             HAS_WEIGHT: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr,
-                             NSTATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+                             HAS_WEIGHT: tl.constexpr, REDUCTION: tl.constexpr, STATS: tl.constexpr,
+                             ACC: tl.constexpr, NSTATS: tl.constexpr, BLOCK_B: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
     """One program: per pair, reduce ``part[12, B, P]`` in a fixed order into means over the N
-    elements (stats columns 0-11), reward margin and accuracy from the mean d_w / d_l, and the loss."""
+    elements (stats columns 0-11), reward margin and accuracy from the mean d_w / d_l, and the loss.
+    Without STATS only the loss (column 7) is computed and the other columns are NaN."""
     beta = _scalar_from_split(beta_hi, beta_lo, ACC)
     inv_n = _scalar_from_split(inv_n_hi, inv_n_lo, ACC)
     scale = _scalar_from_split(scale_hi, scale_lo, ACC)
@@ -418,19 +463,26 @@ def _element_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, B, P,
     for b0 in range(0, B, BLOCK_B):
         pairs = b0 + tl.arange(0, BLOCK_B)
         mask = pairs < B
-        # Partial columns 0..11 are exactly stats columns 0..11 (d_w .. mse_ref_rejected).
-        d_w = _reduce_partials(part_ptr, pairs, mask, P, ACC, BLOCK_B, BLOCK_P) * inv_n
-        d_l = _reduce_partials(part_ptr + slab, pairs, mask, P, ACC, BLOCK_B, BLOCK_P) * inv_n
-        _store_stat(stats_ptr, pairs, mask, 0, d_w, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 1, d_l, NSTATS)
-        for k in tl.static_range(2, 12):
-            if k != 7:
-                mean = _reduce_partials(part_ptr + k * slab, pairs, mask, P, ACC, BLOCK_B, BLOCK_P) * inv_n
-                _store_stat(stats_ptr, pairs, mask, k, mean, NSTATS)
+        if STATS:
+            # Partial columns 0..11 are exactly stats columns 0..11 (d_w .. mse_ref_rejected).
+            d_w = _reduce_partials(part_ptr, pairs, mask, P, ACC, BLOCK_B, BLOCK_P) * inv_n
+            d_l = _reduce_partials(part_ptr + slab, pairs, mask, P, ACC, BLOCK_B, BLOCK_P) * inv_n
+            _store_stat(stats_ptr, pairs, mask, 0, d_w, NSTATS)
+            _store_stat(stats_ptr, pairs, mask, 1, d_l, NSTATS)
+            for k in tl.static_range(2, 12):
+                if k != 7:
+                    mean = _reduce_partials(part_ptr + k * slab, pairs, mask, P, ACC, BLOCK_B,
+                                            BLOCK_P) * inv_n
+                    _store_stat(stats_ptr, pairs, mask, k, mean, NSTATS)
+            _store_stat(stats_ptr, pairs, mask, 12, -0.5 * beta * (d_w - d_l), NSTATS)
+            _store_stat(stats_ptr, pairs, mask, 13, tl.where(d_w < d_l, 1.0, 0.0).to(ACC), NSTATS)
+        else:
+            nan = tl.full([BLOCK_B], float("nan"), ACC)
+            for k in tl.static_range(0, NSTATS):
+                if k != 7:
+                    _store_stat(stats_ptr, pairs, mask, k, nan, NSTATS)
         loss = _reduce_partials(part_ptr + 7 * slab, pairs, mask, P, ACC, BLOCK_B, BLOCK_P) * inv_n
         _store_stat(stats_ptr, pairs, mask, 7, loss, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 12, -0.5 * beta * (d_w - d_l), NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 13, tl.where(d_w < d_l, 1.0, 0.0).to(ACC), NSTATS)
         if HAS_WEIGHT:
             weighted = tl.load(weight_ptr + pairs, mask=mask, other=0.0).to(ACC) * loss
         else:
@@ -445,7 +497,7 @@ def _element_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, B, P,
 
 @triton.jit
 def _scale_rows_kernel(grad_loss_ptr, saved_ptr, out_ptr, B, N, PER_PAIR: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK: tl.constexpr):
+                       ACC: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """Grid ``(cdiv(N, BLOCK), 2B)``: ``out[row] = g_row * saved[row]`` (element-mode backward)."""
     block = tl.program_id(0)
     row = tl.program_id(1)
@@ -457,7 +509,7 @@ def _scale_rows_kernel(grad_loss_ptr, saved_ptr, out_ptr, B, N, PER_PAIR: tl.con
     mask = offs < N
     ptr_off = row.to(tl.int64) * N + offs
     x = tl.load(saved_ptr + ptr_off, mask=mask, other=0.0).to(ACC)
-    tl.store(out_ptr + ptr_off, (g * x).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + ptr_off, _cast_out(g * x, out_ptr, EMULATE_RTNE), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,13 +617,16 @@ def _check_device(t: torch.Tensor) -> None:
 def _check_inputs(pred, ref_pred, target, sample_weight, acc):
     if pred.dim() != 2 or pred.shape[0] % 2 or pred.shape[0] == 0 or pred.shape[1] == 0:
         raise ValueError(f"pgdpo triton backend: pred must be [2B, N] with B, N > 0, got {tuple(pred.shape)}")
-    if pred.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"pgdpo triton backend: unsupported dtype {pred.dtype}")
     _check_device(pred)
-    for name, t in (("ref_pred", ref_pred), ("target", target)):
-        if t.shape != pred.shape or t.dtype != pred.dtype or t.device != pred.device:
-            raise ValueError(f"pgdpo triton backend: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; "
-                             f"it must match pred ({tuple(pred.shape)} {pred.dtype} on {pred.device})")
+    for name, t in (("pred", pred), ("ref_pred", ref_pred), ("target", target)):
+        if t.dtype not in _LOW_DTYPES + (torch.float64,):
+            raise TypeError(f"pgdpo triton backend: {name} has unsupported dtype {t.dtype}")
+        if (t.dtype == torch.float64) != (pred.dtype == torch.float64):
+            raise ValueError(f"pgdpo triton backend: {name} is {t.dtype} and pred is {pred.dtype}: float64 "
+                             f"inputs must all be float64 (fp32 / bf16 / fp16 mix freely)")
+        if t.shape != pred.shape or t.device != pred.device:
+            raise ValueError(f"pgdpo triton backend: {name} is {tuple(t.shape)} on {t.device}; "
+                             f"it must match pred ({tuple(pred.shape)} on {pred.device})")
     for name, t in (("pred", pred), ("ref_pred", ref_pred), ("target", target)):
         if not t.is_contiguous():
             raise ValueError(f"pgdpo triton backend: {name} must be contiguous")
@@ -593,12 +648,13 @@ def _check_inputs(pred, ref_pred, target, sample_weight, acc):
 
 
 def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, anchor, element, detach,
-            reduction, need_grad):
+            reduction, need_grad, abs_margin=False, eps_rel=0.0, need_stats=True):
     """PG-DPO loss forward (contract: ``pgdpo.ops`` docstring). Returns ``(loss, stats, saved)``.
 
-    ``loss``: ``[B]`` (reduction 0 = none) or ``[]`` (1 = mean, 2 = sum); ``stats``: ``[B, NUM_STATS]``;
+    ``loss``: ``[B]`` (reduction 0 = none) or ``[]`` (1 = mean, 2 = sum); ``stats``: ``[B, NUM_STATS]``
+    (element weighting without ``need_stats``: only the ``loss`` column, the others NaN);
     ``saved``: ``[2B, 2]`` per-row ``(c_t, c_r)`` (sample) or ``[2B, N]`` ``dloss/dpred`` (element,
-    empty when not ``need_grad``). Two launches.
+    fp32 for bf16 / fp16 ``pred``, empty when not ``need_grad``). Two launches.
     """
     acc, acc_tl = _acc_types(pred.dtype)
     _check_inputs(pred, ref_pred, target, sample_weight, acc)
@@ -609,6 +665,7 @@ def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, 
     b = two_b // 2
     scalars = dict(beta=_f32_split("beta", float(beta)), k1=_f32_split("k1", float(k1)),
                    k2=_f32_split("k2", float(k2)), eps=_f32_split("eps", float(eps)),
+                   eps_rel=_f32_split("eps_rel", float(eps_rel)),
                    inv_n=_f32_split("1/N", 1.0 / n),
                    scale=_f32_split("scale", 1.0 / b if reduction == 1 else 1.0))  # the 1/B of mean
     flat = [v for pair in scalars.values() for v in pair]
@@ -616,7 +673,7 @@ def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, 
     stats = torch.empty((b, NUM_STATS), dtype=acc, device=pred.device)
     has_weight = sample_weight is not None
     flags = dict(HAS_WEIGHT=has_weight, ARS=bool(ars), IPR=bool(ipr), SAME_K=float(k1) == float(k2),
-                 ANCHOR=bool(anchor), DETACH=bool(detach))
+                 ANCHOR=bool(anchor), DETACH=bool(detach), ABS=bool(abs_margin), REL=float(eps_rel) != 0.0)
 
     if not element:
         block, split, chunk = _forward_config(n, two_b, pred.device, default_block=2048)
@@ -635,23 +692,30 @@ def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, 
 
     block, split, chunk = _forward_config(n, b, pred.device, default_block=1024)
     partials = torch.empty((_NUM_ELEMENT_PARTIALS, b, split), dtype=acc, device=pred.device)
-    saved = torch.empty((two_b, n) if need_grad else (0,), dtype=pred.dtype, device=pred.device)
+    saved = torch.empty((two_b, n) if need_grad else (0,), dtype=_saved_dtype(pred.dtype), device=pred.device)
     block_b, block_p = _epilogue_blocks(b, split)
     with _on_device(pred):
         _element_fused_kernel[(split, b)](
             pred, ref_pred, target, sample_weight if has_weight else partials, saved if need_grad else pred,
             partials, b, n, chunk, split, *flat,
-            **flags, NEED_GRAD=bool(need_grad), ACC=acc_tl, BLOCK=block, num_warps=8, **_COMPILE)
+            **flags, NEED_GRAD=bool(need_grad), STATS=bool(need_stats), ACC=acc_tl, BLOCK=block, num_warps=8,
+            **_COMPILE)
         _element_epilogue_kernel[(1,)](
             partials, sample_weight if has_weight else partials, loss, stats, b, split,
             *scalars["beta"], *scalars["inv_n"], *scalars["scale"],
-            HAS_WEIGHT=has_weight, REDUCTION=int(reduction), ACC=acc_tl, NSTATS=NUM_STATS,
-            BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4, **_COMPILE)
+            HAS_WEIGHT=has_weight, REDUCTION=int(reduction), STATS=bool(need_stats), ACC=acc_tl,
+            NSTATS=NUM_STATS, BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4, **_COMPILE)
     return loss, stats, saved
 
 
-def backward(grad_loss, pred, ref_pred, target, saved, element):
-    """``dloss/dpred`` scaled by ``grad_loss`` (``[]``, or ``[B]`` for reduction none). One launch.
+def _saved_dtype(pred_dtype: torch.dtype) -> torch.dtype:
+    # pgdpo.ops.saved_dtype (not imported: pgdpo.ops imports the backends lazily, and this stays a leaf).
+    return pred_dtype if pred_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def backward(grad_loss, pred, ref_pred, target, saved, element, grad_dtype=None):
+    """``dloss/dpred`` scaled by ``grad_loss`` (``[]``, or ``[B]`` for reduction none), in ``grad_dtype``
+    (default: pred's dtype; for element weighting, the saved gradient's). One launch.
 
     Sample mode reads ``pred``, ``target`` (and ``ref_pred`` on chosen rows with the anchor term) and
     ``saved[2B, 2]``; element mode reads only ``saved[2B, N]`` (``pred`` etc. are ignored)."""
@@ -666,10 +730,11 @@ def backward(grad_loss, pred, ref_pred, target, saved, element):
         raise ValueError(f"pgdpo triton backend: grad_loss must be [] or [{two_b // 2}], "
                          f"got {tuple(grad_loss.shape)}")
     grad_loss = grad_loss.contiguous()
-    out = torch.empty_like(grad_rows)
+    out = torch.empty_like(grad_rows, dtype=grad_dtype or grad_rows.dtype)
     block = _backward_block(n)
     grid = (triton.cdiv(n, block), two_b)
-    meta = dict(PER_PAIR=grad_loss.dim() == 1, ACC=acc_tl, BLOCK=block, num_warps=4, **_COMPILE)
+    meta = dict(PER_PAIR=grad_loss.dim() == 1, ACC=acc_tl, BLOCK=block, num_warps=4,
+                EMULATE_RTNE=INTERPRET and out.dtype == torch.bfloat16, **_COMPILE)
     with _on_device(grad_rows):
         if element:
             _scale_rows_kernel[grid](grad_loss, saved, out, two_b // 2, n, **meta)

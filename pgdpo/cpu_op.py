@@ -102,17 +102,19 @@ def build_info() -> str:
 
 
 def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, anchor, element, detach,
-            reduction, need_grad):
+            reduction, need_grad, abs_margin=False, eps_rel=0.0, need_stats=True):
     """Backend contract ``forward`` (see :mod:`pgdpo.ops`): ``(loss, stats, saved)``."""
     _require()
     return torch.ops.pgdpo_cpu.forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr,
-                                       anchor, element, detach, reduction, need_grad)
+                                       anchor, element, detach, reduction, need_grad, abs_margin, eps_rel,
+                                       need_stats)
 
 
-def backward(grad_loss, pred, ref_pred, target, saved, element):
-    """Backend contract ``backward`` (see :mod:`pgdpo.ops`): ``dloss/dpred``, ``[2B, N]`` in pred's dtype."""
+def backward(grad_loss, pred, ref_pred, target, saved, element, grad_dtype=None):
+    """Backend contract ``backward`` (see :mod:`pgdpo.ops`): ``dloss/dpred``, ``[2B, N]`` in ``grad_dtype``
+    (pred's dtype)."""
     _require()
-    return torch.ops.pgdpo_cpu.backward(grad_loss, pred, ref_pred, target, saved, element)
+    return torch.ops.pgdpo_cpu.backward(grad_loss, pred, ref_pred, target, saved, element, grad_dtype)
 
 
 def _require() -> None:

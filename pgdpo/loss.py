@@ -3,6 +3,7 @@
 PG-DPO (arXiv 2511.19049, Eq. 7-9): for pairs of chosen (w) and rejected (l) samples,
 
     d_w = mean_S[(p_w-t_w)^2] - mean_S[(r_w-t_w)^2],   d_l likewise,   m = (d_w-d_l)/(d_l+eps)
+    (``margin="abs"``: m = (d_l-d_w)/(|d_l|+eps); docs/margin.md)
     alpha = sigmoid(K1 m) (ARS),   gamma = sigmoid(-K2 m) (IPR),   z = -beta/2 (d_w - alpha d_l)
     L_b = gamma softplus(-z) + (1-gamma) L_ipr,   loss = reduce(sample_weight * L_b)
 
@@ -153,6 +154,8 @@ def pgdpo_loss(
     eps: float = 1e-6,
     ipr_target: str = "anchor",
     weighting: str = "sample",
+    margin: str = "signed",
+    eps_rel: float = 0.0,
     detach_weights: bool = True,
     sample_weight: Tensor | None = None,
     reduction: str = "mean",
@@ -170,6 +173,11 @@ def pgdpo_loss(
         beta, k1, k2, eps: temperature, ARS and IPR sharpness, denominator guard.
         ipr_target: ``"anchor"`` (``mean (p_w - r_w)^2``, appendix code) or ``"reward"`` (``d_w``, Eq. 9).
         weighting: ``"sample"`` (per-pair means, default) or ``"element"`` (appendix code, per element).
+        margin: ``"signed"`` (the paper's printed Eq. 7, ``m = (d_w - d_l)/(d_l + e)``, default) or
+            ``"abs"`` (``m = (d_l - d_w)/(|d_l| + e)``: the sign of the reward margin); docs/margin.md.
+        eps_rel: noise guard of the margin's denominator, ``e = eps + eps_rel * MSE_ref,l`` (the
+            reference's squared error on the rejected half: per pair, or per element for "element");
+            0 (default) is the paper's absolute ``eps``. docs/margin.md.
         detach_weights: treat alpha and gamma as constants in the backward (paper's analysis).
         sample_weight: optional ``[B]`` weights per pair (e.g. timestep-aware weighting).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]`` per-pair losses).
@@ -180,34 +188,33 @@ def pgdpo_loss(
         ``loss`` (fp32, or fp64 for fp64 inputs), or ``(loss, stats)`` when ``return_stats``.
     """
     options = LossOptions(method=method, beta=beta, k1=k1, k2=k2, eps=eps, ipr_target=ipr_target,
-                          weighting=weighting, detach_weights=detach_weights, reduction=reduction)
+                          weighting=weighting, margin=margin, eps_rel=eps_rel, detach_weights=detach_weights,
+                          reduction=reduction)
     pred = _as_full_batch("pred", pred)
     ref_pred = _as_full_batch("ref_pred", ref_pred)
     target = _as_full_batch("target", target)
     _validate(pred, ref_pred, target, sample_weight)
     chosen_backend = resolve_backend(backend, pred.device.type)
 
-    common = torch.promote_types(torch.promote_types(pred.dtype, ref_pred.dtype), target.dtype)
-    if common == torch.float16 and options.element:
-        # Element weighting stores dloss/dpred (~1/(B N) in size) in the forward, before a loss scale
-        # (GradScaler) multiplies it in the backward: in fp16 that is subnormal for large N. Storing it
-        # in fp32 keeps full precision; the gradient is rounded to fp16 after the scale is applied.
-        common = torch.float32
-    pred, ref_pred, target = (x.to(common) for x in (pred, ref_pred, target))
-
     if chosen_backend == "torch":
         with torch.autocast(pred.device.type, enabled=False):
             loss, stats = pgdpo_loss_reference(pred, ref_pred, target, options, sample_weight)
         return (loss, stats) if return_stats else loss
 
+    # The fused kernels read each input in its own dtype (fp32 / bf16 / fp16, accumulating in fp32):
+    # no promotion copies. Only float64 is all-or-nothing; a mix with float64 computes in float64.
+    if torch.float64 in (pred.dtype, ref_pred.dtype, target.dtype):
+        pred, ref_pred, target = (x.to(torch.float64) for x in (pred, ref_pred, target))
     two_b = pred.shape[0]
     flat = [x.reshape(two_b, -1).contiguous() for x in (pred, ref_pred, target)]
-    acc = torch.float64 if common == torch.float64 else torch.float32
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
     weight = None if sample_weight is None else sample_weight.to(acc).contiguous()
     need_grad = torch.is_grad_enabled() and pred.requires_grad
     flags = ops.pack_flags(options.ars, options.ipr, options.anchor, options.element,
-                           options.detach_weights, need_grad, options.reduction_code)
-    scalars = [float(options.beta), float(options.k1), float(options.k2), float(options.eps)]
+                           options.detach_weights, need_grad, options.reduction_code, options.abs_margin,
+                           need_stats=return_stats)
+    scalars = [float(options.beta), float(options.k1), float(options.k2), float(options.eps),
+               float(options.eps_rel)]
     # torch.compile traces the custom op; eager mode skips its Python dispatch (same kernels).
     fused = ops.fused_loss if torch.compiler.is_compiling() else ops.FusedLossFunction.apply
     loss, stats, _ = fused(*flat, weight, scalars, flags, chosen_backend)
@@ -225,12 +232,12 @@ class PGDPOLoss(nn.Module):
 
     def __init__(self, method: str = "pgdpo", beta: float = 100.0, k1: float = 10.0, k2: float = 10.0,
                  eps: float = 1e-6, ipr_target: str = "anchor", weighting: str = "sample",
-                 detach_weights: bool = True, reduction: str = "mean", backend: str = "auto",
-                 return_stats: bool = False):
+                 margin: str = "signed", eps_rel: float = 0.0, detach_weights: bool = True,
+                 reduction: str = "mean", backend: str = "auto", return_stats: bool = False):
         super().__init__()
         self.options = LossOptions(method=method, beta=beta, k1=k1, k2=k2, eps=eps,
-                                   ipr_target=ipr_target, weighting=weighting,
-                                   detach_weights=detach_weights, reduction=reduction)
+                                   ipr_target=ipr_target, weighting=weighting, margin=margin,
+                                   eps_rel=eps_rel, detach_weights=detach_weights, reduction=reduction)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.backend = backend
@@ -239,12 +246,13 @@ class PGDPOLoss(nn.Module):
     def forward(self, pred, ref_pred, target, sample_weight: Tensor | None = None):
         o = self.options
         return pgdpo_loss(pred, ref_pred, target, method=o.method, beta=o.beta, k1=o.k1, k2=o.k2,
-                          eps=o.eps, ipr_target=o.ipr_target, weighting=o.weighting,
-                          detach_weights=o.detach_weights, sample_weight=sample_weight,
+                          eps=o.eps, ipr_target=o.ipr_target, weighting=o.weighting, margin=o.margin,
+                          eps_rel=o.eps_rel, detach_weights=o.detach_weights, sample_weight=sample_weight,
                           reduction=o.reduction, backend=self.backend, return_stats=self.return_stats)
 
     def extra_repr(self) -> str:
         o = self.options
         return (f"method={o.method!r}, beta={o.beta}, k1={o.k1}, k2={o.k2}, eps={o.eps}, "
-                f"ipr_target={o.ipr_target!r}, weighting={o.weighting!r}, "
+                f"ipr_target={o.ipr_target!r}, weighting={o.weighting!r}, margin={o.margin!r}, "
+                f"eps_rel={o.eps_rel}, "
                 f"detach_weights={o.detach_weights}, reduction={o.reduction!r}, backend={self.backend!r}")

@@ -19,6 +19,9 @@ METHODS = {
 }
 IPR_TARGETS = ("anchor", "reward")
 WEIGHTINGS = ("sample", "element")
+#: Readings of the normalised margin (docs/margin.md): "signed" is the paper's printed Eq. 7,
+#: m = (d_w - d_l)/(d_l + eps); "abs" is m = (d_l - d_w)/(|d_l| + eps), whose sign is the reward margin's.
+MARGINS = ("signed", "abs")
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 BACKENDS = ("auto", "triton", "cpu", "torch")
 
@@ -26,7 +29,7 @@ BACKENDS = ("auto", "triton", "cpu", "torch")
 STAT_NAMES = (
     "d_w",  # mean_S[(p_w-t_w)^2] - mean_S[(r_w-t_w)^2]
     "d_l",  # same on the rejected half
-    "margin",  # m = (d_w - d_l) / (d_l + eps)
+    "margin",  # m: (d_w - d_l) / (d_l + e) ("signed") or (d_l - d_w) / (|d_l| + e) ("abs")
     "alpha",  # ARS weight (1 when ARS is off)
     "gamma",  # IPR switch (1 when IPR is off)
     "loss_dpo",  # softplus(-z)
@@ -54,6 +57,8 @@ class LossOptions:
     eps: float = 1e-6
     ipr_target: str = "anchor"
     weighting: str = "sample"
+    margin: str = "signed"
+    eps_rel: float = 0.0
     detach_weights: bool = True
     reduction: str = "mean"
 
@@ -61,11 +66,12 @@ class LossOptions:
         _check_choice("method", self.method, METHODS)
         _check_choice("ipr_target", self.ipr_target, IPR_TARGETS)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("margin", self.margin, MARGINS)
         _check_choice("reduction", self.reduction, REDUCTIONS)
         # eps = 0 makes the margin 0/0 = NaN at initialisation (policy == reference): refused.
         for name in ("beta", "eps"):
             _check_number(name, getattr(self, name), positive=True)
-        for name in ("k1", "k2"):
+        for name in ("k1", "k2", "eps_rel"):
             _check_number(name, getattr(self, name), positive=False)
         if not isinstance(self.detach_weights, bool):
             raise TypeError(f"detach_weights must be a bool, got {type(self.detach_weights).__name__}")
@@ -85,6 +91,10 @@ class LossOptions:
     @property
     def element(self) -> bool:
         return self.weighting == "element"
+
+    @property
+    def abs_margin(self) -> bool:
+        return self.margin == "abs"
 
     @property
     def reduction_code(self) -> int:

@@ -1,9 +1,9 @@
 """The PG-DPO loss in plain eager PyTorch: the test oracle and the ``"torch"`` backend.
 
-Formulas are those of ``docs/loss.md`` (paper: "Beyond Reward Margin", arXiv 2511.19049,
-Eq. 7-9 and appendix A.5.4). Inputs are ``[2B, *S]`` with the chosen half first. Computation runs in
-float32, or float64 when an input is float64; gradients come from autograd, so this file is
-independent of the hand-derived backward of the fused kernels.
+Formulas are those of ``docs/loss.md`` and ``docs/margin.md`` (paper: "Beyond Reward Margin",
+arXiv 2511.19049, Eq. 7-9 and appendix A.5.4). Inputs are ``[2B, *S]`` with the chosen half first.
+Computation runs in float32, or float64 when an input is float64; gradients come from autograd, so
+this file is independent of the hand-derived backward of the fused kernels.
 """
 
 from __future__ import annotations
@@ -45,12 +45,19 @@ def pgdpo_loss_reference(
     anchor_el = (p_w - r_w).square()
 
     beta, k1, k2, eps = options.beta, options.k1, options.k2, options.eps
+    ref_l_el = (r_l - t_l).square()  # the reference's squared error on the rejected half
     if options.element:
-        d_w, d_l = dw_el, dl_el
+        d_w, d_l, ref_l = dw_el, dl_el, ref_l_el
     else:
-        d_w, d_l = dw_el.mean(1), dl_el.mean(1)
+        d_w, d_l, ref_l = dw_el.mean(1), dl_el.mean(1), ref_l_el.mean(1)
 
-    m = (d_w - d_l) / (d_l + eps)
+    # The denominator guard e = eps + eps_rel * MSE_ref,l (docs/margin.md); eps_rel = 0 is the paper's.
+    e = eps + options.eps_rel * ref_l if options.eps_rel else eps
+    if options.abs_margin:
+        # torch.abs has derivative 0 at 0, the convention for d|d_l|/dd_l there.
+        m = (d_l - d_w) / (d_l.abs() + e)
+    else:
+        m = (d_w - d_l) / (d_l + e)
     m_w = m.detach() if options.detach_weights else m
     alpha = torch.sigmoid(k1 * m_w) if options.ars else torch.ones_like(m)
     gamma = torch.sigmoid(-k2 * m_w) if options.ipr else torch.ones_like(m)
@@ -90,7 +97,7 @@ def pgdpo_loss_reference(
             "mse_policy_chosen": (p_w - t_w).square().mean(1),
             "mse_policy_rejected": (p_l - t_l).square().mean(1),
             "mse_ref_chosen": (r_w - t_w).square().mean(1),
-            "mse_ref_rejected": (r_l - t_l).square().mean(1),
+            "mse_ref_rejected": ref_l_el.mean(1),
             "reward_margin": -0.5 * beta * (dw_mean - dl_mean),
             "accuracy": (dw_mean < dl_mean).to(acc),
         }

@@ -90,6 +90,7 @@ PAIR_SETS = {
     "far": "well-separated pairs: chosen from the 4 upper modes, rejected from the 4 lower ones "
            "(large margins)",
 }
+_MARGIN_FORMULA = {"signed": "(d_w - d_l)/(d_l + e)", "abs": "(d_l - d_w)/(|d_l| + e)"}
 PAPER = {"gamma_positive_fraction": {"Wan2.1-14B": 0.817, "VideoCrafter2": 0.769},
          "alpha_range": list(ALPHA_RANGE), "gamma_range": list(GAMMA_RANGE)}
 
@@ -119,6 +120,8 @@ class ToyConfig:
     beta: float = 100.0
     k1: float = 10.0
     k2: float = 10.0
+    margin: str = "signed"  # the normalised margin's reading (docs/margin.md)
+    eps_rel: float = 0.0  # its relative denominator guard (docs/margin.md)
     # diagnostics
     probe_pairs: int = 64
     probe_noise: int = 4
@@ -255,7 +258,8 @@ def align(cfg: ToyConfig, ref: Denoiser, pairs, method: str, seed: int, set_inde
         with torch.no_grad():
             ref_pred = ref(grad_x, grad_t)
         margin, norm = pair_grad_norms(pred, ref_pred, grad_y, params=params, method=loss_method,
-                                       loss_kwargs=dict(beta=cfg.beta, k1=k1, k2=k2, backend="torch"))
+                                       loss_kwargs=dict(beta=cfg.beta, k1=k1, k2=k2, margin=cfg.margin,
+                                                        eps_rel=cfg.eps_rel, backend="torch"))
         gradrec.record(margin, norm, step)
 
     # Same data stream (pair indices, noise, timesteps) for every method of this seed and pair set.
@@ -272,7 +276,7 @@ def align(cfg: ToyConfig, ref: Denoiser, pairs, method: str, seed: int, set_inde
         pred = policy(x_t, sigma2)
         with torch.no_grad():
             ref_pred = ref(x_t, sigma2)
-        kw = dict(beta=cfg.beta, k1=k1, k2=k2, backend="torch")
+        kw = dict(beta=cfg.beta, k1=k1, k2=k2, margin=cfg.margin, eps_rel=cfg.eps_rel, backend="torch")
         loss, stats = pgdpo_loss(pred, ref_pred, target, method=loss_method, return_stats=True, **kw)
         ranges.update(stats, step)
         weights.append(torch.stack([stats["alpha"], stats["gamma"]]).float())
@@ -405,6 +409,7 @@ def _direction(m: dict) -> tuple[bool, bool, str]:
 def findings(summary: dict) -> tuple[list[str], dict]:
     """Plain sentences and true/false verdicts computed from the numbers."""
     lines, verdict = [], {}
+    margin = summary.get("settings", {}).get("margin", "signed")
     paper_low = min(PAPER["gamma_positive_fraction"].values())
     for name, ps in summary["pair_sets"].items():
         ms = ps["methods"]
@@ -438,10 +443,11 @@ def findings(summary: dict) -> tuple[list[str], dict]:
                     f"{_pct(a['inside_fraction'])} of pair-steps; gamma mean {_fmt(g['mean'])}, inside "
                     f"[0, 0.5] for {_pct(g['inside_fraction'])}; final K1 {_fmt(m['final_k1'])}, K2 "
                     f"{_fmt(m['final_k2'])}. "
-                    f"The normalised margin m = (d_w - d_l)/(d_l + eps) was positive (the only case with "
+                    f"The normalised margin m = {_MARGIN_FORMULA[margin]} was positive (the only case with "
                     f"alpha > 0.5, gamma < 0.5) on {_pct(m['margin_positive_fraction'])} of pair-steps; the "
-                    f"rejected half was worse than the reference (d_l > 0, which makes m < 0 for a correctly "
-                    f"ordered pair) on {_pct(m['d_l_positive_fraction'])}.")
+                    f"rejected half was worse than the reference (d_l > 0"
+                    + (", which makes m < 0 for a correctly ordered pair" if margin == "signed" else "")
+                    + f") on {_pct(m['d_l_positive_fraction'])}.")
         if dpo:
             gn = dpo["grad_norm_vs_margin"]
             ratio = gn.get("top_to_bottom_ratio")
@@ -616,6 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, help=f"DPO temperature β (default {d.beta:g}, the paper's)")
     p.add_argument("--k1", type=float, help=f"ARS sharpness K1 (default {d.k1:g})")
     p.add_argument("--k2", type=float, help=f"IPR sharpness K2 (default {d.k2:g})")
+    p.add_argument("--margin", choices=("signed", "abs"),
+                   help="normalised margin: 'signed' = the paper's printed Eq. 7, (d_w - d_l)/(d_l + eps) "
+                        "(default); 'abs' = (d_l - d_w)/(|d_l| + eps), the sign of the reward margin")
+    p.add_argument("--eps-rel", type=float,
+                   help="relative guard of the margin's denominator: e = eps + EPS_REL * MSE_ref,l "
+                        "(default 0: the paper's absolute eps)")
     p.add_argument("--pair-sets", help="comma-separated pair sets: near, far (default near,far)")
     p.add_argument("--methods", help="comma-separated methods among dpo,ars,ipr,pgdpo (default all four)")
     p.add_argument("--controller", action="store_true",
@@ -632,8 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> ToyConfig:
     cfg = ToyConfig(**(QUICK if args.quick else {}))
-    for name in ("seeds", "steps", "lr", "optimizer", "batch_pairs", "beta", "k1", "k2", "probe_every",
-                 "gamma_every", "threads"):
+    for name in ("seeds", "steps", "lr", "optimizer", "batch_pairs", "beta", "k1", "k2", "margin", "eps_rel",
+                 "probe_every", "gamma_every", "threads"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -657,6 +669,8 @@ def validate(cfg: ToyConfig) -> None:
             raise SystemExit(f"pgdpo toy: --{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.gamma_every < 0:
         raise SystemExit("pgdpo toy: --gamma-every must be >= 0 (0: off)")
+    if not (cfg.eps_rel >= 0 and math.isfinite(cfg.eps_rel)):
+        raise SystemExit(f"pgdpo toy: --eps-rel must be >= 0, got {cfg.eps_rel}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise SystemExit(f"pgdpo toy: --lr must be > 0, got {cfg.lr}")
 

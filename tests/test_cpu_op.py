@@ -230,7 +230,7 @@ def _bad_forward_cases():
         ("sample_weight dtype", _op_args(p, r, t, torch.ones(2, dtype=torch.float64)), "accumulation dtype"),
         ("sample_weight shape", _op_args(p, r, t, torch.ones(3)), r"sample_weight must have shape \[2\]"),
         ("sample_weight 2-D", _op_args(p, r, t, torch.ones(2, 1)), r"sample_weight must have shape \[2\]"),
-        ("dtype mismatch", _op_args(p, r.double(), t), "all three must match"),
+        ("dtype mismatch", _op_args(p, r.double(), t), "float64 inputs must all be float64"),
         ("shape mismatch", _op_args(p, r[:, :39].contiguous(), t), "ref_pred has shape"),
         ("odd batch", _op_args(p[:3], r[:3], t[:3]), "first dimension must be 2B"),
         ("3-D input", _op_args(p.view(4, 4, 10), r.view(4, 4, 10), t.view(4, 4, 10)), "must be 2-D"),

@@ -11,9 +11,9 @@ Schema (section -> keys; defaults in the dataclasses below)::
                   lora_targets, disable_dropout
     data:         path, synthesize, synth_pairs, synth_difference, height, width, frames, text_len,
                   shuffle
-    method:       name, beta, k1, k2, eps, ipr_target, weighting, detach_weights, backend, schedule,
-                  flow_shift, flow_density, reference, ref_ema_every, ref_ema_rate,
-                  timestep_weighting, timestep_bins, timestep_momentum
+    method:       name, beta, k1, k2, eps, ipr_target, weighting, margin, eps_rel, k_controller,
+                  detach_weights, backend, schedule, flow_shift, flow_density, reference, ref_ema_every,
+                  ref_ema_rate, timestep_weighting, timestep_bins, timestep_momentum
     optim:        name, lr, betas, weight_decay, eps, grad_clip, scheduler, warmup_steps
     train:        max_steps, batch_size, micro_batch_size, log_every
     distributed:  strategy, backend, reshard_after_forward
@@ -108,6 +108,13 @@ class MethodConfig:
     eps: float = field(default=1e-6, metadata={"min": 0})
     ipr_target: str = field(default="anchor", metadata=_choice("anchor", "reward"))
     weighting: str = field(default="sample", metadata=_choice("sample", "element"))
+    #: normalised margin: signed (the paper's Eq. 7) | abs (the reward-margin sign); docs/margin.md
+    margin: str = field(default="signed", metadata=_choice("signed", "abs"))
+    #: relative guard of the margin's denominator, eps + eps_rel * MSE_ref (0 = the paper's); docs/margin.md
+    eps_rel: float = field(default=0.0, metadata={"min": 0})
+    #: adapt K1 / K2 each step to keep alpha / gamma in the paper's ranges (pgdpo.diagnostics.K1K2Controller;
+    #: its state is checkpointed); off by default
+    k_controller: bool = False
     detach_weights: bool = True
     #: loss backend: auto (triton on CUDA, fused C++ on CPU), triton, cpu, torch
     backend: str = field(default="auto", metadata=_choice(*LOSS_BACKENDS))
@@ -220,6 +227,9 @@ class TrainConfig:
         if m.ref_ema_every and self.model.lora_rank:
             raise ConfigError("method.ref_ema_every > 0 (EMA reference) is for full fine-tuning; with "
                               "model.lora_rank > 0 use method.reference: lora or copy without EMA")
+        if m.name == "sft" and m.k_controller:
+            raise ConfigError("method.k_controller steers PG-DPO's alpha / gamma, which sft does not have; "
+                              "set method.k_controller: false for sft")
         if m.name == "sft" and m.ref_ema_every:
             raise ConfigError("method.name: sft uses no reference; set method.ref_ema_every: 0")
         if m.name == "sft" and m.timestep_weighting != "none":

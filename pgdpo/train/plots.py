@@ -44,7 +44,8 @@ def _plot(ax, xs, ys, *args, window: int, **kwargs):
 
 
 def write_plots(output_dir: str) -> list[str]:
-    """Write ``loss.png``, ``alpha_gamma.png`` and ``likelihood.png`` (those with data); returns paths."""
+    """Write ``loss.png``, ``alpha_gamma.png``, ``weight_ranges.png`` and ``likelihood.png`` (those with
+    data); returns paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +98,30 @@ def write_plots(output_dir: str) -> list[str]:
         ax.set_title("ARS weight alpha and IPR switch gamma")
         ax.legend()
         save(fig, "alpha_gamma.png")
+
+    if any("alpha_in_range" in r or "k1" in r for r in records):
+        # The paper's ranges (alpha in [0.5, 0.8], gamma in [0, 0.5]) and the K1/K2 controller, if on.
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for key, label in (("alpha_in_range", "alpha in [0.5, 0.8]"),
+                           ("gamma_in_range", "gamma in [0, 0.5]")):
+            xs, ys = _series(records, key)
+            if xs:
+                _plot(axes[0], xs, ys, label=label, window=window)
+        axes[0].set_ylim(-0.05, 1.05)
+        axes[0].set_xlabel("step")
+        axes[0].set_title("fraction of pairs inside the paper's ranges")
+        if axes[0].lines:
+            axes[0].legend()
+        for key in ("k1", "k2"):
+            xs, ys = _series(records, key)
+            if xs:
+                axes[1].plot(xs, ys, label=key.upper())
+        axes[1].set_xlabel("step")
+        axes[1].set_title("K1 / K2" + ("" if axes[1].lines else " (method.k_controller off)"))
+        if axes[1].lines:
+            axes[1].set_yscale("log")
+            axes[1].legend()
+        save(fig, "weight_ranges.png")
 
     if any("mse_policy_chosen" in r for r in records):
         fig, ax = plt.subplots(figsize=(6.5, 3.8))

@@ -35,7 +35,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, TrainConfig
-from .distributed import DistState, init_distributed, mixed_precision_dtype, wrap_model
+from .distributed import DistState, all_reduce_, init_distributed, mixed_precision_dtype, wrap_model
 from .metrics import MetricsLog, peak_memory_gb, reduce_stats
 
 
@@ -269,8 +269,8 @@ class Trainer:
                               "the base weights; method.reference: lora uses the policy with its adapters "
                               "off instead (same reference, no copy)")
             loss = PGDPOLoss(method=meth.name, beta=meth.beta, k1=meth.k1, k2=meth.k2, eps=meth.eps,
-                             ipr_target=meth.ipr_target, weighting=meth.weighting,
-                             detach_weights=meth.detach_weights, backend=meth.backend)
+                             ipr_target=meth.ipr_target, weighting=meth.weighting, margin=meth.margin,
+                             eps_rel=meth.eps_rel, detach_weights=meth.detach_weights, backend=meth.backend)
             step = PreferenceStep(model, reference, meth.schedule, loss, sample_weight_fn=self.weighting,
                                   schedule_options=schedule_options, attention_backend=m.attention,
                                   checkpointing=checkpointing, autocast_dtype=autocast,
@@ -288,6 +288,11 @@ class Trainer:
             policy.get_base_model = lambda: policy.module
             step.policy = policy
         self.model, self.policy, self.reference, self.step_fn = model, policy, reference, step
+        self.controller = None
+        if cfg.method.k_controller:
+            from ..diagnostics import K1K2Controller
+
+            self.controller = K1K2Controller(cfg.method.k1, cfg.method.k2, enabled=True)
         self.ema_reference = reference if meth.ref_ema_every else None
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
@@ -353,6 +358,12 @@ class Trainer:
             self.weighting.load_state_dict(trainer_state["weighting"])
         if self.probe is not None and trainer_state.get("probe"):
             self.probe.load_state_dict(trainer_state["probe"])
+        if self.controller is not None:
+            if trainer_state.get("controller") is None:
+                raise CheckpointError(f"{path}: has no K1/K2 controller state but this run uses "
+                                      "method.k_controller; resume with the checkpoint's config")
+            self.controller.load_state_dict(trainer_state["controller"])
+            self._set_k(self.controller.k1, self.controller.k2)
         try:
             self.dataset.load_state_dict(rank_state["data"])
         except (KeyError, ValueError) as exc:
@@ -369,6 +380,7 @@ class Trainer:
             "weighting": self.weighting.state_dict() if self.weighting is not None else None,
             "has_reference_state": self.ema_reference is not None,
             "probe": self.probe.state_dict() if self.probe is not None else None,
+            "controller": self.controller.state_dict() if self.controller is not None else None,
         }
         summary = {"step": step, "world_size": self.dist.world_size, "method": self.cfg.method.name,
                    "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
@@ -405,7 +417,7 @@ class Trainer:
             with self._grad_sync(micro == self.grad_accum - 1):
                 out = self.step_fn(batch, gen)
                 (out.loss / self.grad_accum).backward()
-            chunks.append({k: v for k, v in out.stats.items() if k != "loss"})
+            chunks.append(_with_range_fractions({k: v for k, v in out.stats.items() if k != "loss"}))
             losses.append(out.loss.detach())
             tokens += out.tokens
             flops += out.model_flops
@@ -431,6 +443,8 @@ class Trainer:
 
             ema_update_(self.ema_reference, self.policy, cfg.method.ref_ema_rate)
         probe = self.probe.maybe_measure(step, self.policy) if self.probe is not None else None
+        if self.controller is not None:
+            self._steer(chunks)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
@@ -448,6 +462,8 @@ class Trainer:
         })
         if weights:
             record["sample_weight_mean"] = float(torch.cat(weights).float().mean())
+        if self.controller is not None:
+            record["k1"], record["k2"] = self.controller.k1, self.controller.k2
         if probe is not None:
             record["probe_logp_chosen"] = probe.chosen_mean
             record["probe_logp_rejected"] = probe.rejected_mean
@@ -455,6 +471,23 @@ class Trainer:
             record["probe_logp_chosen_change"] = float((probe.chosen - first.chosen).mean())
             record["probe_logp_rejected_change"] = float((probe.rejected - first.rejected).mean())
         return record
+
+    def _set_k(self, k1: float, k2: float) -> None:
+        import dataclasses
+
+        loss = self.step_fn.loss
+        loss.options = dataclasses.replace(loss.options, k1=k1, k2=k2)
+
+    def _steer(self, chunks: list[dict]) -> None:
+        """K1/K2 controller: one update per optimiser step from the margins of the whole global batch
+        (gathered over ranks, so every rank steers identically); the next step uses the new K."""
+        m = torch.cat([c["margin"].detach().reshape(-1).double().cpu() for c in chunks])
+        world = self.dist.world_size
+        if world > 1:  # all-gather by a sum of rank-placed rows (CPU tensors, NCCL-safe helper)
+            rows = torch.zeros(world, m.numel(), dtype=torch.float64)
+            rows[self.dist.rank] = m
+            m = all_reduce_(rows, "sum").reshape(-1)
+        self._set_k(*self.controller.update(m))
 
     def train(self) -> dict:
         """Run to ``train.max_steps``; returns the summary (also printed by rank 0)."""
@@ -612,3 +645,15 @@ def train(config: TrainConfig) -> dict:
         return trainer.train()
     finally:
         trainer.close()
+
+
+def _with_range_fractions(stats: dict) -> dict:
+    """Add per-pair indicators of alpha / gamma inside the paper's ranges (their means are the in-range
+    fractions of metrics.jsonl: ``alpha_in_range``, ``gamma_in_range``)."""
+    from ..diagnostics import ALPHA_RANGE, GAMMA_RANGE
+
+    for name, (lo, hi) in (("alpha", ALPHA_RANGE), ("gamma", GAMMA_RANGE)):
+        if name in stats:
+            v = stats[name].detach()
+            stats[f"{name}_in_range"] = ((v >= lo) & (v <= hi)).to(v.dtype)
+    return stats
