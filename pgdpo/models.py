@@ -122,14 +122,23 @@ def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     if dtype == torch.float32:
         return model  # diffusers initialises in fp32 already
     nn.Module.to(model, dtype)
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    # Match by name component, as from_pretrained does; this also catches bare Parameters such as
-    # Wan's per-block ``scale_shift_table``.
+    keep = set(keep_fp32_names(model))
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if any(k in name.split(".") for k in keep):
+            if name in keep:
                 tensor.data = tensor.data.float()
     return model
+
+
+def keep_fp32_names(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers diffusers keeps in fp32 (``_keep_in_fp32_modules``).
+
+    Matched by name component, as ``from_pretrained`` does; this also catches bare Parameters such as
+    Wan's per-block ``scale_shift_table``.
+    """
+    keep = getattr(unwrap_model(model), "_keep_in_fp32_modules", None) or []
+    return [name for name, _ in [*model.named_parameters(), *model.named_buffers()]
+            if any(k in name.split(".") for k in keep)]
 
 
 def build_model(name_or_config: str | dict, *, device: str | torch.device = "cpu",

@@ -53,6 +53,11 @@ def _choice(*choices):
     return {"choices": choices}
 
 
+#: field metadata of a MethodConfig key that is a keyword of ``pgdpo.PGDPOLoss`` (passed on as it is and
+#: validated by the loss's own ``LossOptions`` at config load): a new loss option is one field here.
+LOSS = {"loss": True}
+
+
 @dataclass
 class ModelConfig:
     #: a name of ``pgdpo.models.MODEL_CONFIGS`` (architecture; random init seeded by ``seed``)
@@ -98,15 +103,16 @@ class DataConfig:
 class MethodConfig:
     #: pgdpo | dpo | ars | ipr (the PG-DPO loss, paper Tab. 2 rows) | sft (diffusion MSE on chosen)
     name: str = field(default="pgdpo", metadata=_choice(*METHODS))
-    beta: float = field(default=100.0, metadata={"gt": 0})
-    k1: float = field(default=10.0, metadata={"min": 0})
-    k2: float = field(default=10.0, metadata={"min": 0})
-    eps: float = field(default=1e-6, metadata={"min": 0})
-    ipr_target: str = field(default="anchor", metadata=_choice("anchor", "reward"))
-    weighting: str = field(default="sample", metadata=_choice("sample", "element"))
-    detach_weights: bool = True
+    beta: float = field(default=100.0, metadata={"gt": 0, **LOSS})
+    k1: float = field(default=10.0, metadata={"min": 0, **LOSS})
+    k2: float = field(default=10.0, metadata={"min": 0, **LOSS})
+    #: margin denominator guard; 0 would make the margin 0/0 at initialisation (policy == reference)
+    eps: float = field(default=1e-6, metadata={"gt": 0, **LOSS})
+    ipr_target: str = field(default="anchor", metadata={**_choice("anchor", "reward"), **LOSS})
+    weighting: str = field(default="sample", metadata={**_choice("sample", "element"), **LOSS})
+    detach_weights: bool = field(default=True, metadata=LOSS)
     #: loss backend: auto (triton on CUDA, fused C++ on CPU), triton, cpu, torch
-    backend: str = field(default="auto", metadata=_choice(*LOSS_BACKENDS))
+    backend: str = field(default="auto", metadata={**_choice(*LOSS_BACKENDS), **LOSS})
     #: noise schedule: flow (Wan, flow matching) | ddpm-eps | ddpm-v (VideoCrafter2-style UNets)
     schedule: str = field(default="flow", metadata=_choice(*SCHEDULES))
     #: flow schedule: timestep shift (Wan2.1: 3.0 at 480p, 5.0 at 720p) and the density of the draws
@@ -205,8 +211,16 @@ class TrainConfig:
         return _to_plain(dataclasses.asdict(self))
 
     def validate(self) -> TrainConfig:
-        """Cross-field checks (single fields are checked as they are set)."""
+        """Every check that needs no file and no weights: the one place a config is validated (the
+        trainer, ``pgdpo plan`` and the CLI all load configs through :func:`load_config` /
+        :func:`from_dict`, which end here). Single fields are checked as they are set; here the
+        cross-field rules, and the loss options by the loss's own validator."""
         m = self.method
+        if m.name != "sft":
+            try:
+                loss_from_config(m)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"method: {exc}") from None
         if m.ref_ema_every and m.reference != "copy":
             raise ConfigError("method.ref_ema_every > 0 needs method.reference: copy (an EMA reference is a "
                               f"separate copy of the weights), got method.reference: {m.reference}")
@@ -246,6 +260,19 @@ class TrainConfig:
 
     def data_path(self) -> str:
         return os.path.expanduser(self.data.path.replace("{output_dir}", self.output_dir))
+
+
+def loss_kwargs(method: MethodConfig) -> dict:
+    """The ``pgdpo.PGDPOLoss`` keywords of a method section: ``method`` and the fields marked LOSS."""
+    return {"method": method.name, **{f.name: getattr(method, f.name) for f in dataclasses.fields(method)
+                                      if f.metadata.get("loss")}}
+
+
+def loss_from_config(method: MethodConfig):
+    """The configured ``pgdpo.PGDPOLoss`` (its ``LossOptions`` validates the values)."""
+    from ..loss import PGDPOLoss
+
+    return PGDPOLoss(**loss_kwargs(method))
 
 
 # ------------------------------------------------------------------------------------------ loading
