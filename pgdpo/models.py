@@ -308,7 +308,9 @@ def adapter_for(model_or_config: nn.Module | str | dict) -> ModelAdapter:
     """The :class:`ModelAdapter` of a model (diffusers, or wrapped by peft), a model name, or a config."""
     if isinstance(model_or_config, nn.Module):
         base = unwrap_model(model_or_config)
-        class_name = type(base).__name__
+        # FSDP2 swaps the class for a subclass (FSDPWanTransformer3DModel): look up the diffusers class.
+        class_name = next((c.__name__ for c in type(base).__mro__ if c.__name__ in _CLASSES),
+                          type(base).__name__)
         if class_name not in _CLASSES:
             raise TypeError(f"unsupported model class {class_name}; expected one of {list(_CLASSES)}")
         config = {"_class_name": class_name, **dict(base.config)}

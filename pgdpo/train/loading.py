@@ -145,6 +145,12 @@ def weights_folder(path: str) -> str:
     raise ConfigError(f"model.path: no config.json in {path} (nor in its transformer/ or unet/ subfolder)")
 
 
+def pretrained_config(path: str) -> dict:
+    """The ``config.json`` of the diffusers model at ``path`` (a model or pipeline folder)."""
+    with open(os.path.join(weights_folder(path), "config.json")) as f:
+        return json.load(f)
+
+
 # ------------------------------------------------------------------------------------------ build
 
 
@@ -280,3 +286,50 @@ def open_source(path: str | None, arch: dict, seed: int):
     from ..models import build_model
 
     return ModuleSource(build_model(arch, seed=seed, dtype=torch.float32))
+
+
+def lora_config(model_cfg):
+    """The peft ``LoraConfig`` of a ``model`` config section (None for full fine-tuning)."""
+    if not model_cfg.lora_rank:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha or model_cfg.lora_rank,
+                      target_modules=list(model_cfg.lora_targets), init_lora_weights=True)
+
+
+def build_models(cfg, dist, arch: dict, *, with_reference: bool) -> tuple[nn.Module, nn.Module | None]:
+    """The policy and (``with_reference``) a frozen copy reference of a :class:`TrainConfig`, loaded.
+
+    FSDP2: both are sharded on meta, so each rank only ever allocates its shards. The policy is fp32
+    (LoRA: frozen base in the compute dtype, fp32 adapters); a frozen reference is in the compute dtype,
+    an EMA one (``method.ref_ema_every > 0``) in fp32. DDP / one process: the same steps unsharded (the
+    caller wraps DDP).
+    """
+    from .distributed import mixed_precision_dtype, wrap_model
+
+    m = cfg.model
+    compute = mixed_precision_dtype(m.precision, dist.device) or torch.float32
+    lora = lora_config(m)
+    model = meta_model(arch, compute if lora is not None else torch.float32, lora=lora)
+    reference = None
+    if with_reference:
+        reference = meta_model(arch, torch.float32 if cfg.method.ref_ema_every else compute)
+        reference.requires_grad_(False).eval()
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
+    if dist.strategy == "fsdp":
+        for net in (model, reference) if reference is not None else (model,):
+            wrap_model(net, adapter.blocks(net), dist, precision=m.precision,
+                       reshard_after_forward=cfg.distributed.reshard_after_forward, trainable=net is model)
+    materialize(model, dist.device)
+    source = open_source(m.path, arch, cfg.seed)
+    try:
+        fill_(model, source, seed=cfg.seed, where=m.path or f"model.name {m.name}")
+    finally:
+        source.close()
+    if reference is not None:
+        materialize(reference, dist.device)
+        copy_weights_(reference, model)
+    return model, reference

@@ -113,8 +113,9 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)
 
         from ..models import adapter_for, resolve_config
+        from .loading import pretrained_config
 
-        self.arch = self._pretrained_config() if cfg.model.path else resolve_config(cfg.model.name)
+        self.arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
         self.adapter = adapter_for(self.arch)
         self._prepare_data()
         self._build_models()
@@ -203,42 +204,28 @@ class Trainer:
                       difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True, progress=False,
                       **extra)
 
-    def _pretrained_config(self) -> dict:
-        import json
-
-        path = self.cfg.model.path
-        for folder in (path, os.path.join(path, "transformer"), os.path.join(path, "unet")):
-            file = os.path.join(folder, "config.json")
-            if os.path.isfile(file):
-                with open(file) as f:
-                    return json.load(f)
-        raise ConfigError(f"model.path: no config.json in {path} (nor in its transformer/ or unet/ "
-                          "subfolder)")
-
     def _build_models(self) -> None:
         """Policy and reference on meta, sharded, materialised and filled (:mod:`pgdpo.train.loading`)."""
         from ..models import adapter_for
         from ..step import PreferenceStep
-        from .loading import copy_weights_, fill_, materialize, meta_model, open_source
+        from .loading import build_models
         from .sft import SFTStep
         from .weighting import TimestepWeighting
 
-        cfg, m, meth = self.cfg, self.cfg.model, self.cfg.method
+        m, meth = self.cfg.model, self.cfg.method
         compute = mixed_precision_dtype(m.precision, self.dist.device)
         if m.precision == "bf16" and compute is None:
             self.info("model.precision bf16 runs in fp32 on CPU")
         autocast = compute if self.dist.strategy != "fsdp" else None  # FSDP2: MixedPrecisionPolicy
 
-        lora = None
-        if m.lora_rank:
-            from peft import LoraConfig
-
-            lora = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank,
-                              target_modules=list(m.lora_targets), init_lora_weights=True)
-        # LoRA: the frozen base only runs in the compute dtype; the trained adapters stay fp32.
-        model = meta_model(self.arch, (compute or torch.float32) if lora else torch.float32, lora=lora)
+        with_reference = meth.name != "sft" and meth.reference == "copy"
+        model, reference = build_models(self.cfg, self.dist, self.arch, with_reference=with_reference)
         self.adapter = adapter_for(model)
         model.train()
+        if reference is not None and m.lora_rank:
+            self.info("note: model.lora_rank > 0 with method.reference: copy keeps a second copy of the base "
+                      "weights; method.reference: lora uses the policy with its adapters off instead (same "
+                      "reference, no copy)")
 
         self.weighting = None
         if meth.timestep_weighting == "inverse-std":
@@ -248,22 +235,11 @@ class Trainer:
             schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
         checkpointing = "every" if m.gradient_checkpointing else None
 
-        reference = None
         if meth.name == "sft":
             step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
                            schedule_options=schedule_options, attention_backend=m.attention,
                            checkpointing=1 if checkpointing else 0, autocast_dtype=autocast)
         else:
-            if meth.reference == "copy":
-                # A frozen reference only runs no-grad forwards, so it is stored in the compute dtype (bf16
-                # on GPU); an EMA reference stays fp32 (small updates vanish in bf16). With LoRA it is the
-                # base without adapters (equal to the policy at the start: LoRA B starts at zero).
-                dtype = torch.float32 if meth.ref_ema_every else (compute or torch.float32)
-                reference = meta_model(self.arch, dtype)
-                if m.lora_rank:
-                    self.info("note: model.lora_rank > 0 with method.reference: copy keeps a second copy of "
-                              "the base weights; method.reference: lora uses the policy with its adapters "
-                              "off instead (same reference, no copy)")
             step = PreferenceStep(model, reference, meth.schedule, loss_from_config(meth),
                                   sample_weight_fn=self.weighting, schedule_options=schedule_options,
                                   attention_backend=m.attention, checkpointing=checkpointing,
@@ -271,21 +247,6 @@ class Trainer:
         if self.weighting is not None:
             self.weighting.num_train_timesteps = float(step.schedule.num_train_timesteps)
 
-        if self.dist.strategy == "fsdp":  # sharded on meta: no rank ever holds a full model
-            reshard = cfg.distributed.reshard_after_forward
-            for net in (model, reference) if reference is not None else (model,):
-                wrap_model(net, self.adapter.blocks(net), self.dist, precision=m.precision,
-                           reshard_after_forward=reshard, trainable=net is model)
-        # Fill: each rank reads its own rows of the weights once; the reference copies the policy's shards.
-        materialize(model, self.dist.device)
-        source = open_source(m.path, self.arch, cfg.seed)
-        try:
-            fill_(model, source, seed=cfg.seed, where=m.path or f"model.name {m.name}")
-        finally:
-            source.close()
-        if reference is not None:
-            materialize(reference, self.dist.device)
-            copy_weights_(reference, model)
         policy = model
         if self.dist.strategy == "ddp":  # DDP wraps a materialised model
             policy = wrap_model(model, [], self.dist, precision=m.precision)
