@@ -462,7 +462,15 @@ class Trainer:
         finally:
             bar.close()
         wall = time.perf_counter() - t_start
+        final = None
+        if saved_at >= max_steps:  # finished (not stopped by a signal): the model users load
+            from .export import export_model
+
+            final = export_model(self.model, os.path.join(self.out, "final"), dist=self.dist)
+            kind = "diffusers LoRA weights" if cfg.model.lora_rank else "diffusers save_pretrained layout"
+            self.info(f"wrote {final} ({kind})")
         summary = self._summary(wall, saved_at)
+        summary["final"] = final
         summary["signal"] = stop.signal
         if self.is_main and cfg.logging.plots:
             from .plots import write_plots
@@ -569,6 +577,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"  metrics         {os.path.join(s['output_dir'], 'metrics.jsonl')}")
     if s.get("checkpoint"):
         lines.append(f"  checkpoint      {s['checkpoint']}")
+    if s.get("final"):
+        lines.append(f"  final model     {s['final']} (diffusers: from_pretrained / load_lora_adapter)")
     if s.get("plots"):
         lines.append(f"  plots           {', '.join(s['plots'])}")
     return "\n".join(lines)
