@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 #: Wan2.1-shaped, ~300M parameters (the 1.3B's fields with 8 heads x 128, ffn 4096, 17 blocks)
 MODEL = {"num_attention_heads": 8, "ffn_dim": 4096, "num_layers": 17}
+#: environment that changes the figures (glibc returns freed blocks >= this many bytes to the OS at once)
+ENV = ("MALLOC_MMAP_THRESHOLD_",)
 SETUPS = {
     "lora": ["--model.lora_rank", "16", "--method.reference", "lora"],
     "full": ["--method.reference", "copy"],
@@ -135,6 +137,7 @@ def markdown(result: dict) -> str:
              f"torch {result['versions'].get('torch')}, diffusers {result['versions'].get('diffusers')}; "
              f"commit {(result['git'].get('commit') or '?')[:10]}"
              f"{' (dirty)' if result['git'].get('dirty') else ''}",
+             f"environment: {result.get('env')}",
              "", "Per rank, above the baseline (imports + process group), in units of the model's fp32 size "
              "(x) and GB. Goal (issue 11): 2-rank LoRA setup peak < 0.6x.", "",
              "| setup | procs | rank | baseline GB | setup peak | setup s | steady RSS | steady peak |",
@@ -150,8 +153,10 @@ def markdown(result: dict) -> str:
                          f"{above(r['steady_peak'], r)} |")
     lines += ["", "lora: LoRA rank 16 on to_q/to_k/to_v/to_out.0, reference = adapters off (no copy); "
               "full: full fine-tuning with a frozen copy reference (fp32 on CPU). CPU compute is fp32, so "
-              "the LoRA base is fp32 here (bf16 on GPU). Steady state: after the steps, with AdamW states.",
-              ""]
+              "the LoRA base is fp32 here (bf16 on GPU). Steady state: after the steps, with AdamW states. "
+              "Without MALLOC_MMAP_THRESHOLD_, glibc keeps the freed FSDP2 all-gather buffers (blocks of "
+              "< 32 MB) in its heap, so the steady RSS of 2 ranks includes up to about one model's worth of "
+              "free memory; with MALLOC_MMAP_THRESHOLD_=1048576 it goes back to the OS.", ""]
     return "\n".join(lines)
 
 
@@ -175,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.machine import git_info, machine_info, versions
 
+    git = git_info()  # the code measured is the code at the start
     model_dir = Path(args.model_dir)
     model = save_model(model_dir)
     runs = []
@@ -195,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     vers = {**versions(), "diffusers": diffusers.__version__, "peft": peft.__version__,
             "safetensors": safetensors.__version__}
     result = {"model": model_out, "runs": runs, "machine": machine_info(torch.device("cpu")),
-              "versions": vers, "git": git_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                                  time.gmtime())}
+              "versions": vers, "env": {k: os.environ.get(k) for k in ENV}, "git": git,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "setup_memory.json").write_text(json.dumps(result, indent=2) + "\n")
