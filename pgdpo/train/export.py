@@ -200,8 +200,11 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     dist = init_distributed(cfg.distributed, "cpu" if not torch.cuda.is_available() else cfg.device)
     try:
         arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
-        model, _ = build_models(cfg, dist, arch, with_reference=False)
-        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        # Full fine-tuning: the checkpoint holds every parameter (DCP raises for one it lacks), so the
+        # pretrained weights are not read; LoRA: the frozen base comes from model.path as in training.
+        full = not cfg.model.lora_rank
+        model, _ = build_models(cfg, dist, arch, with_reference=False, fill=not full)
+        options = StateDictOptions(ignore_frozen_params=not full, strict=full)
         state = {"model": get_model_state_dict(model, options=options)}
         try:
             with warnings.catch_warnings():
