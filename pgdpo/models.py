@@ -123,14 +123,23 @@ def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     if dtype == torch.float32:
         return model  # diffusers initialises in fp32 already
     nn.Module.to(model, dtype)
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    # Match by name component, as from_pretrained does; this also catches bare Parameters such as
-    # Wan's per-block ``scale_shift_table``.
+    keep = set(keep_fp32_names(model))
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if any(k in name.split(".") for k in keep):
+            if name in keep:
                 tensor.data = tensor.data.float()
     return model
+
+
+def keep_fp32_names(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers diffusers keeps in fp32 (``_keep_in_fp32_modules``).
+
+    Matched by name component, as ``from_pretrained`` does; this also catches bare Parameters such as
+    Wan's per-block ``scale_shift_table``.
+    """
+    keep = getattr(unwrap_model(model), "_keep_in_fp32_modules", None) or []
+    return [name for name, _ in [*model.named_parameters(), *model.named_buffers()]
+            if any(k in name.split(".") for k in keep)]
 
 
 def build_model(name_or_config: str | dict, *, device: str | torch.device = "cpu",
@@ -300,7 +309,9 @@ def adapter_for(model_or_config: nn.Module | str | dict) -> ModelAdapter:
     """The :class:`ModelAdapter` of a model (diffusers, or wrapped by peft), a model name, or a config."""
     if isinstance(model_or_config, nn.Module):
         base = unwrap_model(model_or_config)
-        class_name = type(base).__name__
+        # FSDP2 swaps the class for a subclass (FSDPWanTransformer3DModel): look up the diffusers class.
+        class_name = next((c.__name__ for c in type(base).__mro__ if c.__name__ in _CLASSES),
+                          type(base).__name__)
         if class_name not in _CLASSES:
             raise TypeError(f"unsupported model class {class_name}; expected one of {list(_CLASSES)}")
         config = {"_class_name": class_name, **dict(base.config)}

@@ -83,7 +83,7 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 #: what a run writes in its output folder (the dataset and anything else are left alone)
 RUN_ARTIFACTS = ("metrics.jsonl", "tensorboard", "config.yaml", "loss.png", "alpha_gamma.png",
-                 "likelihood.png")
+                 "likelihood.png", "final")
 
 
 def archive_previous_run(output_dir: str) -> str | None:

@@ -4,21 +4,15 @@ Every key is checked: a misspelt key is an error naming it (with the closest val
 wrong type or out of range is an error naming the key and the value. YAML is read with
 ``yaml.safe_load``. ``TrainConfig.to_dict()`` gives back a plain dict (written next to the checkpoints).
 
-Schema (section -> keys; defaults in the dataclasses below)::
+One schema, one validation: the dataclasses below are the schema (``pgdpo train --help`` lists every key
+with its default); a field's type and ``metadata`` (``choices``, ``min``/``max``/``gt``/``lt``) are checked
+as it is set, :meth:`TrainConfig.validate` does the cross-field checks and runs the loss's own validator
+on the ``method`` fields marked ``LOSS``. Everything is checked before any weight is read, and the
+trainer, ``pgdpo plan`` and ``pgdpo export`` all read configs through :func:`load_config` /
+:func:`from_dict`. Adding a key is adding a field (plus, for a loss keyword, ``**LOSS`` in its metadata).
 
-    output_dir, seed, device
-    model:        name, path, precision, attention, gradient_checkpointing, lora_rank, lora_alpha,
-                  lora_targets, disable_dropout
-    data:         path, synthesize, synth_pairs, synth_difference, height, width, frames, text_len,
-                  shuffle
-    method:       name, beta, k1, k2, eps, ipr_target, weighting, margin, eps_rel, k_controller,
-                  detach_weights, backend, schedule, flow_shift, flow_density, reference, ref_ema_every,
-                  ref_ema_rate, timestep_weighting, timestep_bins, timestep_momentum
-    optim:        name, lr, betas, weight_decay, eps, grad_clip, scheduler, warmup_steps
-    train:        max_steps, batch_size, micro_batch_size, log_every
-    distributed:  strategy, backend, reshard_after_forward
-    checkpoint:   save_every, keep_last, resume, overwrite
-    logging:      trackers, run_name, plots, progress, diagnostics_every
+Sections: output_dir, seed, device (top level); model, data, method, optim, train, distributed,
+checkpoint, logging.
 """
 
 from __future__ import annotations
@@ -51,6 +45,11 @@ class ConfigError(ValueError):
 
 def _choice(*choices):
     return {"choices": choices}
+
+
+#: field metadata of a MethodConfig key that is a keyword of ``pgdpo.PGDPOLoss`` (passed on as it is and
+#: validated by the loss's own ``LossOptions`` at config load): a new loss option is one field here.
+LOSS = {"loss": True}
 
 
 @dataclass
@@ -102,22 +101,23 @@ class DataConfig:
 class MethodConfig:
     #: pgdpo | dpo | ars | ipr (the PG-DPO loss, paper Tab. 2 rows) | sft (diffusion MSE on chosen)
     name: str = field(default="pgdpo", metadata=_choice(*METHODS))
-    beta: float = field(default=100.0, metadata={"gt": 0})
-    k1: float = field(default=10.0, metadata={"min": 0})
-    k2: float = field(default=10.0, metadata={"min": 0})
-    eps: float = field(default=1e-6, metadata={"min": 0})
-    ipr_target: str = field(default="anchor", metadata=_choice("anchor", "reward"))
-    weighting: str = field(default="sample", metadata=_choice("sample", "element"))
+    beta: float = field(default=100.0, metadata={"gt": 0, **LOSS})
+    k1: float = field(default=10.0, metadata={"min": 0, **LOSS})
+    k2: float = field(default=10.0, metadata={"min": 0, **LOSS})
+    #: margin denominator guard; 0 would make the margin 0/0 at initialisation (policy == reference)
+    eps: float = field(default=1e-6, metadata={"gt": 0, **LOSS})
+    ipr_target: str = field(default="anchor", metadata={**_choice("anchor", "reward"), **LOSS})
+    weighting: str = field(default="sample", metadata={**_choice("sample", "element"), **LOSS})
     #: normalised margin: signed (the paper's Eq. 7) | abs (the reward-margin sign); docs/margin.md
-    margin: str = field(default="signed", metadata=_choice("signed", "abs"))
+    margin: str = field(default="signed", metadata={**_choice("signed", "abs"), **LOSS})
     #: relative guard of the margin's denominator, eps + eps_rel * MSE_ref (0 = the paper's); docs/margin.md
-    eps_rel: float = field(default=0.0, metadata={"min": 0})
+    eps_rel: float = field(default=0.0, metadata={"min": 0, **LOSS})
     #: adapt K1 / K2 each step to keep alpha / gamma in the paper's ranges (pgdpo.diagnostics.K1K2Controller;
     #: its state is checkpointed); off by default
     k_controller: bool = False
-    detach_weights: bool = True
+    detach_weights: bool = field(default=True, metadata=LOSS)
     #: loss backend: auto (triton on CUDA, fused C++ on CPU), triton, cpu, torch
-    backend: str = field(default="auto", metadata=_choice(*LOSS_BACKENDS))
+    backend: str = field(default="auto", metadata={**_choice(*LOSS_BACKENDS), **LOSS})
     #: noise schedule: flow (Wan, flow matching) | ddpm-eps | ddpm-v (VideoCrafter2-style UNets)
     schedule: str = field(default="flow", metadata=_choice(*SCHEDULES))
     #: flow schedule: timestep shift (Wan2.1: 3.0 at 480p, 5.0 at 720p) and the density of the draws
@@ -216,8 +216,21 @@ class TrainConfig:
         return _to_plain(dataclasses.asdict(self))
 
     def validate(self) -> TrainConfig:
-        """Cross-field checks (single fields are checked as they are set)."""
+        """Every check that needs no file and no weights: the one place a config is validated (the
+        trainer, ``pgdpo plan`` and the CLI all load configs through :func:`load_config` /
+        :func:`from_dict`, which end here). Single fields are checked as they are set; here the
+        cross-field rules, and the loss options by the loss's own validator."""
+        from ..models import MODEL_CONFIGS
+
+        if self.model.path is None and self.model.name not in MODEL_CONFIGS:
+            raise ConfigError(f"model.name must be one of {sorted(MODEL_CONFIGS)} (or set model.path to a "
+                              f"diffusers folder), got {self.model.name!r}")
         m = self.method
+        if m.name != "sft":
+            try:
+                loss_from_config(m)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"method: {exc}") from None
         if m.ref_ema_every and m.reference != "copy":
             raise ConfigError("method.ref_ema_every > 0 needs method.reference: copy (an EMA reference is a "
                               f"separate copy of the weights), got method.reference: {m.reference}")
@@ -260,6 +273,19 @@ class TrainConfig:
 
     def data_path(self) -> str:
         return os.path.expanduser(self.data.path.replace("{output_dir}", self.output_dir))
+
+
+def loss_kwargs(method: MethodConfig) -> dict:
+    """The ``pgdpo.PGDPOLoss`` keywords of a method section: ``method`` and the fields marked LOSS."""
+    return {"method": method.name, **{f.name: getattr(method, f.name) for f in dataclasses.fields(method)
+                                      if f.metadata.get("loss")}}
+
+
+def loss_from_config(method: MethodConfig):
+    """The configured ``pgdpo.PGDPOLoss`` (its ``LossOptions`` validates the values)."""
+    from ..loss import PGDPOLoss
+
+    return PGDPOLoss(**loss_kwargs(method))
 
 
 # ------------------------------------------------------------------------------------------ loading

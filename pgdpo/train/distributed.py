@@ -7,6 +7,7 @@ needs no launcher. NCCL on GPU, gloo on CPU; the same code path either way.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -162,15 +163,25 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
     """Shard (FSDP2), replicate (DDP) or keep ``model`` as it is, after moving it to the device.
 
     FSDP2: ``fully_shard`` on each block, then on the root; with bf16 on GPU a
-    ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (fp32 sharded master weights). A frozen
+    ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (fp32 sharded master weights). The
+    parameters diffusers keeps in fp32 (``_keep_in_fp32_modules``: time embedder, norms, Wan's
+    ``scale_shift_table``; small) are left out of the sharding (``ignored_params``): replicated, fp32 in
+    the forward whatever the policy, their gradients averaged by :func:`sync_replicated_grads`. A frozen
     model (``trainable=False``, the reference) is sharded the same way. DDP wraps only trainable models.
+    A model on the meta device stays there (FSDP2 shards it without memory; ``to_empty`` follows).
     """
-    model.to(state.device)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model.to(state.device)
     if state.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from ..models import keep_fp32_names
+
         compute = mixed_precision_dtype(precision, state.device)
-        kwargs = {"reshard_after_forward": reshard_after_forward}
+        params = dict(model.named_parameters())
+        kwargs = {"reshard_after_forward": reshard_after_forward,
+                  "ignored_params": {params[n] for n in keep_fp32_names(model) if n in params} or None}
         if compute is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         for block in blocks:
@@ -183,6 +194,45 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
         ids = [state.device.index] if state.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     return model
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "placements")
+
+
+def sync_replicated_grads(params: list[torch.Tensor], state: DistState) -> None:
+    """Average over ranks the gradients of the parameters FSDP2 leaves replicated (``ignored_params``);
+    call once per optimiser step, after the last backward (sharded ones are reduce-scattered by FSDP2)."""
+    if state.strategy != "fsdp" or state.world_size == 1:
+        return
+    for p in params:
+        if p.grad is not None and not is_sharded(p):
+            all_reduce_(p.grad)
+            p.grad.div_(state.world_size)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Global gradient 2-norm over sharded (DTensor) and replicated parameters, clipped to ``max_norm``.
+
+    ``torch.nn.utils.clip_grad_norm_`` cannot mix DTensors and tensors in one call, so each kind is
+    measured on its own (``get_total_norm``) and the two are combined.
+    """
+    from torch.nn.utils import get_total_norm
+
+    grads = [[p.grad for p in params if p.grad is not None and is_sharded(p)],
+             [p.grad for p in params if p.grad is not None and not is_sharded(p)]]
+    norms = []
+    for group in grads:
+        if group:
+            norm = get_total_norm(group)
+            norms.append(float(norm.full_tensor() if is_sharded(norm) else norm))
+    total = math.sqrt(sum(n * n for n in norms))
+    coef = max_norm / (total + 1e-6)  # torch.nn.utils.clip_grad_norm_'s coefficient
+    if coef < 1:
+        for group in grads:
+            if group:
+                torch._foreach_mul_(group, coef)
+    return float(total)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

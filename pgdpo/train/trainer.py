@@ -34,8 +34,17 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import ConfigError, TrainConfig
-from .distributed import DistState, all_reduce_, init_distributed, mixed_precision_dtype, wrap_model
+from .config import ConfigError, TrainConfig, loss_from_config
+from .distributed import (
+    DistState,
+    all_reduce_,
+    clip_grad_norm,
+    init_distributed,
+    is_sharded,
+    mixed_precision_dtype,
+    sync_replicated_grads,
+    wrap_model,
+)
 from .metrics import MetricsLog, peak_memory_gb, reduce_stats
 
 
@@ -61,7 +70,7 @@ class Trainer:
     """Set up from a :class:`TrainConfig` (collective: every rank builds one), then :meth:`train`."""
 
     def __init__(self, config: TrainConfig):
-        self.cfg = config
+        self.cfg = config.validate()  # (load_config already did; a config built in code gets it here)
         self.dist: DistState = init_distributed(config.distributed, config.device)
         self.out = config.output_dir
         self.is_main = self.dist.is_main
@@ -105,8 +114,9 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)
 
         from ..models import adapter_for, resolve_config
+        from .loading import pretrained_config
 
-        self.arch = self._pretrained_config() if cfg.model.path else resolve_config(cfg.model.name)
+        self.arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
         self.adapter = adapter_for(self.arch)
         self._prepare_data()
         self._build_models()
@@ -195,52 +205,28 @@ class Trainer:
                       difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True, progress=False,
                       **extra)
 
-    def _pretrained_config(self) -> dict:
-        import json
-
-        path = self.cfg.model.path
-        for folder in (path, os.path.join(path, "transformer"), os.path.join(path, "unet")):
-            file = os.path.join(folder, "config.json")
-            if os.path.isfile(file):
-                with open(file) as f:
-                    return json.load(f)
-        raise ConfigError(f"model.path: no config.json in {path} (nor in its transformer/ or unet/ "
-                          "subfolder)")
-
     def _build_models(self) -> None:
-        from ..loss import PGDPOLoss
-        from ..models import adapter_for, build_model, load_model
+        """Policy and reference on meta, sharded, materialised and filled (:mod:`pgdpo.train.loading`)."""
+        from ..models import adapter_for
         from ..step import PreferenceStep
+        from .loading import build_models
         from .sft import SFTStep
         from .weighting import TimestepWeighting
 
-        cfg, m, meth = self.cfg, self.cfg.model, self.cfg.method
+        m, meth = self.cfg.model, self.cfg.method
         compute = mixed_precision_dtype(m.precision, self.dist.device)
         if m.precision == "bf16" and compute is None:
             self.info("model.precision bf16 runs in fp32 on CPU")
         autocast = compute if self.dist.strategy != "fsdp" else None  # FSDP2: MixedPrecisionPolicy
 
-        def base_model(dtype: torch.dtype) -> torch.nn.Module:
-            """The initial weights (pretrained, or random from ``seed``): the same on every call and rank."""
-            if m.path:
-                return load_model(m.path, dtype=dtype)
-            return build_model(m.name, seed=cfg.seed, dtype=dtype)
-
-        if m.lora_rank:
-            from peft import LoraConfig
-
-            # The frozen base only runs in the compute dtype; the trained adapters stay fp32.
-            model = base_model(compute or torch.float32).requires_grad_(False)
-            model.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank,
-                                         target_modules=list(m.lora_targets), init_lora_weights=True))
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.float()
-                    p.requires_grad_(True)
-        else:
-            model = base_model(torch.float32)
+        with_reference = meth.name != "sft" and meth.reference == "copy"
+        model, reference = build_models(self.cfg, self.dist, self.arch, with_reference=with_reference)
         self.adapter = adapter_for(model)
         model.train()
+        if reference is not None and m.lora_rank:
+            self.info("note: model.lora_rank > 0 with method.reference: copy keeps a second copy of the base "
+                      "weights; method.reference: lora uses the policy with its adapters off instead (same "
+                      "reference, no copy)")
 
         self.weighting = None
         if meth.timestep_weighting == "inverse-std":
@@ -250,40 +236,22 @@ class Trainer:
             schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
         checkpointing = "every" if m.gradient_checkpointing else None
 
-        reference = None
         if meth.name == "sft":
             step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
                            schedule_options=schedule_options, attention_backend=m.attention,
                            checkpointing=1 if checkpointing else 0, autocast_dtype=autocast,
                            disable_dropout=m.disable_dropout)
         else:
-            if meth.reference == "copy":
-                # Built again rather than deep-copied: no second fp32 copy of the policy in host memory.
-                # A frozen reference only runs no-grad forwards, so it is stored in the compute dtype (bf16
-                # on GPU); an EMA reference stays fp32 (small updates vanish in bf16). With LoRA it is the
-                # base without adapters (equal to the policy at the start: LoRA B starts at zero).
-                dtype = torch.float32 if meth.ref_ema_every else (compute or torch.float32)
-                reference = base_model(dtype)
-                if m.lora_rank:
-                    self.info("note: model.lora_rank > 0 with method.reference: copy keeps a second copy of "
-                              "the base weights; method.reference: lora uses the policy with its adapters "
-                              "off instead (same reference, no copy)")
-            loss = PGDPOLoss(method=meth.name, beta=meth.beta, k1=meth.k1, k2=meth.k2, eps=meth.eps,
-                             ipr_target=meth.ipr_target, weighting=meth.weighting, margin=meth.margin,
-                             eps_rel=meth.eps_rel, detach_weights=meth.detach_weights, backend=meth.backend)
-            step = PreferenceStep(model, reference, meth.schedule, loss, sample_weight_fn=self.weighting,
-                                  schedule_options=schedule_options, attention_backend=m.attention,
-                                  checkpointing=checkpointing, autocast_dtype=autocast,
-                                  disable_dropout=m.disable_dropout)
+            step = PreferenceStep(model, reference, meth.schedule, loss_from_config(meth),
+                                  sample_weight_fn=self.weighting, schedule_options=schedule_options,
+                                  attention_backend=m.attention, checkpointing=checkpointing,
+                                  autocast_dtype=autocast, disable_dropout=m.disable_dropout)
         if self.weighting is not None:
             self.weighting.num_train_timesteps = float(step.schedule.num_train_timesteps)
 
-        reshard = cfg.distributed.reshard_after_forward
-        policy = wrap_model(model, self.adapter.blocks(model), self.dist, precision=m.precision,
-                            reshard_after_forward=reshard)
-        if reference is not None:
-            wrap_model(reference, self.adapter.blocks(reference), self.dist, precision=m.precision,
-                       reshard_after_forward=reshard, trainable=False)
+        policy = model
+        if self.dist.strategy == "ddp":  # DDP wraps a materialised model
+            policy = wrap_model(model, [], self.dist, precision=m.precision)
         if policy is not model:  # DDP: the step calls the wrapper (gradient sync); peft / dtype look inside
             policy.get_base_model = lambda: policy.module
             step.policy = policy
@@ -296,10 +264,10 @@ class Trainer:
         self.ema_reference = reference if meth.ref_ema_every else None
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        lora = f", LoRA rank {m.lora_rank}" if m.lora_rank else ""
+        lora_note = f", LoRA rank {m.lora_rank}" if m.lora_rank else ""
         ema = f" (EMA every {meth.ref_ema_every} steps)" if meth.ref_ema_every else ""
         self.info(f"model {m.path or m.name} ({self.adapter.family}): {n_all:,} parameters "
-                  f"({n_train:,} trained{lora}), "
+                  f"({n_train:,} trained{lora_note}), "
                   f"{self.dist.world_size} process(es), strategy {self.dist.strategy}, device "
                   f"{self.dist.device}; method {meth.name}, reference "
                   f"{'none' if meth.name == 'sft' else meth.reference}"
@@ -313,8 +281,11 @@ class Trainer:
         if not self.params:
             raise ConfigError("the policy has no trainable parameters (model.lora_targets matched no "
                               "module?)")
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        # Sharded (DTensor) and replicated (fp32-kept, FSDP2 ignored_params) parameters in separate groups:
+        # the foreach kernels of one group cannot mix the two kinds.
+        groups = [[p for p in self.params if is_sharded(p)], [p for p in self.params if not is_sharded(p)]]
+        self.optimizer = torch.optim.AdamW([{"params": g} for g in groups if g], lr=o.lr,
+                                           betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.lr_scheduler = get_scheduler(o.scheduler, self.optimizer, num_warmup_steps=o.warmup_steps,
                                           num_training_steps=self.cfg.train.max_steps)
 
@@ -425,9 +396,9 @@ class Trainer:
                 weights.append(out.sample_weight.detach())
             if self.weighting is not None:
                 self.weighting.observe(out.timesteps, out.stats["reward_margin"])
+        sync_replicated_grads(self.params, self.dist)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = clip_grad_norm(self.params, max_norm)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(
                 f"step {step}: the gradient norm is {grad_norm} (loss {float(losses[-1])}); the optimiser "
@@ -526,7 +497,15 @@ class Trainer:
         finally:
             bar.close()
         wall = time.perf_counter() - t_start
+        final = None
+        if saved_at >= max_steps:  # finished (not stopped by a signal): the model users load
+            from .export import export_model
+
+            final = export_model(self.model, os.path.join(self.out, "final"), dist=self.dist)
+            kind = "diffusers LoRA weights" if cfg.model.lora_rank else "diffusers save_pretrained layout"
+            self.info(f"wrote {final} ({kind})")
         summary = self._summary(wall, saved_at)
+        summary["final"] = final
         summary["signal"] = stop.signal
         if self.is_main and cfg.logging.plots:
             from .plots import write_plots
@@ -633,6 +612,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"  metrics         {os.path.join(s['output_dir'], 'metrics.jsonl')}")
     if s.get("checkpoint"):
         lines.append(f"  checkpoint      {s['checkpoint']}")
+    if s.get("final"):
+        lines.append(f"  final model     {s['final']} (diffusers: from_pretrained / load_lora_adapter)")
     if s.get("plots"):
         lines.append(f"  plots           {', '.join(s['plots'])}")
     return "\n".join(lines)
