@@ -257,10 +257,10 @@ class Trainer:
             step.policy = policy
         self.model, self.policy, self.reference, self.step_fn = model, policy, reference, step
         self.controller = None
-        if cfg.method.k_controller:
+        if meth.k_controller:
             from ..diagnostics import K1K2Controller
 
-            self.controller = K1K2Controller(cfg.method.k1, cfg.method.k2, enabled=True)
+            self.controller = K1K2Controller(meth.k1, meth.k2, enabled=True)
         self.ema_reference = reference if meth.ref_ema_every else None
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
