@@ -131,7 +131,8 @@ class Trainer:
         """(checkpoint to resume from or None, checkpoint folders to delete once a new one is written)."""
         ck = self.cfg.checkpoint
         existing = list_checkpoints(self.out)
-        path = resolve_resume(ck.resume, self.out)
+        path = resolve_resume(ck.resume, self.out,
+                              log=lambda message: print(f"pgdpo train: {message}", file=self.log_file))
         if path is not None:
             step = int(read_summary(path)["step"])
             stale = [p for s, p in existing if s > step]
@@ -383,6 +384,28 @@ class Trainer:
         dev = self.dist.device
         return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
+    def _next_batch(self, data_iter) -> dict:
+        """The next batch; a damaged shard or a non-finite pair (:class:`DataError` from the loader, which
+        verifies each shard's checksum on first read) stops every rank before the step, naming the file."""
+        from ..data.format import DataError
+
+        batch, error = None, None
+        try:
+            batch = next(data_iter)
+        except DataError as exc:
+            error = exc
+        if self.dist.world_size > 1 and not self.dist.all_ok(error is None):
+            import torch.distributed as dist
+
+            messages = [None] * self.dist.world_size
+            dist.all_gather_object(messages, None if error is None else str(error))
+            if error is None:
+                rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+                error = DataError(f"rank {rank}: {message}")
+        if error is not None:
+            raise error
+        return batch
+
     def _grad_sync(self, last: bool):
         """DDP: no all-reduce on the micro-batches before the last one. FSDP2: reduce-scatter every one
         (sharded gradients accumulate; nothing unsharded is kept between micro-batches)."""
@@ -398,7 +421,7 @@ class Trainer:
         t0 = time.perf_counter()
         chunks, losses, tokens, flops, weights = [], [], 0, 0, []
         for micro in range(self.grad_accum):
-            batch = self._to_device(next(data_iter))
+            batch = self._to_device(self._next_batch(data_iter))
             gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.rank, micro))
             with self._grad_sync(micro == self.grad_accum - 1):
                 out = self.step_fn(batch, gen)
@@ -508,7 +531,9 @@ class Trainer:
         out = {"output_dir": self.out, "method": self.cfg.method.name, "steps": saved_at,
                "model": self.cfg.model.path or self.cfg.model.name, "processes": self.dist.world_size,
                "strategy": self.dist.strategy, "wall_s": wall, "trained_steps": saved_at - self.start_step,
-               "checkpoint": os.path.join(self.out, f"checkpoint-{saved_at}") if saved_at else None}
+               "checkpoint": os.path.join(self.out, f"checkpoint-{saved_at}") if saved_at else None,
+               "data_verified_shards": len(self.dataset.verified),
+               "data_verify_s": self.dataset.verify_seconds}
         if records:
             tail = records[-max(1, min(10, len(records) // 5 or 1)):]
             mean = lambda key, rs: (sum(r[key] for r in rs if isinstance(r.get(key), (int, float)))
@@ -595,6 +620,9 @@ def format_summary(s: dict) -> str:
             lines.append(f"  MSE chosen      policy {tm['mse_policy_chosen']:.5g}")
         lines.append(f"  throughput      {tm['tokens_per_s']:.4g} tokens/s, {tm['step_time_s']:.3g} s/step, "
                      f"peak memory {s.get('peak_mem_gb', float('nan')):.2f} GB")
+    if s.get("data_verified_shards"):
+        lines.append(f"  data checksums  {s['data_verified_shards']} shard(s) verified on first read in "
+                     f"{s['data_verify_s']:.3g} s")
     lines.append(f"  metrics         {os.path.join(s['output_dir'], 'metrics.jsonl')}")
     if s.get("checkpoint"):
         lines.append(f"  checkpoint      {s['checkpoint']}")
