@@ -164,7 +164,7 @@ def verify_checkpoint(path: str) -> bool:
 
 
 #: what a run writes in its output folder (the dataset and anything else are left alone)
-RUN_ARTIFACTS = ("metrics.jsonl", "tensorboard", "config.yaml", "loss.png", "alpha_gamma.png",
+RUN_ARTIFACTS = ("metrics.jsonl", "tensorboard", "config.yaml", "samples", "loss.png", "alpha_gamma.png",
                  "likelihood.png")
 
 

@@ -9,8 +9,8 @@ Schema (section -> keys; defaults in the dataclasses below)::
     output_dir, seed, device
     model:        name, path, precision, attention, gradient_checkpointing, lora_rank, lora_alpha,
                   lora_targets
-    data:         path, synthesize, synth_pairs, synth_difference, height, width, frames, text_len,
-                  shuffle
+    data:         path, synthesize, synth_kind, synth_pairs, synth_difference, height, width, frames,
+                  text_len, shuffle
     method:       name, beta, k1, k2, eps, ipr_target, weighting, detach_weights, backend, schedule,
                   flow_shift, flow_density, reference, ref_ema_every, ref_ema_rate,
                   timestep_weighting, timestep_bins, timestep_momentum
@@ -19,6 +19,7 @@ Schema (section -> keys; defaults in the dataclasses below)::
     distributed:  strategy, backend, reshard_after_forward
     checkpoint:   save_every, keep_last, resume, overwrite
     logging:      trackers, run_name, plots, progress, diagnostics_every
+    validation:   every, num_prompts, data, steps, seed, vae, reward, scale, fps
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class DataConfig:
     path: str = "{output_dir}/data"
     #: write a synthetic dataset (``pgdpo data synth``) at ``path`` when it does not exist
     synthesize: bool = False
+    #: random (noise latents, rejected = noisier chosen) | motion (a blob moving the prompt's way in
+    #: chosen, another way or jittering in rejected: a preference to learn; pgdpo.data.synth)
+    synth_kind: str = field(default="random", metadata=_choice("random", "motion"))
     #: pairs in the synthetic dataset
     synth_pairs: int = field(default=64, metadata={"min": 1})
     #: synthetic rejected = sqrt(1 - d^2) chosen + d noise (d in [0, 1])
@@ -187,6 +191,29 @@ class LoggingConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation samples (pgdpo.train.validation): GIFs in output_dir/samples/, a before/after grid."""
+
+    #: sample every this many optimiser steps, and at step 0 and at the end (0 = off)
+    every: int = field(default=0, metadata={"min": 0})
+    #: how many fixed prompts: the first pairs' conditions of ``data``
+    num_prompts: int = field(default=4, metadata={"min": 1})
+    #: dataset folder with the validation prompts' embeddings (None = the training dataset)
+    data: str | None = None
+    #: sampler steps (flow: Euler; UNet: DDIM)
+    steps: int = field(default=20, metadata={"min": 1})
+    #: seed of the initial noise (the same at every validation step)
+    seed: int = 0
+    #: local diffusers VAE folder to decode with (None = the linear latent-to-RGB preview)
+    vae: str | None = None
+    #: optional "module:function" scoring the decoded samples: fn(videos [N,F,H,W,3] in [0,1], prompts)
+    reward: str | None = None
+    #: upscale factor of the written frames (nearest neighbour), and GIF frame rate
+    scale: int = field(default=16, metadata={"min": 1})
+    fps: int = field(default=4, metadata={"min": 1})
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/pgdpo"
     seed: int = 0
@@ -200,6 +227,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -231,6 +259,8 @@ class TrainConfig:
             if t not in TRACKERS:
                 raise ConfigError(f"logging.trackers: unknown tracker {t!r}; expected some of "
                                   f"{list(TRACKERS)}")
+        if self.validation.reward is not None and ":" not in self.validation.reward:
+            raise ConfigError(f"validation.reward must be 'module:function', got {self.validation.reward!r}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.optim.betas)}")
         return self

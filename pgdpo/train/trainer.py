@@ -118,6 +118,11 @@ class Trainer:
         self.metrics = MetricsLog(self.out, active=self.is_main, resume_step=self.start_step,
                                   trackers=cfg.logging.trackers, run_name=cfg.logging.run_name,
                                   config=cfg.to_dict())
+        self.validator = None
+        if cfg.validation.every:
+            from .validation import Validator
+
+            self.validator = Validator(self)
         if self.is_main:
             import yaml
 
@@ -186,15 +191,15 @@ class Trainer:
 
         cfg, a = self.cfg, self.adapter
         shape = latent_shape_for(cfg, a)
-        print(f"pgdpo train: writing a synthetic dataset of {cfg.data.synth_pairs} pairs, latents {shape}, "
-              f"to {path}", file=self.log_file, flush=True)
+        print(f"pgdpo train: writing a synthetic {cfg.data.synth_kind} dataset of {cfg.data.synth_pairs} "
+              f"pairs, latents {shape}, to {path}", file=self.log_file, flush=True)
         extra = {}
         if a.family == "wan-i2v":
             extra = {"image_len": 257 if a.image_dim >= 1280 else 8, "image_dim": a.image_dim}
         synth_dataset(path, pairs=cfg.data.synth_pairs, task="i2v" if a.family == "wan-i2v" else "t2v",
                       latent_shape=shape, text_len=cfg.data.text_len, text_dim=a.text_dim,
                       difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True, progress=False,
-                      **extra)
+                      kind=cfg.data.synth_kind, **extra)
 
     def _pretrained_config(self) -> dict:
         import json
@@ -494,6 +499,8 @@ class Trainer:
         if self.start_step >= max_steps:
             self.info(f"already at step {self.start_step} >= train.max_steps {max_steps}: nothing to train")
         stop = _StopRequest()
+        if self.validator is not None and self.start_step == 0:
+            self.validator.run(0)  # the "before" samples
         try:
             with stop.installed():
                 for step in range(self.start_step + 1, max_steps + 1):
@@ -507,6 +514,8 @@ class Trainer:
                     if (save_every and step % save_every == 0) or step == max_steps or stopping:
                         self.save(step, last)
                         saved_at = step
+                    if self.validator is not None and (self.validator.due(step, max_steps) or stopping):
+                        self.validator.run(step)
                     if stopping:
                         self.info(f"stopped by a signal after step {step}; checkpoint-{step} written "
                                   "(continue with --resume latest)")
@@ -516,6 +525,8 @@ class Trainer:
         wall = time.perf_counter() - t_start
         summary = self._summary(wall, saved_at)
         summary["signal"] = stop.signal
+        if self.validator is not None:
+            summary["samples"] = self.validator.finish()
         if self.is_main and cfg.logging.plots:
             from .plots import write_plots
 
@@ -628,6 +639,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  checkpoint      {s['checkpoint']}")
     if s.get("plots"):
         lines.append(f"  plots           {', '.join(s['plots'])}")
+    if s.get("samples"):
+        lines.append(f"  samples         {os.path.dirname(s['samples'])}/step-*/*.gif, {s['samples']}")
     return "\n".join(lines)
 
 
