@@ -9,8 +9,9 @@ partial rsync, a disk that returns garbage): the safetensors header of a shard c
 tensor payload is not, which no header check notices. It is not a defence against someone who can
 rewrite both a file and its recorded checksum.
 
-Cost: one sequential read of the file plus hashing at about 0.5-1 GB/s per core (measured in
-``bench/NOTES.md`` and the README); see :func:`measure_throughput`.
+Cost: one sequential read of the file plus hashing; measured 0.19-0.24 GB/s per core on a heavily shared
+2-core machine (README, "Data and checkpoints that cannot rot silently"); :func:`measure_throughput`
+measures this machine.
 """
 
 from __future__ import annotations

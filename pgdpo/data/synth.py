@@ -7,9 +7,13 @@ many pairs are made.
 (a Gaussian in space, whose channel vector previews as orange through :mod:`pgdpo.preview`) on a faint
 noise background, moving over the latent frames. The prompt names a direction (right, left, down, up:
 a fixed random "word" embedding per direction on the first token rows, plus per-pair noise). In
-``chosen`` the blob moves smoothly in the prompt's direction; in ``rejected``, from the same start, it
-moves in another direction (half of the pairs) or jitters in place (the other half). Chosen and rejected
-share the background, so a pair differs only in the motion. Scores 1 and 0.
+``chosen`` the blob moves smoothly in the prompt's direction along a path centred on the frame (so it
+starts on the side it comes from); in ``rejected``, from the same start, it jitters in place (options:
+``rejected="walk"`` a random walk, ``wrong_fraction`` of the pairs moving another way). Chosen and
+rejected share the background, so a pair differs only in the motion. Scores 1 and 0. On the demo's
+randomly initialised tiny model this is learnt in about 100 steps; with the path's start independent of
+the direction (only the prompt telling it), it was not learnt in 250 steps (implicit accuracy stayed
+below 0.5): the tiny model is slow to learn the text conditioning.
 
 ``kind="random"``:
 
@@ -66,7 +70,8 @@ def direction_embedding(direction: str, text_len: int, text_dim: int, seed: int)
 
 def motion_pair(index: int, *, latent_shape, text_len: int, text_dim: int, seed: int,
                 speed: float | None = None, radius: float | None = None, background: float = 0.1,
-                amplitude: float = 3.0, start_spread: float = 0.0, wrong_fraction: float = 0.0) -> dict:
+                amplitude: float = 3.0, start_spread: float = 0.0, wrong_fraction: float = 0.0,
+                directions: tuple[str, ...] | None = None, rejected: str = "jitter") -> dict:
     """Tensors (float32), prompt and scores of pair ``index`` of the ``kind="motion"`` dataset."""
     from ..preview import rgb_to_latent
 
@@ -74,17 +79,24 @@ def motion_pair(index: int, *, latent_shape, text_len: int, text_dim: int, seed:
     c, f, h, w = (int(s) for s in latent_shape)
     speed = max(1.0, min(h, w) / max(2 * (f - 1), 1)) if speed is None else float(speed)
     radius = max(0.8, min(h, w) / 8) if radius is None else float(radius)
-    names = list(DIRECTIONS)
+    names = list(directions or DIRECTIONS)
     direction = names[int(torch.randint(len(names), (1,), generator=gen))]
     centre = torch.tensor([h / 2.0, w / 2.0])
-    start = centre + start_spread * (torch.rand(2, generator=gen) * 2 - 1)
+    # The path is centred on the frame: it starts behind the centre (seen from its direction), ends past it.
+    offset = -0.5 * speed * (f - 1) * torch.tensor(DIRECTIONS[direction])
+    start = centre + offset + start_spread * (torch.rand(2, generator=gen) * 2 - 1)
     steps = torch.arange(f, dtype=torch.float32).view(f, 1)
     good = start + speed * steps * torch.tensor(DIRECTIONS[direction])
     if float(torch.rand(1, generator=gen)) < wrong_fraction:  # a wrong direction
-        others = [n for n in names if n != direction]
+        others = [n for n in DIRECTIONS if n != direction]
         wrong = others[int(torch.randint(len(others), (1,), generator=gen))]
         bad = start + speed * steps * torch.tensor(DIRECTIONS[wrong])
         how = f"moves {wrong}"
+    elif rejected == "walk":  # a random walk: steps of the chosen speed in random directions
+        angles = torch.rand(f - 1, generator=gen) * (2 * math.pi)
+        walk = speed * torch.stack([torch.sin(angles), torch.cos(angles)], dim=1)
+        bad = start + torch.cat([torch.zeros(1, 2), walk.cumsum(0)])
+        how = "wanders"
     else:  # jitter around the start
         bad = start + speed * (torch.rand(f, 2, generator=gen) * 2 - 1)
         bad[0] = start

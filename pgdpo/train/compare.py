@@ -40,11 +40,11 @@ def format_comparison(runs: list[tuple[str, str]]) -> str:
     """``runs``: (method, output_dir) pairs -> the side-by-side table."""
     rows = [("implicit accuracy", "accuracy", "{:.3f}"), ("reward margin", "reward_margin", "{:.4g}")]
     stats = {method: tail_means(out) for method, out in runs}
-    width = max(12, *(len(m) for m, _ in runs))
-    lines = [f"pgdpo train --compare: mean of the last {TAIL} steps", " " * 26 + "".join(
+    width = max(18, *(len(m) for m, _ in runs))
+    lines = [f"pgdpo train --compare: mean of the last {TAIL} steps", " " * 28 + "".join(
         m.rjust(width + 2) for m, _ in runs)]
     for label, key, fmt in rows:
-        lines.append(label.ljust(26) + "".join(
+        lines.append(label.ljust(28) + "".join(
             (fmt.format(stats[m][key]) if key in stats[m] else "-").rjust(width + 2) for m, _ in runs))
     for half in ("chosen", "rejected"):
         cells = []
@@ -55,7 +55,7 @@ def format_comparison(runs: list[tuple[str, str]]) -> str:
                 cells.append(f"{s[f'mse_policy_{half}']:.4f} ({delta:+.4f})")
             else:
                 cells.append("-")
-        lines.append(f"MSE {half} (vs reference)".ljust(26) + "".join(c.rjust(width + 2) for c in cells))
+        lines.append(f"MSE {half} (vs reference)".ljust(28) + "".join(c.rjust(width + 2) for c in cells))
     lines.append("  (policy MSE and its change from the reference's; + on chosen: chosen likelihood fell, "
                  "i.e. likelihood displacement)")
     for m, out in runs:
