@@ -48,7 +48,8 @@ TIMING = ("step_time_s", "tokens_per_s", "pairs_per_s", "tflops_per_device", "pe
 def args(out, data=None, steps=3, *extra):
     argv = ["--config", DEMO, "--output-dir", str(out), "--max-steps", str(steps),
             "--logging.progress", "false", "--logging.trackers", "[]", "--logging.plots", "false",
-            "--train.batch_size", "2", "--train.micro_batch_size", "1", "--optim.warmup_steps", "0"]
+            "--train.batch_size", "2", "--train.micro_batch_size", "1", "--optim.warmup_steps", "0",
+            "--validation.every", "0"]
     if data is not None:
         argv += ["--data.path", data]
     return argv + list(extra)

@@ -36,7 +36,8 @@ def command(out, data, steps, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "pgdpo", "train", "--config", DEMO, "--output-dir", str(out), "--data.path", data,
             "--max-steps", str(steps), "--logging.progress", "false", "--logging.plots", "false",
-            "--logging.trackers", "[]", "--train.batch_size", "4", "--train.micro_batch_size", "1", *extra]
+            "--logging.trackers", "[]", "--train.batch_size", "4", "--train.micro_batch_size", "1",
+            "--validation.every", "0", *extra]
 
 
 def run(cmd):
@@ -117,3 +118,42 @@ def test_ddp_and_sft_two_processes(tmp_path, data):
     assert "strategy ddp" in proc.stderr
     rs = records(out)
     assert [r["step"] for r in rs] == [1, 2] and all(math.isfinite(r["loss"]) for r in rs)
+
+
+def test_fsdp_validation_samples_and_a_damaged_shard(tmp_path):
+    """Two-process FSDP2: every rank samples (the sharded forwards are collective), rank 0 writes the GIFs
+    and the grid; a shard with flipped payload bytes stops both ranks, naming it, before any checkpoint."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    motion = tmp_path / "motion"
+    synth_dataset(motion, pairs=8, latent_shape=(16, 3, 8, 8), text_len=16, text_dim=32, kind="motion",
+                  progress=False)
+    out = tmp_path / "fsdp"
+    proc = run(command(out, str(motion), 2, "--validation.every", "1", "--validation.num_prompts", "2",
+                       "--validation.steps", "2", "--validation.scale", "2"))
+    assert "strategy fsdp" in proc.stderr
+    for step in (0, 1, 2):
+        for i in (0, 1):
+            img = Image.open(out / "samples" / f"step-{step:06d}" / f"prompt-0{i}.gif")
+            frames = []
+            for k in range(img.n_frames):
+                img.seek(k)
+                frames.append(np.asarray(img.convert("RGB")).astype(float))
+            assert len(frames) == 3 and np.stack(frames).reshape(-1, 3).std(0).max() > 5
+    assert (out / "samples" / "before_after.png").stat().st_size > 0
+
+    bad = tmp_path / "bad"
+    shutil.copytree(motion, bad)
+    shard = bad / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-200] ^= 0xFF  # inside the payload, the header intact
+    shard.write_bytes(bytes(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command(tmp_path / "badrun", str(bad), 2, "--save-every", "1"), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert "shard-00000.safetensors: shard is corrupt" in proc.stderr
+    assert not list((tmp_path / "badrun").glob("checkpoint-*"))

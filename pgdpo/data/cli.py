@@ -118,14 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dim", type=int, default=1280, help="i2v: CLIP width (Wan: 1280)")
     p.add_argument("--difference", type=float, default=0.5, metavar="D",
                    help="chosen/rejected difference in [0, 1] (0: identical; score margin = D)")
+    p.add_argument("--kind", choices=("random", "motion"), default="random",
+                   help="random (the above) or motion: an orange blob moving the prompt's way in chosen, "
+                   "jittering in rejected (the demo's learnable preference; --difference is ignored)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=_dtype, default="float32", help="storage dtype (default float32)")
     p.add_argument("--shard-size", type=int, default=64, help="pairs per shard file (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset files in a non-empty --out")
 
-    p = sub.add_parser("check", help="validate a dataset folder (meta, index, shard headers)",
-                       description="Check dataset.json, every index.jsonl line and every shard header; "
-                       "--deep also reads every tensor and checks it is finite. Exit 1 naming the bad file.")
+    p = sub.add_parser("check", help="validate a dataset folder (meta, index, shard checksums and headers)",
+                       description="Check dataset.json, every index.jsonl line, every shard's checksum "
+                       "(recorded in dataset.json when it was written) and header; --deep also reads every "
+                       "tensor and checks it is finite. Exit 1 naming the bad file (and pair).")
     p.add_argument("dataset", metavar="DIR")
     p.add_argument("--deep", action="store_true", help="read every tensor too")
     p.add_argument("--json", action="store_true", help="print the dataset meta as JSON")
@@ -177,7 +181,8 @@ def _run(args) -> int:
         meta = synth_dataset(args.out, pairs=args.pairs, task=args.task, latent_shape=args.latent_shape,
                              text_len=args.text_len, text_dim=args.text_dim, difference=args.difference,
                              seed=args.seed, image_len=args.image_len, image_dim=args.image_dim,
-                             dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite)
+                             dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite,
+                             kind=args.kind)
         print(f"wrote {meta.num_pairs} synthetic {meta.task} pairs in {meta.num_shards} shard(s) "
               f"to {args.out}")
         return 0

@@ -32,7 +32,17 @@ from pathlib import Path
 import torch
 
 from .collate import collate
-from .format import DataError, DatasetMeta, IndexEntry, ShardReader, read_index, read_meta, read_pair
+from .format import (
+    DataError,
+    DatasetMeta,
+    IndexEntry,
+    ShardReader,
+    read_index,
+    read_meta,
+    read_pair,
+    verify_shard,
+    warn_no_checksums,
+)
 
 #: settings that fix the order of the batches; a saved state can only be loaded where they agree
 _ORDER_KEYS = ("seed", "shuffle", "drop_last", "mix_shards", "num_pairs")
@@ -58,12 +68,17 @@ class PreferenceDataset:
             in each batch; off by default so batches are exactly the ``PreferenceStep`` format.
         validate: open every shard's header now and check every indexed tensor is there with the indexed
             shape and dtype (cheap: headers only), so a bad file fails at start-up, not hours in.
+        verify: check each shard's bytes against its checksum in ``dataset.json`` the first time this
+            loader opens it, before any of its tensors is handed out (one extra sequential read of the
+            shard; :attr:`verify_seconds` totals the time). A dataset without checksums loads with a
+            warning.
+        check_finite: refuse a pair with a NaN or Inf value, naming the shard, pair and tensor.
     """
 
     def __init__(self, root: str | os.PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, mix_shards: int = 4,
                  dtype: torch.dtype | None = None, pin_memory: bool = False, with_ids: bool = False,
-                 validate: bool = True):
+                 validate: bool = True, verify: bool = True, check_finite: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -86,6 +101,11 @@ class PreferenceDataset:
                             f"(world_size {world_size} x batch_size {batch_size} = {self.global_batch}); "
                             "use drop_last=False, a smaller batch, or more data")
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
+        self.verify, self.check_finite = bool(verify), bool(check_finite)
+        self.verified: set[str] = set()  # shards whose checksum this loader has checked
+        self.verify_seconds = 0.0
+        if self.verify and self.meta.checksums is None:
+            warn_no_checksums(self.root)
         self.epoch, self.position = 0, 0
         self._order_cache: tuple[int, list[int]] | None = None
         if validate:
@@ -139,8 +159,22 @@ class PreferenceDataset:
 
     # ------------------------------------------------------------------------------------------ reading
 
+    def verify_shard(self, shard: str) -> None:
+        """Check ``shard`` against its checksum, once per loader (:class:`DataError` naming it if not)."""
+        if not self.verify or shard in self.verified:
+            return
+        import time
+
+        t0 = time.perf_counter()
+        verify_shard(self.root, shard, self.meta)
+        self.verify_seconds += time.perf_counter() - t0
+        self.verified.add(shard)
+
     def _reader(self, shard: str) -> ShardReader:
-        reader = self._readers.pop(shard, None) or ShardReader(self.root / shard)
+        reader = self._readers.pop(shard, None)
+        if reader is None:
+            reader = ShardReader(self.root / shard)  # a garbled header is named as such first
+            self.verify_shard(shard)
         self._readers[shard] = reader
         while len(self._readers) > self.mix_shards + 1:  # keep the current group (+1 across a boundary)
             self._readers.popitem(last=False)
@@ -151,7 +185,16 @@ class PreferenceDataset:
         if not 0 <= pair < self.num_pairs:
             raise IndexError(f"pair {pair} out of range [0, {self.num_pairs})")
         entry = self.entries[pair]
-        return read_pair(self._reader(entry.shard), entry)
+        tensors = read_pair(self._reader(entry.shard), entry)
+        if self.check_finite:
+            for name, tensor in tensors.items():
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    where = f"{self.root / entry.shard}: pair {pair} (prompt_id {entry.prompt_id!r})"
+                    raise DataError(f"{where}: {name!r} (tensor {entry.keys[name]!r}) has {bad} NaN/Inf "
+                                    "value(s); the step was not run. Fix or drop the pair "
+                                    "(`pgdpo data check --deep` lists the first bad tensor)")
+        return tensors
 
     def make_batch(self, pairs: list[int]) -> dict[str, torch.Tensor]:
         """Collated batch of the given pair ids."""

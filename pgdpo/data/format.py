@@ -12,7 +12,13 @@ A dataset is a folder::
     {"format": "pgdpo-preference-latents", "format_version": 1, "task": "t2v" | "i2v",
      "latent_shape": [C, F, H, W], "latent_channels": C, "text_len": L, "text_dim": D,
      "image_condition_shape": [4 + C, F, H, W] | null, "image_embed_shape": [Li, Di] | null,
-     "dtype": "bfloat16", "num_pairs": N, "num_shards": S, "index": "index.jsonl", "source": {...}}
+     "dtype": "bfloat16", "num_pairs": N, "num_shards": S, "index": "index.jsonl", "source": {...},
+     "checksums": {"shard-00000.safetensors": "blake2b:<hex>", ...}}
+
+``checksums`` (written by :class:`~pgdpo.data.writer.DatasetWriter` since pgdpo 0.1; absent in older
+datasets, which still load with a warning) holds each shard file's checksum (:mod:`pgdpo.integrity`):
+``pgdpo data check`` verifies every shard, and training verifies each shard the first time it opens it,
+so flipped bytes inside a tensor payload (with the safetensors header intact) are refused by name.
 
 One ``index.jsonl`` line::
 
@@ -109,6 +115,9 @@ class DatasetMeta:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     index: str = INDEX_FILE
+    #: shard file name -> ``"blake2b:<hex>"`` (:mod:`pgdpo.integrity`); None in datasets written before
+    #: checksums existed
+    checksums: dict[str, str] | None = None
 
     def __post_init__(self):
         self.validate()
@@ -167,6 +176,12 @@ class DatasetMeta:
         if os.path.basename(self.index) != self.index or self.index in ("", ".", ".."):
             raise DataError(f"{where}: 'index' must be a file name inside the dataset folder, "
                             f"got {self.index!r}")
+        if self.checksums is not None:
+            items = self.checksums.items() if isinstance(self.checksums, dict) else None
+            if items is None or not all(isinstance(k, str) and isinstance(v, str) and ":" in v
+                                        for k, v in items):
+                raise DataError(f"{where}: 'checksums' must map shard file names to 'algorithm:hex' "
+                                "strings")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -174,6 +189,8 @@ class DatasetMeta:
         order = ["format", "format_version", "task", "latent_shape", "latent_channels", "text_len",
                  "text_dim", "image_condition_shape", "image_embed_shape", "dtype", "num_pairs", "num_shards",
                  "index", "source"]
+        if self.checksums is not None:
+            order.append("checksums")
         return {k: out[k] for k in order}
 
     @classmethod
@@ -364,6 +381,42 @@ class ShardReader:
             raise DataError(f"{self.path}: cannot read tensor {key!r} ({exc})") from None
 
 
+def verify_shard(root: str | os.PathLike, shard: str, meta: DatasetMeta) -> bool:
+    """Check ``shard``'s bytes against the checksum in ``dataset.json``; :class:`DataError` naming it if not.
+
+    Returns False (nothing checked) for a dataset without checksums, True when the shard matched. Reads the
+    whole file once (a stream; see :mod:`pgdpo.integrity` for the cost).
+    """
+    from ..integrity import checksum_matches
+
+    if meta.checksums is None:
+        return False
+    path = Path(root) / shard
+    expected = meta.checksums.get(shard)
+    if expected is None:
+        raise DataError(f"{path}: {META_FILE} has checksums but none for this shard (the dataset's files "
+                        "do not belong together)")
+    if not path.is_file():
+        raise DataError(f"{path}: shard file is missing (listed in {INDEX_FILE})")
+    try:
+        ok, actual = checksum_matches(path, expected)
+    except ValueError as exc:
+        raise DataError(f"{Path(root) / META_FILE}: shard {shard}: {exc}") from None
+    if not ok:
+        raise DataError(f"{path}: shard is corrupt: its checksum is {actual} but {META_FILE} recorded "
+                        f"{expected} when it was written (bytes changed on disk or in a copy); restore "
+                        "the shard from a good copy or re-create the dataset")
+    return True
+
+
+def warn_no_checksums(root: str | os.PathLike) -> None:
+    import warnings
+
+    warnings.warn(f"{root}: {META_FILE} has no shard checksums (written before pgdpo recorded them): "
+                  "corrupted tensor payloads cannot be detected; re-create the dataset to add them",
+                  stacklevel=3)
+
+
 def read_pair(reader: ShardReader, entry: IndexEntry) -> dict[str, torch.Tensor]:
     """The tensors of one pair, checked against its index entry."""
     return {name: reader.read(key, entry.shapes[name], entry.dtype) for name, key in entry.keys.items()}
@@ -372,8 +425,9 @@ def read_pair(reader: ShardReader, entry: IndexEntry) -> dict[str, torch.Tensor]
 def validate_dataset(root: str | os.PathLike, *, deep: bool = False, progress: bool = False) -> DatasetMeta:
     """Check a dataset folder end to end; raise :class:`DataError` naming the first bad file or key.
 
-    Always: ``dataset.json``, every ``index.jsonl`` line, every shard's header, and that every indexed tensor
-    exists with the indexed shape and dtype. ``deep=True`` also reads every tensor and checks it is finite.
+    Always: ``dataset.json``, every ``index.jsonl`` line, every shard's checksum (datasets without
+    checksums: a warning), every shard's header, and that every indexed tensor exists with the indexed
+    shape and dtype. ``deep=True`` also reads every tensor and checks it is finite, naming the pair.
     """
     from tqdm.auto import tqdm
 
@@ -383,14 +437,18 @@ def validate_dataset(root: str | os.PathLike, *, deep: bool = False, progress: b
     by_shard: dict[str, list[IndexEntry]] = {}
     for entry in entries:
         by_shard.setdefault(entry.shard, []).append(entry)
+    if meta.checksums is None:
+        warn_no_checksums(root)
     for shard, shard_entries in tqdm(by_shard.items(), desc="checking shards", unit="shard",
                                      disable=not progress):
-        reader = ShardReader(root / shard)
+        reader = ShardReader(root / shard)  # a truncated or garbled header is named as such first
+        verify_shard(root, shard, meta)
         for entry in shard_entries:
             for name, key in entry.keys.items():
                 reader.check(key, entry.shapes[name], entry.dtype)
                 if deep:
                     tensor = reader.read(key, entry.shapes[name], entry.dtype)
                     if not torch.isfinite(tensor).all():
-                        raise DataError(f"{reader.path}: tensor {key!r} has NaN or Inf values")
+                        raise DataError(f"{reader.path}: pair {entry.pair} (prompt_id {entry.prompt_id!r}): "
+                                        f"tensor {key!r} has NaN or Inf values")
     return meta

@@ -3,7 +3,8 @@
 Pairs are buffered until a shard is full, then written with ``safetensors`` to a temporary name and
 renamed, so a crash never leaves a half-written shard under a final name. ``index.jsonl`` and, last,
 ``dataset.json`` are written by :meth:`DatasetWriter.close`: a folder without ``dataset.json`` is an
-unfinished dataset and every reader refuses it.
+unfinished dataset and every reader refuses it. Each shard's checksum (:mod:`pgdpo.integrity`) is taken
+from the bytes on disk before the rename and recorded in ``dataset.json``, so later damage is detected.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class DatasetWriter:
         self._pending: list[IndexEntry] = []
         self._entries: list[IndexEntry] = []
         self._shard = 0
+        self._checksums: dict[str, str] = {}
         self._closed = False
 
     @property
@@ -137,8 +139,11 @@ class DatasetWriter:
             return
         name = shard_name(self._shard)
         tmp = self.root / (name + ".tmp")
+        from ..integrity import file_checksum
+
         save_file(self._buffer, str(tmp), metadata={"format": self.meta.format,
                                                      "format_version": str(self.meta.format_version)})
+        self._checksums[name] = file_checksum(tmp)  # of the bytes on disk, as later readers see them
         os.replace(tmp, self.root / name)
         self._entries.extend(self._pending)
         self._pending, self._buffer = [], {}
@@ -153,6 +158,7 @@ class DatasetWriter:
             raise ValueError(f"{self.root}: no pairs were added; refusing to write an empty dataset")
         self.meta.num_pairs = len(self._entries)
         self.meta.num_shards = self._shard
+        self.meta.checksums = dict(self._checksums)
         tmp = self.root / (INDEX_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for entry in self._entries:

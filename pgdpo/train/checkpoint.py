@@ -9,6 +9,10 @@ A checkpoint is a folder ``<output_dir>/checkpoint-<step>``:
   position of the rank's data shard (the dataset's ``state_dict()``).
 - ``trainer.pt``: what all ranks share: step, LR schedule, timestep-weighting statistics, world size.
 - ``trainer_state.json`` (human-readable summary) and ``config.yaml``.
+- ``manifest.json``: size and checksum (:mod:`pgdpo.integrity`) of every other file, written before the
+  rename; ``--resume`` verifies it, refuses a damaged checkpoint by name, and ``latest`` falls back to the
+  newest checkpoint that verifies (saying which it skipped and why). Checkpoints written before the
+  manifest existed resume with a warning.
 
 Atomicity: everything goes to ``checkpoint-<step>.tmp``; files are fsynced; after a barrier (every rank
 finished) rank 0 renames the folder to ``checkpoint-<step>`` and fsyncs the parent. A crash (even
@@ -32,6 +36,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_SUFFIX = ".tmp"
 STATE_JSON = "trainer_state.json"
 TRAINER_FILE = "trainer.pt"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -62,13 +67,36 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """The checkpoint folder ``resume`` names: None, ``"latest"`` (None when there is none) or a path."""
+def resolve_resume(resume: str | None, output_dir: str, *, verify: bool = True, log=None) -> str | None:
+    """The checkpoint folder ``resume`` names: None, ``"latest"`` (None when there is none) or a path.
+
+    ``verify``: check the checkpoint's files against its manifest (:func:`verify_checkpoint`). A damaged
+    checkpoint named by path is a :class:`CheckpointError` naming the file; with ``"latest"`` it is
+    skipped for the newest one that verifies, and ``log`` (a ``print``-like callable) says so.
+    """
     if resume is None:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        skipped = []
+        for _, path in reversed(found):
+            if not verify:
+                return path
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as exc:
+                skipped.append(path)
+                if log is not None:
+                    log(f"--resume latest: skipping the damaged {os.path.basename(path)}: {exc}")
+                continue
+            if skipped and log is not None:
+                log(f"--resume latest: falling back to {os.path.basename(path)}, the newest checkpoint that "
+                    f"verifies (skipped {[os.path.basename(p) for p in skipped]})")
+            return path
+        if skipped:
+            raise CheckpointError(f"--resume latest: every checkpoint in {output_dir} is damaged "
+                                  f"({[os.path.basename(p) for p in skipped]}); nothing to resume from")
+        return None
     path = os.path.expanduser(resume)
     if not os.path.isdir(path):
         raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
@@ -78,11 +106,65 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     if not is_complete(path):
         raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {STATE_JSON} or DCP "
                               ".metadata in it)")
+    if verify:
+        verify_checkpoint(path)
     return path
 
 
+def write_manifest(folder: str, checksums: dict[str, str]) -> None:
+    """``manifest.json`` in ``folder``: ``{"files": {name: {"size": bytes, "checksum": "blake2b:..."}}}``."""
+    files = {name: {"size": os.path.getsize(os.path.join(folder, name)), "checksum": checksums[name]}
+             for name in sorted(checksums)}
+    _write_text(os.path.join(folder, MANIFEST), json.dumps({"files": files}, indent=1) + "\n")
+
+
+def checksum_files(folder: str, rank: int = 0, world_size: int = 1) -> dict[str, str]:
+    """Checksums of this rank's share of the files in ``folder`` (every ``world_size``-th, sorted by name),
+    so that the ranks hash a large checkpoint in parallel."""
+    from ..integrity import file_checksum
+
+    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+                   and n not in (MANIFEST, STATE_JSON))
+    return {name: file_checksum(os.path.join(folder, name)) for name in names[rank::world_size]}
+
+
+def verify_checkpoint(path: str) -> bool:
+    """Check every file in ``path``'s manifest (present, same size, same checksum).
+
+    Returns False for a checkpoint without a manifest (written before there were manifests: a warning), True
+    when everything matched; a :class:`CheckpointError` naming the first bad file otherwise.
+    """
+    from ..integrity import checksum_matches
+
+    file = os.path.join(path, MANIFEST)
+    if not os.path.isfile(file):
+        warnings.warn(f"{path}: no {MANIFEST} (written before checkpoints had checksums); resuming without "
+                      "verifying its files", stacklevel=2)
+        return False
+    try:
+        with open(file) as f:
+            files = json.load(f)["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{file}: damaged manifest ({type(exc).__name__}: {exc})") from None
+    for name, entry in sorted(files.items()):
+        target = os.path.join(path, name)
+        if not os.path.isfile(target):
+            raise CheckpointError(f"{target}: missing (listed in {MANIFEST})")
+        size = os.path.getsize(target)
+        if size != entry.get("size"):
+            raise CheckpointError(f"{target}: damaged: {size} bytes, {MANIFEST} recorded {entry.get('size')}")
+        try:
+            ok, actual = checksum_matches(target, str(entry.get("checksum")))
+        except ValueError as exc:
+            raise CheckpointError(f"{file}: {name}: {exc}") from None
+        if not ok:
+            raise CheckpointError(f"{target}: damaged: checksum {actual}, {MANIFEST} recorded "
+                                  f"{entry['checksum']}")
+    return True
+
+
 #: what a run writes in its output folder (the dataset and anything else are left alone)
-RUN_ARTIFACTS = ("metrics.jsonl", "tensorboard", "config.yaml", "loss.png", "alpha_gamma.png",
+RUN_ARTIFACTS = ("metrics.jsonl", "tensorboard", "config.yaml", "samples", "loss.png", "alpha_gamma.png",
                  "likelihood.png", "final")
 
 
@@ -242,6 +324,18 @@ def save_checkpoint(output_dir: str, step: int, *, dist_state, policy, optimizer
     if dist_state.is_main:
         save_torch(trainer_state, os.path.join(tmp, TRAINER_FILE))
         _write_text(os.path.join(tmp, "config.yaml"), config_yaml)
+    dist_state.barrier()
+    # Every file is in place: the ranks hash their shares of them, rank 0 writes the manifest.
+    checksums = checksum_files(tmp, dist_state.rank, dist_state.world_size)
+    if dist_state.distributed:
+        import torch.distributed as dist
+
+        parts = [None] * dist_state.world_size
+        dist.all_gather_object(parts, checksums)
+        checksums = {k: v for part in parts for k, v in part.items()}
+
+    if dist_state.is_main:
+        write_manifest(tmp, checksums)
         for name in os.listdir(tmp):
             if os.path.isfile(os.path.join(tmp, name)):
                 _fsync_file(os.path.join(tmp, name))

@@ -18,6 +18,7 @@ Single process:   pgdpo train --config configs/demo.yaml --output-dir runs/demo
 Several:          torchrun --nproc_per_node 8 -m pgdpo train --config configs/wan2.1-t2v-1.3b.yaml
                   (or: accelerate launch --num_processes 8 -m pgdpo train --config ...)
 Continue a run:   pgdpo train --config ... --output-dir runs/demo --resume latest
+Side by side:     pgdpo train --config configs/demo.yaml --output-dir runs/demo --compare dpo
 
 Any config key can be overridden with --section.key VALUE (or --section.key=VALUE), e.g.
 --optim.lr 1e-5 --method.name dpo --train.batch_size 8; a misspelt key or a bad value is an error
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a previous run in --output-dir (its checkpoints are deleted when the first "
                         "new one is written); without it a previous run is moved to previous-<n>/ (config: "
                         "checkpoint.overwrite)")
+    p.add_argument("--compare", metavar="METHOD", choices=("pgdpo", "dpo", "ars", "ipr"),
+                   help="after the run, train the same config with method METHOD (e.g. dpo) into "
+                        "<output-dir>/compare-METHOD/ and print both side by side: accuracy, reward margin, "
+                        "chosen/rejected MSE vs the reference (likelihood displacement)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p
 
@@ -138,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(config)
+        if args.compare and not summary.get("signal"):
+            from .compare import compare_config, format_comparison
+
+            other = compare_config(config, args.compare)
+            print(f"pgdpo train --compare: now the same run with method {args.compare} in "
+                  f"{other.output_dir}", flush=True)
+            summary = train(other)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(format_comparison([(config.method.name, config.output_dir),
+                                         (args.compare, other.output_dir)]), flush=True)
     except (ConfigError, DataError, CheckpointError) as exc:
         _report(exc)
         return 2

@@ -12,7 +12,7 @@ trainer, ``pgdpo plan`` and ``pgdpo export`` all read configs through :func:`loa
 :func:`from_dict`. Adding a key is adding a field (plus, for a loss keyword, ``**LOSS`` in its metadata).
 
 Sections: output_dir, seed, device (top level); model, data, method, optim, train, distributed,
-checkpoint, logging.
+checkpoint, logging, validation.
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ class DataConfig:
     path: str = "{output_dir}/data"
     #: write a synthetic dataset (``pgdpo data synth``) at ``path`` when it does not exist
     synthesize: bool = False
+    #: random (noise latents, rejected = noisier chosen) | motion (a blob moving the prompt's way in
+    #: chosen, another way or jittering in rejected: a preference to learn; pgdpo.data.synth)
+    synth_kind: str = field(default="random", metadata=_choice("random", "motion"))
     #: pairs in the synthetic dataset
     synth_pairs: int = field(default=64, metadata={"min": 1})
     #: synthetic rejected = sqrt(1 - d^2) chosen + d noise (d in [0, 1])
@@ -198,6 +201,29 @@ class LoggingConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation samples (pgdpo.train.validation): GIFs in output_dir/samples/, a before/after grid."""
+
+    #: sample every this many optimiser steps, and at step 0 and at the end (0 = off)
+    every: int = field(default=0, metadata={"min": 0})
+    #: how many fixed prompts: the first pairs' conditions of ``data``
+    num_prompts: int = field(default=4, metadata={"min": 1})
+    #: dataset folder with the validation prompts' embeddings (None = the training dataset)
+    data: str | None = None
+    #: sampler steps (flow: Euler; UNet: DDIM)
+    steps: int = field(default=20, metadata={"min": 1})
+    #: seed of the initial noise (the same at every validation step)
+    seed: int = 0
+    #: local diffusers VAE folder to decode with (None = the linear latent-to-RGB preview)
+    vae: str | None = None
+    #: optional "module:function" scoring the decoded samples: fn(videos [N,F,H,W,3] in [0,1], prompts)
+    reward: str | None = None
+    #: upscale factor of the written frames (nearest neighbour), and GIF frame rate
+    scale: int = field(default=16, metadata={"min": 1})
+    fps: int = field(default=4, metadata={"min": 1})
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/pgdpo"
     seed: int = 0
@@ -211,6 +237,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -258,6 +285,8 @@ class TrainConfig:
             if t not in TRACKERS:
                 raise ConfigError(f"logging.trackers: unknown tracker {t!r}; expected some of "
                                   f"{list(TRACKERS)}")
+        if self.validation.reward is not None and ":" not in self.validation.reward:
+            raise ConfigError(f"validation.reward must be 'module:function', got {self.validation.reward!r}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.optim.betas)}")
         return self

@@ -128,6 +128,11 @@ class Trainer:
         self.metrics = MetricsLog(self.out, active=self.is_main, resume_step=self.start_step,
                                   trackers=cfg.logging.trackers, run_name=cfg.logging.run_name,
                                   config=cfg.to_dict())
+        self.validator = None
+        if cfg.validation.every:
+            from .validation import Validator
+
+            self.validator = Validator(self)
         if self.is_main:
             import yaml
 
@@ -141,7 +146,8 @@ class Trainer:
         """(checkpoint to resume from or None, checkpoint folders to delete once a new one is written)."""
         ck = self.cfg.checkpoint
         existing = list_checkpoints(self.out)
-        path = resolve_resume(ck.resume, self.out)
+        path = resolve_resume(ck.resume, self.out,
+                              log=lambda message: print(f"pgdpo train: {message}", file=self.log_file))
         if path is not None:
             step = int(read_summary(path)["step"])
             stale = [p for s, p in existing if s > step]
@@ -195,15 +201,15 @@ class Trainer:
 
         cfg, a = self.cfg, self.adapter
         shape = latent_shape_for(cfg, a)
-        print(f"pgdpo train: writing a synthetic dataset of {cfg.data.synth_pairs} pairs, latents {shape}, "
-              f"to {path}", file=self.log_file, flush=True)
+        print(f"pgdpo train: writing a synthetic {cfg.data.synth_kind} dataset of {cfg.data.synth_pairs} "
+              f"pairs, latents {shape}, to {path}", file=self.log_file, flush=True)
         extra = {}
         if a.family == "wan-i2v":
             extra = {"image_len": 257 if a.image_dim >= 1280 else 8, "image_dim": a.image_dim}
         synth_dataset(path, pairs=cfg.data.synth_pairs, task="i2v" if a.family == "wan-i2v" else "t2v",
                       latent_shape=shape, text_len=cfg.data.text_len, text_dim=a.text_dim,
                       difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True, progress=False,
-                      **extra)
+                      kind=cfg.data.synth_kind, **extra)
 
     def _build_models(self) -> None:
         """Policy and reference on meta, sharded, materialised and filled (:mod:`pgdpo.train.loading`)."""
@@ -368,6 +374,28 @@ class Trainer:
         dev = self.dist.device
         return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
+    def _next_batch(self, data_iter) -> dict:
+        """The next batch; a damaged shard or a non-finite pair (:class:`DataError` from the loader, which
+        verifies each shard's checksum on first read) stops every rank before the step, naming the file."""
+        from ..data.format import DataError
+
+        batch, error = None, None
+        try:
+            batch = next(data_iter)
+        except DataError as exc:
+            error = exc
+        if self.dist.world_size > 1 and not self.dist.all_ok(error is None):
+            import torch.distributed as dist
+
+            messages = [None] * self.dist.world_size
+            dist.all_gather_object(messages, None if error is None else str(error))
+            if error is None:
+                rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+                error = DataError(f"rank {rank}: {message}")
+        if error is not None:
+            raise error
+        return batch
+
     def _grad_sync(self, last: bool):
         """DDP: no all-reduce on the micro-batches before the last one. FSDP2: reduce-scatter every one
         (sharded gradients accumulate; nothing unsharded is kept between micro-batches)."""
@@ -383,7 +411,7 @@ class Trainer:
         t0 = time.perf_counter()
         chunks, losses, tokens, flops, weights = [], [], 0, 0, []
         for micro in range(self.grad_accum):
-            batch = self._to_device(next(data_iter))
+            batch = self._to_device(self._next_batch(data_iter))
             gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.rank, micro))
             with self._grad_sync(micro == self.grad_accum - 1):
                 out = self.step_fn(batch, gen)
@@ -477,6 +505,8 @@ class Trainer:
         if self.start_step >= max_steps:
             self.info(f"already at step {self.start_step} >= train.max_steps {max_steps}: nothing to train")
         stop = _StopRequest()
+        if self.validator is not None and self.start_step == 0:
+            self.validator.run(0)  # the "before" samples
         try:
             with stop.installed():
                 for step in range(self.start_step + 1, max_steps + 1):
@@ -490,6 +520,8 @@ class Trainer:
                     if (save_every and step % save_every == 0) or step == max_steps or stopping:
                         self.save(step, last)
                         saved_at = step
+                    if self.validator is not None and (self.validator.due(step, max_steps) or stopping):
+                        self.validator.run(step)
                     if stopping:
                         self.info(f"stopped by a signal after step {step}; checkpoint-{step} written "
                                   "(continue with --resume latest)")
@@ -507,6 +539,8 @@ class Trainer:
         summary = self._summary(wall, saved_at)
         summary["final"] = final
         summary["signal"] = stop.signal
+        if self.validator is not None:
+            summary["samples"] = self.validator.finish()
         if self.is_main and cfg.logging.plots:
             from .plots import write_plots
 
@@ -522,7 +556,9 @@ class Trainer:
         out = {"output_dir": self.out, "method": self.cfg.method.name, "steps": saved_at,
                "model": self.cfg.model.path or self.cfg.model.name, "processes": self.dist.world_size,
                "strategy": self.dist.strategy, "wall_s": wall, "trained_steps": saved_at - self.start_step,
-               "checkpoint": os.path.join(self.out, f"checkpoint-{saved_at}") if saved_at else None}
+               "checkpoint": os.path.join(self.out, f"checkpoint-{saved_at}") if saved_at else None,
+               "data_verified_shards": len(self.dataset.verified),
+               "data_verify_s": self.dataset.verify_seconds}
         if records:
             tail = records[-max(1, min(10, len(records) // 5 or 1)):]
             mean = lambda key, rs: (sum(r[key] for r in rs if isinstance(r.get(key), (int, float)))
@@ -609,6 +645,9 @@ def format_summary(s: dict) -> str:
             lines.append(f"  MSE chosen      policy {tm['mse_policy_chosen']:.5g}")
         lines.append(f"  throughput      {tm['tokens_per_s']:.4g} tokens/s, {tm['step_time_s']:.3g} s/step, "
                      f"peak memory {s.get('peak_mem_gb', float('nan')):.2f} GB")
+    if s.get("data_verified_shards"):
+        lines.append(f"  data checksums  {s['data_verified_shards']} shard(s) verified on first read in "
+                     f"{s['data_verify_s']:.3g} s")
     lines.append(f"  metrics         {os.path.join(s['output_dir'], 'metrics.jsonl')}")
     if s.get("checkpoint"):
         lines.append(f"  checkpoint      {s['checkpoint']}")
@@ -616,6 +655,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  final model     {s['final']} (diffusers: from_pretrained / load_lora_adapter)")
     if s.get("plots"):
         lines.append(f"  plots           {', '.join(s['plots'])}")
+    if s.get("samples"):
+        lines.append(f"  samples         {os.path.dirname(s['samples'])}/step-*/*.gif, {s['samples']}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,284 @@
+"""Validation samples during training: what the policy generates for a few fixed prompts.
+
+At step 0, every ``validation.every`` steps and at the end, the current policy samples videos for the
+first ``validation.num_prompts`` pairs' conditions (text embeddings, and the image condition for I2V) of
+``validation.data`` (a dataset folder; default the training dataset), from noise drawn with a fixed seed,
+so that the samples of different steps differ only by the weights. The sampler is our own loop over the
+diffusers scheduler of the training schedule: ``FlowMatchEulerDiscreteScheduler`` (same shift) for flow
+matching (Wan), ``DDIMScheduler`` from the ``DDPMScheduler`` config (same betas and prediction type) for
+the UNet.
+
+Under FSDP2 / DDP every rank runs the same sampling (the sharded forwards are collective) and rank 0
+writes. Decoding: with the VAE of ``validation.vae`` (a local diffusers folder: ``AutoencoderKLWan`` for
+Wan, ``AutoencoderKL`` per frame for the UNet), else the linear latent-to-RGB preview of
+:mod:`pgdpo.preview`. Written:
+
+- ``<output_dir>/samples/step-XXXXXX/prompt-NN.gif`` (frames upscaled ``validation.scale`` times);
+- ``<output_dir>/samples/before_after.png`` at the end: per prompt a row of frames at the first sampled
+  step, at the last, and of the dataset's chosen video;
+- ``<output_dir>/samples/validation.jsonl``: per validation step the optional reward's scores;
+- TensorBoard / W&B: one frame strip per prompt (``validation/prompt-NN``) and ``validation/reward``.
+
+The optional reward hook ``validation.reward = "module:function"`` is called as
+``function(videos, prompts)`` with ``videos`` ``[N, F, H, W, 3]`` float in ``[0, 1]`` (decoded or
+preview) and the prompt strings (None where unknown), and returns ``N`` scores (a list or tensor).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from contextlib import nullcontext
+
+import torch
+
+SAMPLES_DIR = "samples"
+
+
+def load_reward(spec: str):
+    """The callable named by ``"module:function"`` (an error naming ``validation.reward`` otherwise)."""
+    from .config import ConfigError
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"validation.reward must be 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"validation.reward {spec!r}: cannot import {module_name!r} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"validation.reward {spec!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+class Validator:
+    """Samples, decodes, writes and logs validation videos (collective: every rank builds and runs one)."""
+
+    def __init__(self, trainer):
+        from ..data.collate import collate
+        from ..data.dataset import PreferenceDataset
+
+        cfg = trainer.cfg.validation
+        self.trainer, self.cfg = trainer, cfg
+        self.out = os.path.join(trainer.out, SAMPLES_DIR)
+        device = trainer.dist.device
+        if cfg.data:
+            source = PreferenceDataset(os.path.expanduser(cfg.data), batch_size=1, shuffle=False,
+                                       drop_last=False)
+        else:
+            source = trainer.dataset
+        n = min(cfg.num_prompts, source.num_pairs)
+        pairs = [source.read_pair(i) for i in range(n)]
+        batch = collate(pairs, dtype=torch.float32)
+        self.chosen = batch.pop("chosen")
+        batch.pop("rejected")
+        self.cond = {k: v.to(device) for k, v in batch.items()}
+        self.prompts = [source.entries[i].prompt for i in range(n)]
+        self.reward_fn = load_reward(cfg.reward) if cfg.reward else None
+        self.vae = self._load_vae(cfg.vae) if cfg.vae else None
+        self.first: torch.Tensor | None = None  # RGB of the first validation run, for before/after
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+
+    # ------------------------------------------------------------------------------------------ when
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step == max_steps or (self.cfg.every > 0 and step % self.cfg.every == 0)
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def _scheduler(self):
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+        schedule = self.trainer.step_fn.schedule
+        if schedule.name == "flow":
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(schedule.scheduler.config)
+        else:
+            scheduler = DDIMScheduler.from_config(schedule.scheduler.config)
+        scheduler.set_timesteps(self.cfg.steps, device=self.trainer.dist.device)
+        return scheduler
+
+    @torch.no_grad()
+    def sample(self) -> torch.Tensor:
+        """``[N, C, F, H, W]`` latents sampled by the current policy from the fixed seed."""
+        t = self.trainer
+        adapter, model, device = t.adapter, t.model, t.dist.device
+        shape = (self.chosen.shape[0], *self.chosen.shape[1:])
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        latents = torch.randn(shape, generator=gen).to(device)
+        scheduler = self._scheduler()
+        autocast = t.step_fn.autocast_dtype
+        ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+        was_training = model.training
+        model.eval()
+        try:
+            for timestep in scheduler.timesteps:
+                ts = timestep.expand(shape[0]).to(device)
+                if not adapter.is_wan:
+                    ts = ts.long()
+                with ctx:
+                    pred = adapter.predict(model, latents.to(adapter.input_dtype(model)), ts, self.cond,
+                                           paired=False)
+                latents = scheduler.step(pred.float(), timestep, latents).prev_sample
+        finally:
+            model.train(was_training)
+        return latents.float()
+
+    # ------------------------------------------------------------------------------------------ decoding
+
+    def _load_vae(self, path: str):
+        import diffusers
+
+        from .config import ConfigError
+
+        path = os.path.expanduser(path)
+        folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "vae")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ConfigError(f"validation.vae: no config.json in {path} (nor in its vae/ subfolder)")
+        with open(os.path.join(folder, "config.json")) as f:
+            name = json.load(f).get("_class_name", "")
+        if name not in ("AutoencoderKLWan", "AutoencoderKL"):
+            raise ConfigError(f"validation.vae: {folder} holds a {name or 'an unknown class'}; expected "
+                              "AutoencoderKLWan (Wan) or AutoencoderKL (UNet)")
+        vae = getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
+        return vae.to(self.trainer.dist.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[N, C, F, H, W]`` latents -> ``[N, F, H, W, 3]`` float RGB in ``[0, 1]`` on the CPU."""
+        if self.vae is None:
+            from ..preview import latent_to_rgb
+
+            return latent_to_rgb(latents)
+        vae = self.vae
+        z = latents.to(vae.device, vae.dtype)
+        if type(vae).__name__ == "AutoencoderKLWan":
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
+            video = vae.decode(z * std + mean, return_dict=False)[0]  # [N, 3, F', H', W']
+        else:  # image VAE, frame by frame
+            n, c, f, h, w = z.shape
+            frames = z.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w) / vae.config.scaling_factor
+            images = vae.decode(frames, return_dict=False)[0]
+            video = images.reshape(n, f, *images.shape[1:]).permute(0, 2, 1, 3, 4)
+        return ((video.float().cpu().permute(0, 2, 3, 4, 1) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------------------------------ a run
+
+    def run(self, step: int) -> dict | None:
+        """Sample, and on rank 0 write the GIFs, log them and the reward; returns the record (rank 0)."""
+        latents = self.sample()  # every rank: the sharded forwards are collective
+        if not self.trainer.is_main:
+            return None
+        videos = self.decode(latents)
+        if self.first is None:
+            self.first, self.first_step = videos, step
+        self.last, self.last_step = videos, step
+        folder = os.path.join(self.out, f"step-{step:06d}")
+        os.makedirs(folder, exist_ok=True)
+        paths = [write_gif(os.path.join(folder, f"prompt-{i:02d}.gif"), v, self.cfg.scale, self.cfg.fps)
+                 for i, v in enumerate(videos)]
+        record = {"step": step, "samples": paths}
+        if self.reward_fn is not None:
+            scores = self.reward_fn(videos, list(self.prompts))
+            scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).reshape(-1)]
+            record["reward"] = scores
+            record["reward_mean"] = sum(scores) / max(1, len(scores))
+        with open(os.path.join(self.out, "validation.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._log(step, videos, record)
+        return record
+
+    def _log(self, step: int, videos: torch.Tensor, record: dict) -> None:
+        import warnings
+
+        for tracker in self.trainer.metrics.trackers:
+            try:
+                images = {f"validation/prompt-{i:02d}": frame_strip(v, self.cfg.scale)
+                          for i, v in enumerate(videos)}
+                if tracker.name == "tensorboard":
+                    tracker.log_images(images, step=step, dataformats="HWC")
+                else:
+                    tracker.log_images(images, step=step)
+                if "reward_mean" in record:
+                    tracker.log({"validation/reward": record["reward_mean"]}, step=step)
+            except Exception as exc:  # noqa: BLE001 - a tracker failing must not stop training
+                warnings.warn(f"pgdpo train: tracker {tracker.name} did not take the validation samples: "
+                              f"{exc}", stacklevel=2)
+
+    def finish(self) -> str | None:
+        """Write ``before_after.png`` (rank 0); returns its path."""
+        if not self.trainer.is_main or self.first is None:
+            return None
+        rows = []
+        for i in range(self.first.shape[0]):
+            row = [self.first[i], self.last[i]]
+            if self.vae is None:
+                from ..preview import latent_to_rgb
+
+                row.append(latent_to_rgb(self.chosen[i]))
+            rows.append(row)
+        path = os.path.join(self.out, "before_after.png")
+        labels = [f"step {self.first_step}", f"step {self.last_step}"] + (["data: chosen"] if self.vae is None
+                                                                          else [])
+        write_grid(path, rows, labels, self.prompts, self.cfg.scale)
+        return path
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def _to_uint8(frames: torch.Tensor, scale: int):
+    """``[F, H, W, 3]`` in [0, 1] -> uint8 numpy ``[F, H*scale, W*scale, 3]`` (nearest upscaling)."""
+    x = (frames.clamp(0, 1) * 255).round().to(torch.uint8)
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return x.numpy()
+
+
+def write_gif(path: str, frames: torch.Tensor, scale: int = 1, fps: int = 4) -> str:
+    """An animated GIF of ``[F, H, W, 3]`` frames in [0, 1], looping."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in _to_uint8(frames, scale)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / max(fps, 1)), loop=0)
+    return path
+
+
+def frame_strip(frames: torch.Tensor, scale: int = 1, gap: int = 2):
+    """``[H, F*W + gaps, 3]`` uint8: the frames side by side (for trackers and the grid)."""
+    import numpy as np
+
+    x = _to_uint8(frames, scale)
+    f, h, w, _ = x.shape
+    strip = np.full((h, f * w + (f - 1) * gap, 3), 255, dtype=np.uint8)
+    for i in range(f):
+        strip[:, i * (w + gap): i * (w + gap) + w] = x[i]
+    return strip
+
+
+def write_grid(path: str, rows: list[list[torch.Tensor]], labels: list[str], prompts: list, scale: int):
+    """A PNG: one row per prompt, one frame strip per column (``labels`` on top, prompts at the left)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, m = len(rows), len(rows[0])
+    fig, axes = plt.subplots(n, m, figsize=(3.2 * m, 1.4 * n + 0.6), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, frames in enumerate(row):
+            ax = axes[i][j]
+            ax.imshow(frame_strip(frames, scale))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(labels[j], fontsize=9)
+            if j == 0:
+                ax.set_ylabel((prompts[i] or f"prompt {i}")[:40], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
