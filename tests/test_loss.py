@@ -23,6 +23,7 @@ from pgdpo.options import LossOptions
 from pgdpo.reference import pgdpo_loss_reference
 
 from ._inputs import CUDA, FUSED_CASES, LOSS_CASES, PARALLEL_CASES, case_unavailable_reason, make_inputs
+from ._parity import assert_matches, oracle, run
 
 
 def _available(request):
@@ -55,38 +56,6 @@ def test_fused_backends_available():
             assert case_unavailable_reason(c) is None, f"{c.id}: {case_unavailable_reason(c)}"
 
 
-def _run(case, pred, ref, target, upstream=None, **kw):
-    """Loss, stats and d loss / d pred (weighted by ``upstream`` for reduction='none'), on the case's device."""
-    pred, ref, target = (x.to(case.device) for x in (pred, ref, target))
-    pred = pred.detach().clone().requires_grad_(True)
-    if kw.get("sample_weight") is not None:
-        kw["sample_weight"] = kw["sample_weight"].to(case.device)
-    loss, stats = pgdpo_loss(pred, ref, target, backend=case.backend, return_stats=True, **kw)
-    (loss if upstream is None else (loss * upstream.to(case.device)).sum()).backward()
-    return loss.detach().cpu(), {k: v.cpu() for k, v in stats.items()}, pred.grad.cpu()
-
-
-def _oracle(pred, ref, target, upstream=None, sample_weight=None, **kw):
-    """The float64 eager reference on the CPU; gradients from autograd."""
-    opts = LossOptions(**kw)
-    p, r, t = (x.detach().cpu().to(torch.float64) for x in (pred, ref, target))
-    p.requires_grad_(True)
-    loss, stats = pgdpo_loss_reference(p, r, t, opts, None if sample_weight is None else sample_weight.cpu().double())
-    (loss if upstream is None else (loss * upstream.cpu().double()).sum()).backward()
-    return loss.detach(), stats, p.grad
-
-
-def _assert_matches(got, want, rtol, atol, grad_rtol=None, grad_atol=None):
-    loss, stats, grad = got
-    loss_ref, stats_ref, grad_ref = want
-    torch.testing.assert_close(loss.double(), loss_ref, rtol=rtol, atol=atol)
-    assert set(stats) == set(STAT_NAMES)
-    for name in STAT_NAMES:
-        torch.testing.assert_close(stats[name].double(), stats_ref[name], rtol=rtol, atol=atol,
-                                   msg=lambda m, n=name: f"stat {n}: {m}")
-    torch.testing.assert_close(grad.double(), grad_ref, rtol=grad_rtol or rtol, atol=grad_atol or atol)
-
-
 OPTION_GRID = list(itertools.product(["pgdpo", "ars", "ipr", "dpo"], ["anchor", "reward"],
                                      ["sample", "element"], [True, False]))
 
@@ -95,7 +64,7 @@ OPTION_GRID = list(itertools.product(["pgdpo", "ars", "ipr", "dpo"], ["anchor", 
 def test_parity_every_option_float64(fused, method, ipr_target, weighting, detach):
     pred, ref, target = make_inputs((6, 3, 37), seed=zlib.crc32(f"{method}{ipr_target}{weighting}{detach}".encode()) % 1000)
     kw = dict(method=method, ipr_target=ipr_target, weighting=weighting, detach_weights=detach)
-    _assert_matches(_run(fused, pred, ref, target, **kw), _oracle(pred, ref, target, **kw),
+    assert_matches(run(fused, pred, ref, target, **kw), oracle(pred, ref, target, **kw),
                     rtol=1e-9, atol=1e-12)
 
 
@@ -106,9 +75,9 @@ def test_parity_reduction_and_sample_weight(fused, reduction, weighting):
     weight = torch.tensor([0.5, 2.0, 0.0, 1.25], dtype=torch.float64)
     upstream = torch.tensor([1.0, -0.5, 3.0, 0.25], dtype=torch.float64) if reduction == "none" else None
     kw = dict(reduction=reduction, weighting=weighting)
-    got = _run(fused, pred, ref, target, upstream=upstream, sample_weight=weight, **kw)
+    got = run(fused, pred, ref, target, upstream=upstream, sample_weight=weight, **kw)
     assert got[0].shape == ((4,) if reduction == "none" else ())
-    _assert_matches(got, _oracle(pred, ref, target, upstream=upstream, sample_weight=weight, **kw),
+    assert_matches(got, oracle(pred, ref, target, upstream=upstream, sample_weight=weight, **kw),
                     rtol=1e-9, atol=1e-12)
 
 
@@ -116,8 +85,8 @@ def test_parity_reduction_and_sample_weight(fused, reduction, weighting):
 @pytest.mark.parametrize("weighting", ["sample", "element"])
 def test_parity_shapes(fused, shape, weighting):
     pred, ref, target = make_inputs(shape, seed=sum(shape))
-    _assert_matches(_run(fused, pred, ref, target, weighting=weighting),
-                    _oracle(pred, ref, target, weighting=weighting), rtol=1e-9, atol=1e-12)
+    assert_matches(run(fused, pred, ref, target, weighting=weighting),
+                    oracle(pred, ref, target, weighting=weighting), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -125,13 +94,13 @@ def test_parity_shapes(fused, shape, weighting):
 def test_parity_low_precision_inputs(case, dtype, weighting):
     """Low-precision inputs: fp32 statistics and loss, gradient in pred's dtype."""
     pred, ref, target = make_inputs((4, 3, 50), dtype=dtype, seed=7)
-    got = _run(case, pred, ref, target, weighting=weighting)
+    got = run(case, pred, ref, target, weighting=weighting)
     assert got[0].dtype == torch.float32 and all(s.dtype == torch.float32 for s in got[1].values())
     assert got[2].dtype == dtype
     # The oracle sees the same rounded inputs in float64: the only differences are fp32 arithmetic
     # and the rounding of the gradient to `dtype`.
     grad_tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    _assert_matches(got, _oracle(pred, ref, target, weighting=weighting), rtol=2e-4, atol=1e-6,
+    assert_matches(got, oracle(pred, ref, target, weighting=weighting), rtol=2e-4, atol=1e-6,
                     grad_rtol=grad_tol, grad_atol=grad_tol * float(got[2].abs().max()))
 
 
@@ -140,9 +109,9 @@ def test_parity_non_contiguous(case):
     # transposed and sliced views: [3,8,2,20] -> [8,3,20,2] -> take every other row of S
     views = [x.transpose(0, 1).transpose(2, 3)[:, :, ::2] for x in base]
     assert not views[0].is_contiguous()
-    got = _run(case, *views)
-    want = _oracle(*(v.contiguous() for v in views))
-    _assert_matches(got, want, rtol=1e-9, atol=1e-12)
+    got = run(case, *views)
+    want = oracle(*(v.contiguous() for v in views))
+    assert_matches(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_separate_halves_match_full_batch(case):
@@ -192,8 +161,8 @@ def test_bitwise_deterministic(parallel, weighting):
     order that depended on scheduling, or an atomic add, would show here); 2^17 elements per sample, so
     the C++ op uses several chunks and threads and the GPU many programs."""
     pred, ref, target = make_inputs((4, 2, 2**16), dtype=torch.float32, seed=9)
-    a = _run(parallel, pred, ref, target, weighting=weighting)
-    b = _run(parallel, pred, ref, target, weighting=weighting)
+    a = run(parallel, pred, ref, target, weighting=weighting)
+    b = run(parallel, pred, ref, target, weighting=weighting)
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert all(torch.equal(a[1][k], b[1][k]) for k in STAT_NAMES)
 
@@ -266,10 +235,10 @@ def test_module_applies_its_options(case):
     p = pred.clone().requires_grad_(True)
     loss = crit(p, ref, target)
     loss.backward()
-    want_loss, _, want_grad = _oracle(pred, ref, target, **options)
+    want_loss, _, want_grad = oracle(pred, ref, target, **options)
     torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(p.grad.cpu(), want_grad, rtol=1e-9, atol=1e-12)
-    default_loss = _oracle(pred, ref, target, reduction="sum")[0]
+    default_loss = oracle(pred, ref, target, reduction="sum")[0]
     assert not torch.allclose(loss.cpu(), default_loss, rtol=1e-3)
 
 
@@ -353,12 +322,12 @@ def test_stats_carry_no_graph(case):
 def test_parity_video_shape_large(fused, weighting, dtype):
     """A real video-latent shape (the CPU benchmark's): many chunks / programs per sample."""
     pred, ref, target = make_inputs((4, 16, 8, 30, 52), dtype=dtype, seed=21)
-    got = _run(fused, pred, ref, target, weighting=weighting)
-    want = _oracle(pred, ref, target, weighting=weighting)
+    got = run(fused, pred, ref, target, weighting=weighting)
+    want = oracle(pred, ref, target, weighting=weighting)
     if dtype == torch.float64:
-        _assert_matches(got, want, rtol=1e-9, atol=1e-12)
+        assert_matches(got, want, rtol=1e-9, atol=1e-12)
     else:
-        _assert_matches(got, want, rtol=2e-4, atol=1e-6, grad_rtol=1e-2,
+        assert_matches(got, want, rtol=2e-4, atol=1e-6, grad_rtol=1e-2,
                         grad_atol=1e-2 * float(got[2].abs().max()))
 
 
@@ -393,7 +362,7 @@ def test_fp16_element_gradient_survives_loss_scaling(case):
     scale = 65536.0
     p = pred.clone().requires_grad_(True)
     (scale * pgdpo_loss(p, ref, target, weighting="element", backend=case.backend)).backward()
-    want = _oracle(pred, ref, target, weighting="element")[2] * scale
+    want = oracle(pred, ref, target, weighting="element")[2] * scale
     grad = p.grad.cpu()
     rel = ((grad.double() - want).abs() / want.abs().clamp_min(1e-30))[want.abs() > 1e-3 * want.abs().max()]
     assert grad.dtype == torch.float16
@@ -419,6 +388,6 @@ def test_cuda_graph_capture_replays_the_fused_loss():
         for dst, src in zip((p, ref, target), new):
             dst.copy_(src.cuda())
     graph.replay()
-    want_loss, _, want_grad = _run(FUSED_CASES[-1], *new)
+    want_loss, _, want_grad = run(FUSED_CASES[-1], *new)
     torch.testing.assert_close(loss.detach().cpu(), want_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(p.grad.cpu(), want_grad, rtol=1e-5, atol=1e-9)
