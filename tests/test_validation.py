@@ -122,3 +122,25 @@ def test_demo_short_form_learns_the_preference(tmp_path):
     assert mean("accuracy") > 0.6
     assert mean("mse_policy_chosen") < mean("mse_ref_chosen")
     assert mean("mse_policy_chosen") < mean("mse_policy_rejected")
+
+
+def test_validation_decodes_with_a_local_vae(tmp_path):
+    """validation.vae: a (tiny, random) AutoencoderKLWan saved with save_pretrained and loaded from the folder."""
+    from diffusers import AutoencoderKLWan
+
+    vae_dir = tmp_path / "vae"
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1], num_res_blocks=1,
+                     temperal_downsample=[False]).save_pretrained(vae_dir)
+    data = tmp_path / "data"
+    synth_dataset(data, pairs=2, latent_shape=(16, 3, 8, 8), text_len=8, text_dim=32, kind="motion",
+                  progress=False)
+    out = tmp_path / "run"
+    assert main(args(out, str(data), 1, "--validation.every", "1", "--validation.num_prompts", "1",
+                     "--validation.steps", "2", "--validation.scale", "1", "--validation.vae", str(vae_dir),
+                     "--save-every", "0")) == 0
+    frames = gif_frames(out / "samples" / "step-000001" / "prompt-00.gif")
+    assert len(frames) >= 3 and frames[0].shape[:2] == (16, 16)  # decoded: 2x the latent's 8x8
+    assert np.stack(frames).astype(float).std() > 1
+    assert main(args(tmp_path / "bad", str(data), 1, "--validation.every", "1",
+                     "--validation.vae", str(tmp_path / "nowhere"))) == 2

@@ -27,7 +27,9 @@ naming it. Values are read as YAML (1e-5, true, [a, b], null).
 Output (in --output-dir): metrics.jsonl (one JSON object per step: loss, L_dpo, L_ipr, alpha and gamma
 mean/min/max, reward margin, implicit accuracy, policy and reference MSE on chosen and rejected, lr,
 grad norm, tokens/s, peak memory), checkpoint-<step>/ (sharded DCP; the newest --checkpoint.keep_last
-kept), tensorboard/, config.yaml, and at the end loss.png, alpha_gamma.png, likelihood.png.
+kept; each with a manifest.json of checksums that --resume verifies), tensorboard/, config.yaml, at the
+end loss.png, alpha_gamma.png, likelihood.png, and with validation.every N: samples/step-*/prompt-*.gif
+(at step 0, every N steps, at the end) and samples/before_after.png.
 """
 
 
