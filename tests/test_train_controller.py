@@ -35,3 +35,20 @@ def test_controller_off_by_default_and_plots(tmp_path, data):  # noqa: F811
     assert os.path.isfile(out / "weight_ranges.png")
     with pytest.raises(ConfigError, match="method.k_controller steers"):
         from_dict({"method": {"name": "sft", "k_controller": True}})
+
+
+@pytest.mark.distributed
+def test_controller_under_two_process_fsdp(tmp_path):
+    """2-process FSDP2 (gloo): the margins are gathered over both ranks and the run steers and finishes."""
+    from pgdpo.data.synth import synth_dataset
+
+    from .test_train_distributed import command, records, run
+
+    path = tmp_path / "pairs"
+    synth_dataset(path, pairs=16, latent_shape=(16, 3, 8, 8), text_len=16, text_dim=32, progress=False)
+    out = tmp_path / "fsdp"
+    proc = run(command(out, str(path), 3, *OPTS))
+    assert "strategy fsdp" in proc.stderr
+    rs = records(out)
+    assert [r["step"] for r in rs] == [1, 2, 3] and all("k1" in r and "alpha_in_range" in r for r in rs)
+    assert rs[0]["k1"] == 10.0 and (rs[-1]["k1"] != 10.0 or rs[-1]["k2"] != 10.0)
