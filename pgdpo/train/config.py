@@ -16,7 +16,7 @@ Schema (section -> keys; defaults in the dataclasses below)::
                   timestep_weighting, timestep_bins, timestep_momentum
     optim:        name, lr, betas, weight_decay, eps, grad_clip, scheduler, warmup_steps
     train:        max_steps, batch_size, micro_batch_size, log_every
-    distributed:  strategy, backend, reshard_after_forward
+    distributed:  strategy, backend, reshard_after_forward, sp_degree
     checkpoint:   save_every, keep_last, resume, overwrite
     logging:      trackers, run_name, plots, progress, diagnostics_every
 """
@@ -164,6 +164,10 @@ class DistributedConfig:
     backend: str = field(default="auto", metadata=_choice(*DIST_BACKENDS))
     #: FSDP2: free the gathered parameters after each block's forward (ZeRO-3); False keeps them (ZeRO-2)
     reshard_after_forward: bool = True
+    #: ranks per sequence-parallel group (Ulysses attention, Wan only; pgdpo.train.parallel): each video's
+    #: tokens are split over this many consecutive ranks, which run the same pairs; must divide the
+    #: processes, the attention heads and the tokens per video. 1: plain data parallelism
+    sp_degree: int = field(default=1, metadata={"min": 1})
 
 
 @dataclass

@@ -28,6 +28,20 @@ class DistState:
     device: torch.device
     strategy: str  # "fsdp" | "ddp" | "none"
     initialized_here: bool = False
+    #: ranks per sequence-parallel group (``distributed.sp_degree``); 1: no sequence parallelism
+    sp_degree: int = 1
+    #: the ``(dp, ring, ulysses)`` device mesh when ``sp_degree > 1`` (:mod:`pgdpo.train.parallel`)
+    mesh: object = None
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel groups: the ranks of one sequence group run the same micro-batch."""
+        return self.world_size // self.sp_degree
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's data-parallel group (its data shard and noise stream)."""
+        return self.rank // self.sp_degree
 
     @property
     def is_main(self) -> bool:
@@ -120,6 +134,12 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
         strategy = "fsdp" if world > 1 else "none"
     if strategy == "none" and world > 1:
         raise ConfigError(f"distributed.strategy: none cannot run {world} processes; use fsdp or ddp")
+    sp = cfg.sp_degree
+    if world % sp:
+        raise ConfigError(f"distributed.sp_degree ({sp}) must divide the number of processes ({world})")
+    if sp > 1 and strategy != "fsdp":
+        raise ConfigError(f"distributed.sp_degree: {sp} needs distributed.strategy: fsdp (or auto with "
+                          f"several processes), got {strategy}")
 
     initialized_here = False
     if world > 1 and not dist.is_initialized():
@@ -137,8 +157,13 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
         # FSDP2 / DDP need a process group even for one process: a private single-rank one.
         _init_single_process_group(dev)
         initialized_here = True
+    mesh = None
+    if sp > 1:
+        from .parallel import sequence_mesh
+
+        mesh = sequence_mesh(world, sp, dev)
     return DistState(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy,
-                     initialized_here=initialized_here)
+                     initialized_here=initialized_here, sp_degree=sp, mesh=mesh)
 
 
 def _init_single_process_group(dev: torch.device) -> None:

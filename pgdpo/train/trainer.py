@@ -103,7 +103,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.grad_accum = cfg.grad_accum(self.dist.world_size)
+        self.grad_accum = cfg.grad_accum(self.dist.dp_size)  # the ranks of a sequence group share a batch
         self._on_rank0(lambda: os.makedirs(self.out, exist_ok=True))
         self.resume_path, self.stale = self._on_rank0(self._find_resume)
 
@@ -178,8 +178,8 @@ class Trainer:
             raise DataError(f"data.path: no dataset folder at {path!r}; make one with `pgdpo data pairs` "
                             "/ `pgdpo data encode` (or `pgdpo data synth`), or set data.synthesize: true to "
                             "write a synthetic one there (as configs/demo.yaml does)")
-        self.dataset = PreferenceDataset(path, batch_size=cfg.train.micro_batch_size, rank=self.dist.rank,
-                                         world_size=self.dist.world_size, seed=cfg.seed,
+        self.dataset = PreferenceDataset(path, batch_size=cfg.train.micro_batch_size, rank=self.dist.dp_rank,
+                                         world_size=self.dist.dp_size, seed=cfg.seed,
                                          shuffle=cfg.data.shuffle, drop_last=True, dtype=torch.float32,
                                          pin_memory=self.dist.device.type == "cuda")
         check_compatible(self.dataset.meta, self.arch)
@@ -188,6 +188,9 @@ class Trainer:
             self.info(f"note: the dataset's latents are {self.dataset.meta.latent_shape} [C, F, H, W] but "
                       f"data.height/width/frames = {cfg.data.height}x{cfg.data.width}x{cfg.data.frames} mean "
                       f"{expected}; training uses the dataset's (set data.* to match for `pgdpo plan`)")
+        from .parallel import check_divisible
+
+        check_divisible(self.adapter, self.dataset.meta.latent_shape, self.dist.sp_degree)
 
     def _synthesize(self, path: str) -> None:
         from ..data.synth import synth_dataset
@@ -246,6 +249,11 @@ class Trainer:
                                   autocast_dtype=autocast)
         if self.weighting is not None:
             self.weighting.num_train_timesteps = float(step.schedule.num_train_timesteps)
+        if self.dist.sp_degree > 1:  # after the attention backend is set: it is checked for Ulysses support
+            from .parallel import enable_sequence_parallel
+
+            for net in (model, reference) if reference is not None else (model,):
+                enable_sequence_parallel(net, self.dist.mesh, self.dist.sp_degree)
 
         policy = model
         if self.dist.strategy == "ddp":  # DDP wraps a materialised model
@@ -254,14 +262,19 @@ class Trainer:
             policy.get_base_model = lambda: policy.module
             step.policy = policy
         self.model, self.policy, self.reference, self.step_fn = model, policy, reference, step
+        from .parallel import gradient_scale
+
+        self.loss_scale = gradient_scale(self.dist.sp_degree)
         self.ema_reference = reference if meth.ref_ema_every else None
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         lora_note = f", LoRA rank {m.lora_rank}" if m.lora_rank else ""
+        sp_note = (f", sequence parallel {self.dist.sp_degree} (Ulysses; {self.dist.dp_size} data-parallel "
+                   "group(s))" if self.dist.sp_degree > 1 else "")
         ema = f" (EMA every {meth.ref_ema_every} steps)" if meth.ref_ema_every else ""
         self.info(f"model {m.path or m.name} ({self.adapter.family}): {n_all:,} parameters "
                   f"({n_train:,} trained{lora_note}), "
-                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}, device "
+                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}{sp_note}, device "
                   f"{self.dist.device}; method {meth.name}, reference "
                   f"{'none' if meth.name == 'sft' else meth.reference}"
                   f"{ema}")
@@ -310,6 +323,11 @@ class Trainer:
     def _load(self, path: str) -> None:
         rank_state, trainer_state = load_checkpoint(path, dist_state=self.dist, policy=self.policy,
                                                     optimizer=self.optimizer, reference=self.ema_reference)
+        saved_sp = trainer_state.get("sp_degree", 1)
+        if saved_sp != self.dist.sp_degree:
+            raise CheckpointError(f"{path}: written with distributed.sp_degree {saved_sp}, this run has "
+                                  f"{self.dist.sp_degree}: the data shards and noise streams follow the "
+                                  "data-parallel groups; resume with the same sp_degree")
         if trainer_state.get("grad_accum") != self.grad_accum:
             raise CheckpointError(f"{path}: written with {trainer_state.get('grad_accum')} micro-batches per "
                                   f"step per rank, this run has {self.grad_accum} (train.batch_size / "
@@ -334,6 +352,7 @@ class Trainer:
         self.metrics.sync()
         trainer_state = {
             "step": step, "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
+            "sp_degree": self.dist.sp_degree,
             "lr_scheduler": self.lr_scheduler.state_dict(), "seed": self.cfg.seed,
             "weighting": self.weighting.state_dict() if self.weighting is not None else None,
             "has_reference_state": self.ema_reference is not None,
@@ -370,10 +389,11 @@ class Trainer:
         chunks, losses, tokens, flops, weights = [], [], 0, 0, []
         for micro in range(self.grad_accum):
             batch = self._to_device(next(data_iter))
-            gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.rank, micro))
+            # the ranks of a sequence group draw the same noise (dp_rank): they run one sample together
+            gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.dp_rank, micro))
             with self._grad_sync(micro == self.grad_accum - 1):
                 out = self.step_fn(batch, gen)
-                (out.loss / self.grad_accum).backward()
+                (out.loss * (self.loss_scale / self.grad_accum)).backward()
             chunks.append({k: v for k, v in out.stats.items() if k != "loss"})
             losses.append(out.loss.detach())
             tokens += out.tokens
@@ -407,7 +427,7 @@ class Trainer:
             return None
         record = {"step": step}
         record.update(reduce_stats(chunks, losses))
-        world = self.dist.world_size
+        world = self.dist.dp_size  # a sequence group processes one sample's tokens once
         record.update({
             "lr": lr, "grad_norm": grad_norm, "epoch": self.dataset.epoch,
             "step_time_s": dt, "tokens_per_s": tokens * world / dt,
