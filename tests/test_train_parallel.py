@@ -156,3 +156,54 @@ def test_sp_kill_and_resume_matches_uninterrupted_run(tmp_path, datasets):
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]
+
+
+def test_cpu_offload_and_replicated_reference_match_the_default(tmp_path, datasets):
+    """FSDP2 CPUOffloadPolicy and a replicated (unsharded) frozen reference change where the tensors live,
+    not what is computed: 2-process runs give the default run's losses and weights."""
+    data = datasets["i2v"]
+    runs = {"default": [], "offload": ["--distributed.cpu_offload", "true"],
+            "replicated": ["--distributed.reference_sharded", "false"]}
+    for name, extra in runs.items():
+        proc = run(launch(2, train_args(tmp_path / name, data, "tiny-wan-i2v", STEPS, *extra)))
+        assert "strategy fsdp" in proc.stderr
+    for name in ("offload", "replicated"):
+        assert_same_training(tmp_path / "default", tmp_path / name)
+
+
+def test_async_save_killed_mid_write_never_leaves_a_loadable_partial_checkpoint(tmp_path, datasets):
+    """checkpoint.async_save: kill -9 while a background write is in flight (a checkpoint-*.tmp exists);
+    every checkpoint `latest` can pick is complete, and resuming from it reproduces the run bitwise."""
+    from pgdpo.train.checkpoint import list_checkpoints
+
+    steps, data = 8, datasets["t2v"]
+    args = lambda out, *extra: train_args(out, data, "tiny-wan-t2v", steps, "--save-every", "1",
+                                          "--checkpoint.async_save", "true", "--checkpoint.keep_last", "0",
+                                          *extra)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run(launch(2, args(full)))
+    assert [s for s, _ in list_checkpoints(full)] == list(range(1, steps + 1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(launch(2, args(killed)), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not ((killed / "checkpoint-2").is_dir() and list(killed.glob("checkpoint-*.tmp"))):
+            assert victim.poll() is None, "the run ended before an async save could be interrupted"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.002)
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+    time.sleep(1.0)
+    assert not (killed / f"checkpoint-{steps}").exists(), "killed too late: the run had finished"
+    for _, path in list_checkpoints(killed):  # what `latest` may load: every part present
+        names = set(os.listdir(path))
+        assert {"rank-0.pt", "rank-1.pt", ".metadata", "trainer.pt", "trainer_state.json"} <= names, names
+        assert sum(n.endswith(".distcp") for n in names) == 2
+    proc = run(launch(2, args(killed, "--resume", "latest")))
+    assert "resumed from" in proc.stderr
+    reference, resumed = records(full), records(killed)
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]

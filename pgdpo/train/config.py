@@ -16,8 +16,8 @@ Schema (section -> keys; defaults in the dataclasses below)::
                   timestep_weighting, timestep_bins, timestep_momentum
     optim:        name, lr, betas, weight_decay, eps, grad_clip, scheduler, warmup_steps
     train:        max_steps, batch_size, micro_batch_size, log_every
-    distributed:  strategy, backend, reshard_after_forward, sp_degree
-    checkpoint:   save_every, keep_last, resume, overwrite
+    distributed:  strategy, backend, reshard_after_forward, sp_degree, cpu_offload, reference_sharded
+    checkpoint:   save_every, async_save, keep_last, resume, overwrite
     logging:      trackers, run_name, plots, progress, diagnostics_every
 """
 
@@ -168,12 +168,22 @@ class DistributedConfig:
     #: tokens are split over this many consecutive ranks, which run the same pairs; must divide the
     #: processes, the attention heads and the tokens per video. 1: plain data parallelism
     sp_degree: int = field(default=1, metadata={"min": 1})
+    #: FSDP2 CPUOffloadPolicy: the policy's sharded fp32 weights, gradients and AdamW states live in host
+    #: memory (copied to the GPU block by block for the forward and backward; the optimiser step runs on
+    #: the CPU). Saves 16 bytes per parameter / ranks of GPU memory for host memory and PCIe time
+    cpu_offload: bool = False
+    #: the frozen reference sharded like the policy (True) or a full copy on every rank (False: no
+    #: all-gathers in its forward, at 2 bytes per parameter of memory; when it fits)
+    reference_sharded: bool = True
 
 
 @dataclass
 class CheckpointConfig:
     #: save every this many optimiser steps (0 = only at the end)
     save_every: int = field(default=500, metadata={"min": 0})
+    #: DCP async_save: the shards are copied to host memory and written in the background while training
+    #: goes on; the checkpoint is renamed into place (complete) once every rank's write has finished
+    async_save: bool = False
     #: keep the newest this many complete checkpoints (0 = keep all)
     keep_last: int = field(default=3, metadata={"min": 0})
     #: "latest" (newest complete checkpoint in output_dir; fresh start when there is none) or a path

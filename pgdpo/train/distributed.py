@@ -184,7 +184,8 @@ def mixed_precision_dtype(precision: str, device: torch.device) -> torch.dtype |
 
 
 def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, precision: str,
-               reshard_after_forward: bool = True, trainable: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, trainable: bool = True,
+               cpu_offload: bool = False) -> nn.Module:
     """Shard (FSDP2), replicate (DDP) or keep ``model`` as it is, after moving it to the device.
 
     FSDP2: ``fully_shard`` on each block, then on the root; with bf16 on GPU a
@@ -193,6 +194,7 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
     ``scale_shift_table``; small) are left out of the sharding (``ignored_params``): replicated, fp32 in
     the forward whatever the policy, their gradients averaged by :func:`sync_replicated_grads`. A frozen
     model (``trainable=False``, the reference) is sharded the same way. DDP wraps only trainable models.
+    ``cpu_offload``: FSDP2 ``CPUOffloadPolicy`` (the sharded parameters live in host memory).
     A model on the meta device stays there (FSDP2 shards it without memory; ``to_empty`` follows).
     """
     on_meta = any(p.is_meta for p in model.parameters())
@@ -209,6 +211,10 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
                   "ignored_params": {params[n] for n in keep_fp32_names(model) if n in params} or None}
         if compute is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        if cpu_offload:  # sharded parameters, their gradients and the optimiser states in host memory
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=state.device.type == "cuda")
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)

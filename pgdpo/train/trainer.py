@@ -362,10 +362,38 @@ class Trainer:
                    "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
                    "metrics": {k: v for k, v in (last_record or {}).items() if isinstance(v, (int, float))}}
         rank_state = {"rng": rng_state(), "data": self.dataset.state_dict()}
-        return save_checkpoint(self.out, step, dist_state=self.dist, policy=self.policy,
-                               optimizer=self.optimizer, reference=self.ema_reference, rank_state=rank_state,
-                               trainer_state=trainer_state, summary=summary, config_yaml=self.config_yaml,
-                               keep_last=self.cfg.checkpoint.keep_last, stale=self.stale)
+        self.finish_pending_save()  # one save in flight at a time
+        result = save_checkpoint(self.out, step, dist_state=self.dist, policy=self.policy,
+                                 optimizer=self.optimizer, reference=self.ema_reference,
+                                 rank_state=rank_state,
+                                 trainer_state=trainer_state, summary=summary, config_yaml=self.config_yaml,
+                                 keep_last=self.cfg.checkpoint.keep_last, stale=self.stale,
+                                 async_group=self._async_group())
+        if isinstance(result, str):
+            return result
+        self.pending_save = result
+        return result.path
+
+    def _async_group(self):
+        """The gloo group of DCP async_save (its collectives run in a background thread, so apart from the
+        training's process group); None for synchronous saves (also without a process group)."""
+        if not self.cfg.checkpoint.async_save or not self.dist.distributed:
+            return None
+        if getattr(self, "_async_pg", None) is None:
+            import torch.distributed as tdist
+
+            self._async_pg = tdist.new_group(backend="gloo")
+        return self._async_pg
+
+    def poll_pending_save(self) -> None:
+        """Complete an async checkpoint once every rank's write is done (one tiny all-reduce per step)."""
+        pending = getattr(self, "pending_save", None)
+        if pending is not None and pending.written():
+            self.finish_pending_save()
+
+    def finish_pending_save(self) -> str | None:
+        pending, self.pending_save = getattr(self, "pending_save", None), None
+        return pending.finish() if pending is not None else None
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -471,6 +499,7 @@ class Trainer:
                         last = record
                         bar.set_postfix(_postfix(record), refresh=False)
                     bar.update(1)
+                    self.poll_pending_save()
                     stopping = not self.dist.all_ok(stop.signal is None)  # any rank signalled: all stop
                     if (save_every and step % save_every == 0) or step == max_steps or stopping:
                         self.save(step, last)
@@ -479,6 +508,7 @@ class Trainer:
                         self.info(f"stopped by a signal after step {step}; checkpoint-{step} written "
                                   "(continue with --resume latest)")
                         break
+            self.finish_pending_save()  # the last checkpoint is complete before the run ends
         finally:
             bar.close()
         wall = time.perf_counter() - t_start
