@@ -181,6 +181,15 @@ def pgdpo_loss(
     """
     options = LossOptions(method=method, beta=beta, k1=k1, k2=k2, eps=eps, ipr_target=ipr_target,
                           weighting=weighting, detach_weights=detach_weights, reduction=reduction)
+    return loss_with_options(pred, ref_pred, target, options, sample_weight=sample_weight, backend=backend,
+                             return_stats=return_stats)
+
+
+def loss_with_options(pred, ref_pred, target, options: LossOptions, *, sample_weight: Tensor | None = None,
+                      backend: str = "auto", return_stats: bool = False):
+    """:func:`pgdpo_loss` with its options already resolved and validated (a :class:`LossOptions`):
+    what :class:`PGDPOLoss` and ``pgdpo.step.PreferenceStep`` call, so the options go from the object
+    to the kernels' flags without being unpacked into keywords and validated again."""
     pred = _as_full_batch("pred", pred)
     ref_pred = _as_full_batch("ref_pred", ref_pred)
     target = _as_full_batch("target", target)
@@ -237,11 +246,8 @@ class PGDPOLoss(nn.Module):
         self.return_stats = return_stats
 
     def forward(self, pred, ref_pred, target, sample_weight: Tensor | None = None):
-        o = self.options
-        return pgdpo_loss(pred, ref_pred, target, method=o.method, beta=o.beta, k1=o.k1, k2=o.k2,
-                          eps=o.eps, ipr_target=o.ipr_target, weighting=o.weighting,
-                          detach_weights=o.detach_weights, sample_weight=sample_weight,
-                          reduction=o.reduction, backend=self.backend, return_stats=self.return_stats)
+        return loss_with_options(pred, ref_pred, target, self.options, sample_weight=sample_weight,
+                                 backend=self.backend, return_stats=self.return_stats)
 
     def extra_repr(self) -> str:
         o = self.options

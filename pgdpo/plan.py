@@ -36,7 +36,8 @@ What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every numb
   and ``inter_node_gbps`` (default 50 GB/s per GPU, 400 Gb/s NICs) across nodes; FSDP overlaps it with
   compute, so a step takes the larger of the two.
 
-Config keys read (the trainer's YAML schema; other keys are ignored): ``model.name``, ``model.precision``,
+Configs are read by the trainer's loader (``pgdpo.train.config``: misspelt keys and bad values are errors,
+left-out keys take the trainer's defaults); the keys that matter here: ``model.name``, ``model.precision``,
 ``model.gradient_checkpointing``, ``model.lora_rank``, ``model.lora_targets``, ``data.frames``,
 ``data.height``, ``data.width``, ``data.text_len``, ``method.name`` (sft: no reference),
 ``method.reference`` (copy | lora), ``method.ref_ema_every`` (> 0: EMA reference), ``optim.name``,
@@ -154,70 +155,37 @@ class PlanSettings:
 # ------------------------------------------------------------------------------------------ config
 
 
-def _get(mapping: dict, dotted: str, default=None):
-    value = mapping
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return default
-        value = value[part]
-    return value
-
-
-def _trainer_defaults() -> PlanSettings:
-    """PlanSettings holding the trainer's defaults for the keys a config may leave out."""
-    from pgdpo.train.config import TrainConfig
-
-    t = TrainConfig()
-    return PlanSettings(model=t.model.name, frames=t.data.frames, height=t.data.height, width=t.data.width,
-                        batch_size=t.train.batch_size, micro_batch_size=t.train.micro_batch_size,
-                        text_len=t.data.text_len, precision=t.model.precision, optimizer=t.optim.name,
-                        gradient_checkpointing=t.model.gradient_checkpointing, lora_rank=t.model.lora_rank,
-                        lora_targets=tuple(t.model.lora_targets), strategy=t.distributed.strategy,
-                        reshard_after_forward=t.distributed.reshard_after_forward)
+def settings_from_train_config(config) -> PlanSettings:
+    """:class:`PlanSettings` of the run ``pgdpo train`` would start from a (validated) ``TrainConfig``."""
+    m, d, meth = config.model, config.data, config.method
+    reference = meth.reference
+    if meth.name == "sft":
+        reference = "none"
+    elif reference == "copy" and meth.ref_ema_every > 0:
+        reference = "ema"
+    s = PlanSettings(model=m.name, frames=d.frames, height=d.height, width=d.width,
+                     batch_size=config.train.batch_size, micro_batch_size=config.train.micro_batch_size,
+                     text_len=d.text_len, precision=m.precision, optimizer=config.optim.name,
+                     gradient_checkpointing=m.gradient_checkpointing, reference=reference,
+                     lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets),
+                     strategy=config.distributed.strategy,
+                     reshard_after_forward=config.distributed.reshard_after_forward)
+    return s.validate()
 
 
 def settings_from_config(mapping: dict | str | os.PathLike) -> PlanSettings:
-    """:class:`PlanSettings` from a training config (a YAML file or its mapping); unknown keys are ignored.
-
-    Keys the config leaves out take the trainer's defaults (``pgdpo.train.config``), e.g. no gradient
-    checkpointing, so a plan of a config describes the run ``pgdpo train`` would start.
+    """:class:`PlanSettings` from a training config (a YAML file or its mapping), read by the trainer's own
+    loader (``pgdpo.train.config``): a misspelt key or a bad value is the same error ``pgdpo train``
+    gives (a ``ConfigError``, a ``ValueError``), and keys a config leaves out take the trainer's defaults.
     """
-    where = "config"
-    if isinstance(mapping, (str, os.PathLike)):
-        import yaml
+    from pgdpo.train.config import from_dict, load_config
 
-        where = os.fspath(mapping)
-        if not os.path.isfile(where):
-            raise FileNotFoundError(f"config file not found: {where}")
-        with open(where) as f:
-            try:
-                mapping = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"{where}: not valid YAML: {exc}") from None
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{where}: a config must be a mapping of sections, got {type(mapping).__name__}")
-    s = _trainer_defaults()
-    keys = {"model": "model.name", "precision": "model.precision",
-            "gradient_checkpointing": "model.gradient_checkpointing", "lora_rank": "model.lora_rank",
-            "lora_targets": "model.lora_targets", "frames": "data.frames", "height": "data.height",
-            "width": "data.width", "text_len": "data.text_len", "optimizer": "optim.name",
-            "batch_size": "train.batch_size", "micro_batch_size": "train.micro_batch_size",
-            "strategy": "distributed.strategy", "reshard_after_forward": "distributed.reshard_after_forward"}
-    for attr, key in keys.items():
-        value = _get(mapping, key)
-        if value is not None:
-            setattr(s, attr, value)
-    if s.lora_rank and _get(mapping, "method.reference") is None:
-        s.reference = "lora"
-    reference = _get(mapping, "method.reference")
-    if reference is not None:
-        s.reference = {"copy": "copy", "lora": "lora", "ema": "ema", "none": "none"}.get(reference, reference)
-    if s.reference == "copy" and (_get(mapping, "method.ref_ema_every") or 0) > 0:
-        s.reference = "ema"
-    if _get(mapping, "method.name") == "sft":
-        s.reference = "none"
+    if isinstance(mapping, (str, os.PathLike)):
+        where, config = os.fspath(mapping), load_config(mapping)
+    else:
+        where, config = "config", from_dict(mapping)
     try:
-        return s.validate()
+        return settings_from_train_config(config)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from .attention import set_attention_backend
 from .diffusion import DDPMSchedule, FlowMatchingSchedule, make_schedule
-from .loss import PGDPOLoss, pgdpo_loss
+from .loss import PGDPOLoss, loss_with_options
 from .models import adapter_for, cast_weights, compile_blocks, enable_checkpointing, unwrap_model
 
 
@@ -297,9 +296,9 @@ class PreferenceStep:
                 raise ValueError(f"sample_weight_fn must return a [B={b}] tensor, got {got}")
             sample_weight = sample_weight.detach().float().to(device)
 
-        options = dataclasses.asdict(self.loss.options)
-        loss, stats = pgdpo_loss(pred, ref_pred, pairs.target, **options, sample_weight=sample_weight,
-                                 backend=self.loss.backend, return_stats=True)
+        loss, stats = loss_with_options(pred, ref_pred, pairs.target, self.loss.options,
+                                        sample_weight=sample_weight, backend=self.loss.backend,
+                                        return_stats=True)
         stats = {k: v.detach() for k, v in stats.items()}  # logging values; keep them off the graph
         tokens_per_sample = a.tokens_per_sample(chosen.shape)
         return StepOutput(loss=loss, stats=stats, timesteps=pairs.timesteps, sigmas=pairs.sigmas,

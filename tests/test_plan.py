@@ -51,16 +51,32 @@ def test_paper_setting_fits_on_32_h20(tmp_path):
     result = plan(gpus=32, gpu="h20", gradient_checkpointing=True, **PAPER)
     assert result["fits"], result["memory_gib"]
     assert result["total_gib"] <= result["usable_gib"] < GPUS["h20"].memory_gib
-    # the same from a YAML config in the trainer's schema, with keys the planner does not read
+    # the same from a YAML config in the trainer's schema, with keys the planner does not need
     config = tmp_path / "paper.yaml"
     config.write_text("output_dir: runs/paper\nseed: 3\n"
                       "model: {name: wan2.1-t2v-14b, gradient_checkpointing: true, precision: bf16}\n"
                       "data: {path: data, frames: 81, height: 480, width: 832}\n"
                       "method: {name: pgdpo, beta: 100, reference: copy}\n"
                       "optim: {name: adamw, lr: 1.0e-6}\ntrain: {batch_size: 16, max_steps: 3000}\n"
-                      "logging: {trackers: [tensorboard]}\nnot_a_trainer_key: 1\n")
+                      "logging: {trackers: [tensorboard]}\n")
     from_yaml = plan(str(config), gpus=32, gpu="h20")
     assert from_yaml["fits"] and from_yaml["total_gib"] == pytest.approx(result["total_gib"])
+
+
+def test_configs_are_read_by_the_trainers_loader(tmp_path, capsys):
+    """A misspelt key or a bad value is the error `pgdpo train` gives, not silently ignored."""
+    from pgdpo.plan import main
+    from pgdpo.train.config import ConfigError
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: wan2.1-t2v-14b, gradient_checkpoint: true}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.gradient_checkpoint' \(did you mean "
+                                          r"'model.gradient_checkpointing'\?\)"):
+        settings_from_config(str(config))
+    assert main(["--config", str(config), "--gpus", "8"]) == 2
+    assert "model.gradient_checkpoint'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="method.eps must be > 0"):
+        settings_from_config({"model": {"name": "wan2.1-t2v-14b"}, "method": {"eps": 0}})
 
 
 def test_config_defaults_are_the_trainers(tmp_path):

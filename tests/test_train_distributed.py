@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pgdpo.data.synth import synth_dataset
 
@@ -50,12 +51,23 @@ def records(out):
         return [json.loads(line) for line in f]
 
 
-def test_fsdp_kill_and_resume_matches_uninterrupted_run(tmp_path, data):
-    """Two-process FSDP2 run; the same run killed (SIGKILL, every process) after a checkpoint and resumed
-    with --resume latest gives the uninterrupted run's losses bitwise, each step once."""
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The demo's tiny Wan saved by diffusers: runs load it sharded (meta init + per-rank sliced reads)."""
+    from pgdpo.models import build_model
+
+    folder = tmp_path_factory.mktemp("wan") / "transformer"
+    build_model("tiny-wan-t2v", seed=0).save_pretrained(folder, max_shard_size="30KB")
+    return str(folder)
+
+
+def test_fsdp_kill_and_resume_matches_uninterrupted_run(tmp_path, data, pretrained):
+    """Two-process FSDP2 run from a saved diffusers folder; the same run killed (SIGKILL, every process)
+    after a checkpoint and resumed with --resume latest gives the uninterrupted run's losses bitwise,
+    each step once."""
     steps = 12
     full, killed = tmp_path / "full", tmp_path / "killed"
-    proc = run(command(full, data, steps, "--save-every", "3"))
+    proc = run(command(full, data, steps, "--save-every", "3", "--model.path", pretrained))
     assert "2 process(es), strategy fsdp" in proc.stderr and "pgdpo train: done" in proc.stdout
     reference = records(full)
     assert [r["step"] for r in reference] == list(range(1, steps + 1))
@@ -65,7 +77,8 @@ def test_fsdp_kill_and_resume_matches_uninterrupted_run(tmp_path, data):
     assert sum(name.endswith(".distcp") for name in os.listdir(ck)) == 2  # one shard file per rank
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    victim = subprocess.Popen(command(killed, data, steps, "--save-every", "3"), cwd=ROOT, env=env,
+    victim = subprocess.Popen(command(killed, data, steps, "--save-every", "3", "--model.path", pretrained),
+                              cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -83,13 +96,19 @@ def test_fsdp_kill_and_resume_matches_uninterrupted_run(tmp_path, data):
     assert (killed / "metrics.jsonl").stat().st_size == size, "a worker outlived its launcher"
     assert not (killed / f"checkpoint-{steps}").exists(), "killed too late: the run had finished"
 
-    proc = run(command(killed, data, steps, "--save-every", "3", "--resume", "latest"))
+    proc = run(command(killed, data, steps, "--save-every", "3", "--model.path", pretrained, "--resume",
+                       "latest"))
     assert "resumed from" in proc.stderr
     resumed = records(killed)
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]
     assert not [n for n in os.listdir(killed) if n.endswith(".tmp")]
+    # the model users load (<output_dir>/final, diffusers layout) is the uninterrupted run's, bitwise
+    from safetensors.torch import load_file
+
+    a, b = (load_file(run_dir / "final" / "diffusion_pytorch_model.safetensors") for run_dir in (full, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ddp_and_sft_two_processes(tmp_path, data):

@@ -164,9 +164,11 @@ def test_weights_that_do_not_fit_name_the_tensor(saved, tmp_path):
     (bad / "config.json").write_text(json.dumps(conf))
     with pytest.raises(LoadError, match=r"tensor 'blocks.0.ffn.net.0.proj.weight' has shape \[48, 24\]"):
         build_models(config(str(bad)), one_process(), pretrained_config(str(bad)), with_reference=False)
-    extra = tmp_path / "extra"
-    shutil.copytree(saved, extra)
-    save_file({"unused.weight": torch.zeros(2)}, extra / "zz-extra.safetensors")
+    extra = tmp_path / "extra"  # one file (no index) holding a tensor the model does not have
+    extra.mkdir()
+    shutil.copy(Path(saved) / "config.json", extra / "config.json")
+    save_file({**load_model(saved).state_dict(), "unused.weight": torch.zeros(2)},
+              extra / "diffusion_pytorch_model.safetensors")
     with pytest.raises(LoadError, match="unused.weight"):
         build_models(config(str(extra)), one_process(), pretrained_config(str(extra)), with_reference=False)
 

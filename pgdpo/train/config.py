@@ -4,21 +4,15 @@ Every key is checked: a misspelt key is an error naming it (with the closest val
 wrong type or out of range is an error naming the key and the value. YAML is read with
 ``yaml.safe_load``. ``TrainConfig.to_dict()`` gives back a plain dict (written next to the checkpoints).
 
-Schema (section -> keys; defaults in the dataclasses below)::
+One schema, one validation: the dataclasses below are the schema (``pgdpo train --help`` lists every key
+with its default); a field's type and ``metadata`` (``choices``, ``min``/``max``/``gt``/``lt``) are checked
+as it is set, :meth:`TrainConfig.validate` does the cross-field checks and runs the loss's own validator
+on the ``method`` fields marked ``LOSS``. Everything is checked before any weight is read, and the
+trainer, ``pgdpo plan`` and ``pgdpo export`` all read configs through :func:`load_config` /
+:func:`from_dict`. Adding a key is adding a field (plus, for a loss keyword, ``**LOSS`` in its metadata).
 
-    output_dir, seed, device
-    model:        name, path, precision, attention, gradient_checkpointing, lora_rank, lora_alpha,
-                  lora_targets
-    data:         path, synthesize, synth_pairs, synth_difference, height, width, frames, text_len,
-                  shuffle
-    method:       name, beta, k1, k2, eps, ipr_target, weighting, detach_weights, backend, schedule,
-                  flow_shift, flow_density, reference, ref_ema_every, ref_ema_rate,
-                  timestep_weighting, timestep_bins, timestep_momentum
-    optim:        name, lr, betas, weight_decay, eps, grad_clip, scheduler, warmup_steps
-    train:        max_steps, batch_size, micro_batch_size, log_every
-    distributed:  strategy, backend, reshard_after_forward, sp_degree, cpu_offload, reference_sharded
-    checkpoint:   save_every, async_save, keep_last, resume, overwrite
-    logging:      trackers, run_name, plots, progress, diagnostics_every
+Sections: output_dir, seed, device (top level); model, data, method, optim, train, distributed,
+checkpoint, logging.
 """
 
 from __future__ import annotations
@@ -229,6 +223,11 @@ class TrainConfig:
         trainer, ``pgdpo plan`` and the CLI all load configs through :func:`load_config` /
         :func:`from_dict`, which end here). Single fields are checked as they are set; here the
         cross-field rules, and the loss options by the loss's own validator."""
+        from ..models import MODEL_CONFIGS
+
+        if self.model.path is None and self.model.name not in MODEL_CONFIGS:
+            raise ConfigError(f"model.name must be one of {sorted(MODEL_CONFIGS)} (or set model.path to a "
+                              f"diffusers folder), got {self.model.name!r}")
         m = self.method
         if m.name != "sft":
             try:

@@ -24,12 +24,10 @@ import sys
 import torch
 from torch import nn
 
-from .loading import _filled_tensors, file_key
+from .loading import INDEX_NAME, WEIGHTS_NAME, _filled_tensors, file_key
 
 #: bytes per output safetensors file (diffusers' save_pretrained default is 10 GB; 5 GB as the Hub's)
 MAX_SHARD_SIZE = 5 * 1024 ** 3
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

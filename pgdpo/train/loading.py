@@ -42,6 +42,11 @@ SAFETENSORS_DTYPES = {
 }
 
 
+#: diffusers' weight file names (``save_pretrained``: one file, or shards listed in the index)
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
 class LoadError(ConfigError):
     """Weights that cannot be read or do not fit the model; the message names the file or tensor."""
 
@@ -59,7 +64,14 @@ class SafetensorsFolder:
 
     def __init__(self, folder: str):
         self.folder = folder
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        index = os.path.join(folder, INDEX_NAME)
+        if os.path.isfile(index):  # sharded save_pretrained: the files its index names
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):  # one file (variants such as .fp16 aside)
+            files = [WEIGHTS_NAME]
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         if not files:
             raise LoadError(f"model.path: no .safetensors weights in {folder} (pgdpo reads safetensors "
                             "only; re-save a .bin checkpoint with save_pretrained(safe_serialization=True))")
@@ -81,6 +93,8 @@ class SafetensorsFolder:
                 if info["dtype"] not in SAFETENSORS_DTYPES:
                     raise LoadError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
                 begin, end = info["data_offsets"]
+                if key in self.entries:
+                    raise LoadError(f"{folder}: tensor {key} is in both {self.entries[key][0]} and {path}")
                 self.entries[key] = (path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
                                      8 + n + begin, 8 + n + end)
         self._handles: dict[str, object] = {}

@@ -69,7 +69,7 @@ class Trainer:
     """Set up from a :class:`TrainConfig` (collective: every rank builds one), then :meth:`train`."""
 
     def __init__(self, config: TrainConfig):
-        self.cfg = config
+        self.cfg = config.validate()  # (load_config already did; a config built in code gets it here)
         self.dist: DistState = init_distributed(config.distributed, config.device)
         self.out = config.output_dir
         self.is_main = self.dist.is_main
