@@ -63,8 +63,11 @@ class ModelConfig:
     precision: str = field(default="bf16", metadata=_choice(*PRECISIONS))
     #: diffusers attention backend (``set_attention_backend``): native, _native_flash, flash, xformers
     attention: str | None = None
-    #: activation checkpointing of every transformer block
+    #: activation checkpointing of the transformer blocks
     gradient_checkpointing: bool = False
+    #: with gradient_checkpointing: recompute every this many blocks (1: all; k: blocks 0, k, 2k, ... and
+    #: the others keep their activations: less recompute, more memory; `pgdpo plan` models both)
+    checkpoint_every: int = field(default=1, metadata={"min": 1})
     #: 0: full fine-tuning; > 0: LoRA adapters of this rank (only they are trained)
     lora_rank: int = field(default=0, metadata={"min": 0})
     #: LoRA scale numerator (None = lora_rank)

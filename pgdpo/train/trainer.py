@@ -236,12 +236,12 @@ class Trainer:
         schedule_options = {}
         if meth.schedule == "flow":
             schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
-        checkpointing = "every" if m.gradient_checkpointing else None
+        checkpointing = m.checkpoint_every if m.gradient_checkpointing else None
 
         if meth.name == "sft":
             step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
                            schedule_options=schedule_options, attention_backend=m.attention,
-                           checkpointing=1 if checkpointing else 0, autocast_dtype=autocast)
+                           checkpointing=checkpointing or 0, autocast_dtype=autocast)
         else:
             step = PreferenceStep(model, reference, meth.schedule, loss_from_config(meth),
                                   sample_weight_fn=self.weighting, schedule_options=schedule_options,
