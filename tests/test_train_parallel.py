@@ -207,3 +207,25 @@ def test_async_save_killed_mid_write_never_leaves_a_loadable_partial_checkpoint(
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--distributed.sp_degree", "2", "--distributed.reference_sharded", "false"],
+    ["--distributed.sp_degree", "2", "--model.lora_rank", "4"],
+], ids=["full-sharded", "sp2-full-replicated-ref", "sp2-lora-copy-ref"])
+def test_planner_static_figures_are_the_trainers(tmp_path, datasets, extra):
+    """`pgdpo plan`'s per-rank parameters, gradients, optimizer states and reference bytes equal what a
+    real 2-process run holds on rank 0 (FSDP2 rows rounded up, fp32-kept parameters replicated)."""
+    from pgdpo.plan import plan, settings_from_train_config
+    from pgdpo.train.cli import resolve
+
+    out = tmp_path / "run"
+    args = train_args(out, datasets["i2v"], "tiny-wan-i2v", STEPS, *extra)[3:]  # after "-m pgdpo train"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "_plan_worker.py"), *args])
+    measured = json.loads((out / "static.json").read_text())
+    cfg, _ = resolve(args)
+    planned = plan(settings_from_train_config(cfg), gpus=2, suggest=False)["static_bytes_per_rank"]
+    assert planned == measured
+    assert measured["reference"] > 0 and measured["optimizer states"] > 0
