@@ -588,6 +588,7 @@ def _fmt_time(seconds: float) -> str:
 def format_plan(result: dict, steps: int | None = None) -> str:
     """A readable report of :func:`plan`'s result."""
     s, m, b, t = result["settings"], result["model"], result["batch"], result["time"]
+    sp = result["sequence_parallel"]
     g = result["gpu"]
     sharded = ", sharded" if s["reference_sharded"] and result["strategy"] == "fsdp" else ""
     ref = {"copy": f"frozen copy ({s['precision']}{sharded if s['reference_sharded'] else ', replicated'})",
@@ -599,8 +600,10 @@ def format_plan(result: dict, steps: int | None = None) -> str:
         f"({result['strategy']})",
         f"  video {s['frames']} frames {s['height']}x{s['width']} -> latent {m['latent_shape']} -> "
         f"{m['tokens_per_video']:,} tokens/video; {b['pairs_per_step']} pairs/step = "
-        f"{b['pairs_per_forward_per_gpu']} pair(s)/GPU/forward x {result['gpus']} GPUs x "
-        f"{b['grad_accumulation']} accumulation",
+        f"{b['pairs_per_forward_per_gpu']} pair(s)/forward x {sp['data_parallel_groups']} data-parallel "
+        f"group(s) x {b['grad_accumulation']} accumulation"
+        + (f"; sequence parallel {sp['sp_degree']} (Ulysses): {sp['tokens_per_rank']:,} tokens/GPU"
+           if sp["sp_degree"] > 1 else ""),
         f"  precision {s['precision']}, optimizer {s['optimizer']}, gradient checkpointing "
         f"{'on' if s['gradient_checkpointing'] else 'off'}, reference {ref}",
         "",
@@ -610,10 +613,15 @@ def format_plan(result: dict, steps: int | None = None) -> str:
         lines.append(f"  {key:<22}{value:>9.1f}")
     verdict = "FITS" if result["fits"] else "DOES NOT FIT"
     lines += [f"  {'total':<22}{result['total_gib']:>9.1f}   of {result['capacity_gib']:.1f} GiB "
-              f"({100 * result['utilization']:.0f}%; usable {result['usable_gib']:.1f}) -> {verdict}", ""]
+              f"({100 * result['utilization']:.0f}%; usable {result['usable_gib']:.1f}) -> {verdict}",
+              f"  {'setup peak':<22}{result['setup_peak_gib']:>9.1f}   (shards + one tensor in flight, "
+              "before any activation)"
+              + (f"; host memory {result['host_memory_gib']:.1f} GiB/GPU (CPU offload)"
+                 if result["host_memory_gib"] else ""), ""]
     lines.append(f"  step: {_fmt_count(result['flops']['per_step'])}FLOP executed at MFU "
                  f"{t['assumed_mfu']:.2f} of {g['peak_bf16'] / 1e12:.0f} TFLOP/s -> compute "
-                 f"{_fmt_time(t['compute_s'])}, FSDP traffic {_fmt_time(t['comm_s'])} -> "
+                 f"{_fmt_time(t['compute_s'])}, FSDP traffic {_fmt_time(t['comm_s'])}"
+                 + (f" + all-to-all {_fmt_time(t['sp_comm_s'])}" if sp["sp_degree"] > 1 else "") + " -> "
                  f"{_fmt_time(t['step_s'])}/step, {t['tokens_per_s']:,.0f} tokens/s")
     if steps:
         lines.append(f"  {steps} steps: {_fmt_time(steps * t['step_s'])}")
