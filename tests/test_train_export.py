@@ -78,6 +78,7 @@ def test_full_fine_tuning_final_and_export_load_in_diffusers(tmp_path, base, dat
     assert export_main(["--checkpoint", str(out / "checkpoint-3"), "--out", str(tmp_path / "exp"),
                         "--max-shard-size-gb", str(30e3 / 1024 ** 3)]) == 0
     exported = load_model(tmp_path / "exp")
+    assert export_main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     index = json.loads((tmp_path / "exp" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3  # 30 KB files: the sharded layout, with its index
     for (k, a), (k2, b) in zip(sorted(exported.state_dict().items()), sorted(trained.state_dict().items())):

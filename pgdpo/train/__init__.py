@@ -1,7 +1,9 @@
 """``pgdpo train``: preference training of video diffusion models (FSDP2 / DDP, atomic DCP checkpoints).
 
-``config`` (typed YAML config), ``distributed`` (process group, FSDP2 / DDP wrapping), ``checkpoint``
-(atomic sharded checkpoints, ``--resume latest``), ``metrics`` (metrics.jsonl, trackers), ``plots``,
+``config`` (typed YAML config, validated once), ``distributed`` (process group, FSDP2 / DDP wrapping),
+``loading`` (meta init, sharding, per-rank sliced safetensors reads), ``export`` (``final/`` and ``pgdpo
+export``: diffusers layout or LoRA weights), ``checkpoint`` (atomic sharded checkpoints, ``--resume
+latest``), ``metrics`` (metrics.jsonl, trackers), ``plots``,
 ``sft`` (the SFT baseline step), ``ema`` (moving reference), ``weighting`` (timestep-aware weights),
 ``trainer`` (the loop), ``cli`` (the command).
 """

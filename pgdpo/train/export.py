@@ -184,15 +184,19 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     )
 
     from ..models import resolve_config
-    from .checkpoint import CheckpointError, is_complete, list_checkpoints, resolve_resume
+    from .checkpoint import CheckpointError, is_complete, list_checkpoints
     from .config import load_config
     from .distributed import init_distributed
     from .loading import build_models, pretrained_config
 
-    path = checkpoint
-    if os.path.isdir(checkpoint) and not is_complete(checkpoint) and list_checkpoints(checkpoint):
-        path = list_checkpoints(checkpoint)[-1][1]  # a run's output folder: its newest checkpoint
-    path = resolve_resume(path, os.path.dirname(os.path.abspath(path)))
+    path = os.path.expanduser(checkpoint)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--checkpoint {checkpoint}: no such folder")
+    if not is_complete(path) and list_checkpoints(path):
+        path = list_checkpoints(path)[-1][1]  # a run's output folder: its newest checkpoint
+    if not is_complete(path):
+        raise CheckpointError(f"--checkpoint {checkpoint}: neither a complete checkpoint-<step> folder (with "
+                              "trainer_state.json and DCP .metadata) nor a run folder holding one")
     config_file = os.path.join(path, "config.yaml")
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{path}: has no config.yaml (not a pgdpo train checkpoint?)")
@@ -200,8 +204,11 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     dist = init_distributed(cfg.distributed, "cpu" if not torch.cuda.is_available() else cfg.device)
     try:
         arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
-        model, _ = build_models(cfg, dist, arch, with_reference=False)
-        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        # Full fine-tuning: the checkpoint holds every parameter (DCP raises for one it lacks), so the
+        # pretrained weights are not read; LoRA: the frozen base comes from model.path as in training.
+        full = not cfg.model.lora_rank
+        model, _ = build_models(cfg, dist, arch, with_reference=False, fill=not full)
+        options = StateDictOptions(ignore_frozen_params=not full, strict=full)
         state = {"model": get_model_state_dict(model, options=options)}
         try:
             with warnings.catch_warnings():

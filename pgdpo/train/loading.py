@@ -342,13 +342,15 @@ def lora_config(model_cfg):
                       target_modules=list(model_cfg.lora_targets), init_lora_weights=True)
 
 
-def build_models(cfg, dist, arch: dict, *, with_reference: bool) -> tuple[nn.Module, nn.Module | None]:
+def build_models(cfg, dist, arch: dict, *, with_reference: bool,
+                 fill: bool = True) -> tuple[nn.Module, nn.Module | None]:
     """The policy and (``with_reference``) a frozen copy reference of a :class:`TrainConfig`, loaded.
 
     FSDP2: both are sharded on meta, so each rank only ever allocates its shards. The policy is fp32
     (LoRA: frozen base in the compute dtype, fp32 adapters); a frozen reference is in the compute dtype,
     an EMA one (``method.ref_ema_every > 0``) in fp32. DDP / one process: the same steps unsharded (the
-    caller wraps DDP).
+    caller wraps DDP). ``fill=False``: materialised but not filled (every parameter is about to be
+    loaded from a checkpoint; buffers are set).
     """
     from .distributed import mixed_precision_dtype, wrap_model
 
@@ -372,11 +374,12 @@ def build_models(cfg, dist, arch: dict, *, with_reference: bool) -> tuple[nn.Mod
                        reshard_after_forward=d.reshard_after_forward, trainable=net is model,
                        cpu_offload=offload and net is model)
     materialize(model, dist.device, offload=offload)
-    source = open_source(m.path, arch, cfg.seed)
-    try:
-        fill_(model, source, seed=cfg.seed, where=m.path or f"model.name {m.name}")
-    finally:
-        source.close()
+    if fill:
+        source = open_source(m.path, arch, cfg.seed)
+        try:
+            fill_(model, source, seed=cfg.seed, where=m.path or f"model.name {m.name}")
+        finally:
+            source.close()
     if reference is not None:
         materialize(reference, dist.device)
         copy_weights_(reference, model)
