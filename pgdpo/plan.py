@@ -7,13 +7,24 @@
 What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every number is an estimate):
 
 - **Parameters** are counted exactly on the meta device (``pgdpo.models.build_model(name, device="meta")``).
-- **Policy** (FSDP2 ``fully_shard``, sharded over the N GPUs; DDP/none: replicated): full fine-tuning keeps
-  fp32 master weights (4 B/param; precision ``bf16`` = bf16 compute on gathered copies, as the trainer's
-  ``MixedPrecisionPolicy``), fp32 gradients (4 B) and AdamW's two fp32 moments (8 B): 16 B/param / N.
-  LoRA (``lora_rank > 0``): the frozen base in ``frozen_dtype`` (bf16: 2 B) plus 16 B per LoRA parameter.
-- **Reference**: ``copy`` a frozen copy in ``frozen_dtype`` (bf16 by default: a no-grad bf16 forward needs
-  no fp32 master), sharded like the policy unless ``reference_sharded=False``; ``ema`` a copy kept in fp32
-  (small EMA updates vanish in bf16); ``lora`` nothing (the policy with adapters off); ``none`` (SFT).
+- **Policy, gradients, optimizer, reference** are laid out as the trainer lays them out
+  (:func:`static_memory`, from the parameter table of the model ``pgdpo.train.loading.meta_model``
+  builds): FSDP2 gives each of the N ranks ``ceil(rows / N)`` rows of every parameter (rank 0, the largest
+  shard, is reported), except the parameters diffusers keeps in fp32 (``_keep_in_fp32_modules``), which
+  the trainer replicates. Full fine-tuning: fp32 master weights (4 B/param), fp32 gradients (4 B), AdamW's
+  two fp32 moments (8 B). LoRA (``lora_rank > 0``): the frozen base in the compute dtype plus 16 B per
+  LoRA parameter. ``cpu_offload`` (``distributed.cpu_offload``): the sharded parts of the three live in
+  host memory. A CPU test checks these figures against a real 2-process run.
+- **Reference**: ``copy`` a frozen copy in the compute dtype (bf16), sharded like the policy or, with
+  ``reference_sharded=False`` (``distributed.reference_sharded: false``), whole on every GPU (and no
+  all-gathers); ``ema`` a copy kept in fp32; ``lora`` nothing (the policy with adapters off); ``none``.
+- **Setup peak**: the shards filled in place plus one tensor's rows in flight (a replicated reference: one
+  whole tensor); it must fit too.
+- **Sequence parallelism** (``sp_degree``, ``distributed.sp_degree``): the ``sp_degree`` GPUs of a group
+  run one micro-batch, each on ``tokens / sp_degree`` of every video (activations divided accordingly;
+  the embeddings before the split stay whole), so a step holds ``micro_batch x GPUs / sp_degree`` pairs
+  per accumulation step; the Ulysses all-to-alls (4 per self-attention: q, k, v, out, in every forward,
+  backward and recompute) are added to the step time at NVLink bandwidth, not overlapped.
 - **FSDP buffers**: the all-gathered compute-dtype weights of two blocks (current + prefetched) and the
   unsharded fp32 gradients of two blocks before reduce-scatter (``reshard_after_forward=False``: the
   whole model stays gathered between forward and backward).
@@ -24,13 +35,14 @@ What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every numb
   keys/values -- measured with ``torch.autograd.graph.saved_tensors_hooks`` on diffusers' eager block
   (FP32LayerNorm, fp32 RMSNorm/RoPE and gating make it well above the textbook ``34 d``; the test suite
   re-measures it). Without checkpointing all blocks keep theirs; with checkpointing each block keeps its
-  input (``2 d`` bytes/token in bf16) and one block is recomputed at a time. Plus a backward workspace of
-  half a block's activations and the model's embeddings/head (``16 d`` bytes/token).
+  input (``2 d`` bytes/token in bf16) and one block is recomputed at a time; ``checkpoint_every = k``
+  (``model.checkpoint_every``): blocks 0, k, 2k, ... are checkpointed and the others keep theirs. Plus
+  a backward workspace of half a block's activations and the model's embeddings/head (``16 d`` bytes/token).
 - **Overhead**: a fixed ``overhead_gib`` (CUDA context, NCCL buffers, cuBLAS workspaces; default 4 GiB),
   and the plan asks for ``margin`` (default 8%) of the GPU's memory to stay free (allocator fragmentation).
 - **Step time**: forward FLOPs per video from ``pgdpo.models`` (``~2 params T + 4 layers T^2 d``);
-  backward 2x forward (LoRA: the linear layers' weight gradients are skipped), +1 forward of recompute
-  with checkpointing, +1 reference forward; divided by ``gpus x peak bf16 x mfu``. ``mfu`` (default 0.40)
+  backward 2x forward (LoRA: the linear layers' weight gradients are skipped), + the recompute of the
+  checkpointed blocks, +1 reference forward; divided by ``gpus x peak bf16 x mfu``. ``mfu`` (default 0.40)
   is the assumed fraction of the dense bf16 peak achieved on all executed FLOPs, recompute included.
   FSDP traffic (all-gathers, reduce-scatters) is estimated at NVLink bandwidth within a node (<= 8 GPUs)
   and ``inter_node_gbps`` (default 50 GB/s per GPU, 400 Gb/s NICs) across nodes; FSDP overlaps it with
@@ -80,9 +92,9 @@ GPUS: dict[str, GPU] = {
 
 REFERENCES = ("copy", "lora", "ema", "none")
 PRECISIONS = ("bf16", "fp32")
-OPTIMIZERS = {"adamw": 8, "adam": 8, "adamw8bit": 2, "sgd": 0}  # optimizer-state bytes per trained param
+#: optimizer-state bytes per trained parameter: the trainer's AdamW keeps two fp32 moments
+OPTIMIZERS = {"adamw": 8}
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
-FROZEN_DTYPES = {"bf16": 2, "fp32": 4}
 
 #: activation bytes saved by one Wan block per token, as (x d, x ffn), by compute precision
 ACT_PER_TOKEN = {"bf16": (72, 4), "fp32": (92, 8)}
@@ -118,21 +130,24 @@ class PlanSettings:
     lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")
     strategy: str = "auto"
     reshard_after_forward: bool = True
-    #: dtype the frozen weights (reference copy, LoRA base) are stored in
-    frozen_dtype: str = "bf16"
+    #: distributed.reference_sharded: the frozen reference sharded like the policy, or replicated
     reference_sharded: bool = True
-    #: FSDP2 CPUOffloadPolicy: policy master weights, gradients and optimizer states live in host memory
-    #: (planner what-if: pgdpo's trainer does not offload)
+    #: distributed.cpu_offload: FSDP2 CPUOffloadPolicy, the policy's sharded weights, gradients and
+    #: optimizer states in host memory
     cpu_offload: bool = False
+    #: distributed.sp_degree: ranks per Ulysses sequence-parallel group (each holds tokens / sp_degree)
+    sp_degree: int = 1
+    #: model.checkpoint_every: with gradient checkpointing, recompute blocks 0, k, 2k, ...
+    checkpoint_every: int = 1
 
     def validate(self) -> PlanSettings:
-        for key in ("frames", "height", "width", "batch_size", "micro_batch_size", "text_len"):
+        for key in ("frames", "height", "width", "batch_size", "micro_batch_size", "text_len", "sp_degree",
+                    "checkpoint_every"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         for key, choices in (("precision", PRECISIONS), ("optimizer", tuple(OPTIMIZERS)),
-                             ("reference", REFERENCES), ("strategy", STRATEGIES),
-                             ("frozen_dtype", tuple(FROZEN_DTYPES))):
+                             ("reference", REFERENCES), ("strategy", STRATEGIES)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key} must be one of {list(choices)}, got {getattr(self, key)!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
@@ -169,7 +184,10 @@ def settings_from_train_config(config) -> PlanSettings:
                      gradient_checkpointing=m.gradient_checkpointing, reference=reference,
                      lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets),
                      strategy=config.distributed.strategy,
-                     reshard_after_forward=config.distributed.reshard_after_forward)
+                     reshard_after_forward=config.distributed.reshard_after_forward,
+                     reference_sharded=config.distributed.reference_sharded,
+                     cpu_offload=config.distributed.cpu_offload, sp_degree=config.distributed.sp_degree,
+                     checkpoint_every=m.checkpoint_every)
     return s.validate()
 
 
@@ -221,6 +239,70 @@ def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> di
             "ffn_dim": c["ffn_dim"], "heads": c["num_attention_heads"], "config": c}
 
 
+@functools.lru_cache(maxsize=16)
+def parameter_table(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> tuple:
+    """``(numel, rows, fp32_kept, lora)`` of every parameter of the policy the trainer builds
+    (``pgdpo.train.loading.meta_model``, on meta): ``rows`` is dim 0, which FSDP2 shards; ``fp32_kept``
+    parameters (``_keep_in_fp32_modules``) are left out of the sharding (replicated, fp32)."""
+    from pgdpo.models import keep_fp32_names, resolve_config
+    from pgdpo.train.loading import meta_model
+
+    lora = None
+    if lora_rank:
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets))
+    import torch
+
+    model = meta_model(resolve_config(name), torch.float32, lora=lora)
+    kept = set(keep_fp32_names(model))
+    return tuple((p.numel(), p.shape[0] if p.dim() else 1, n in kept, ".lora_" in n)
+                 for n, p in model.named_parameters())
+
+
+def per_rank_elements(table: tuple, ranks: int, *, kept: bool, lora: bool | None = None) -> int:
+    """Elements rank 0 (the largest shard) holds of the parameters of ``table`` selected by ``kept`` and
+    ``lora`` (None: both): FSDP2 gives each rank ``ceil(rows / ranks)`` rows; kept ones are whole."""
+    total = 0
+    for numel, rows, is_kept, is_lora in table:
+        if is_kept != kept or (lora is not None and is_lora != lora):
+            continue
+        total += numel if kept else math.ceil(rows / ranks) * (numel // rows if rows else 0)
+    return total
+
+
+def static_memory(s: PlanSettings, ranks: int) -> dict:
+    """Bytes per rank (rank 0) of the policy weights, gradients, optimizer states and reference, as the
+    trainer lays them out (:func:`pgdpo.train.loading.build_models`) over ``ranks`` FSDP2 ranks (1: not
+    sharded). Policy: fp32 (LoRA: frozen base in the compute dtype, fp32 adapters); fp32-kept parameters
+    fp32 and replicated; a copy reference in the compute dtype (EMA: fp32), sharded unless replicated."""
+    table = parameter_table(s.model, s.lora_rank, tuple(s.lora_targets))
+    cb = 2 if s.precision == "bf16" else 4
+    lora = s.lora_rank > 0
+    sh = lambda n, **k: per_rank_elements(table, n, kept=False, **k)
+    rep_ = lambda **k: per_rank_elements(table, 1, kept=True, **k)
+    if lora:
+        weights = sh(ranks, lora=False) * cb + rep_(lora=False) * 4 + sh(ranks, lora=True) * 4
+        trained_sharded, trained_kept = sh(ranks, lora=True), rep_(lora=True)
+    else:
+        weights = (sh(ranks) + rep_()) * 4
+        trained_sharded, trained_kept = sh(ranks), rep_()
+    out = {"policy weights": weights, "gradients": (trained_sharded + trained_kept) * 4,
+           "optimizer states": (trained_sharded + trained_kept) * OPTIMIZERS[s.optimizer]}
+    # what CPU offload moves to host memory: the sharded part of each (the kept part stays on the GPU)
+    out["offloadable"] = {"policy weights": weights - rep_() * 4,
+                          "gradients": trained_sharded * 4,
+                          "optimizer states": trained_sharded * OPTIMIZERS[s.optimizer]}
+    ref_b = {"copy": cb, "ema": 4}.get(s.reference)
+    if ref_b is None:
+        out["reference"] = 0
+    else:
+        n = ranks if s.reference_sharded else 1
+        out["reference"] = sh(n, lora=False) * ref_b + rep_(lora=False) * 4
+    out["largest_tensor"] = max(numel for numel, *_ in table)
+    return out
+
+
 def block_activation_bytes(dim: int, ffn_dim: int, tokens: int, text_len: int,
                            precision: str = "bf16") -> int:
     """Bytes one Wan block saves for backward for one video of ``tokens`` tokens (see module doc)."""
@@ -242,24 +324,28 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     shard = gpus if strategy == "fsdp" else 1
     P, d, f, L = m["parameters"], m["dim"], m["ffn_dim"], m["layers"]
     cb = 2 if s.precision == "bf16" else 4  # compute dtype bytes
-    frozen_b = FROZEN_DTYPES[s.frozen_dtype]
-    opt_b = OPTIMIZERS[s.optimizer]
     lora = s.lora_rank > 0
     trainable = m["lora_parameters"] if lora else P
     notes: list[str] = []
 
-    # ---- batch layout
-    per_step = s.micro_batch_size * gpus
+    # ---- batch layout: the sp ranks of a sequence group run one micro-batch together
+    sp = s.sp_degree
+    if gpus % sp:
+        raise ValueError(f"sp_degree {sp} must divide the number of GPUs ({gpus})")
+    if sp > 1 and strategy != "fsdp":
+        raise ValueError(f"sp_degree {sp} needs the fsdp strategy, got {strategy}")
+    if m["heads"] % sp:
+        raise ValueError(f"sp_degree {sp} must divide the attention heads ({m['heads']})")
+    dp = gpus // sp
+    per_step = s.micro_batch_size * dp
     accum = max(1, math.ceil(s.batch_size / per_step))
     effective_batch = accum * per_step
     if effective_batch != s.batch_size:
         if s.batch_size < per_step:
-            notes.append(f"batch_size {s.batch_size} < micro_batch_size {s.micro_batch_size} x {gpus} GPUs: "
-                         f"with data parallelism a step holds at least {per_step} pairs (the trainer needs "
-                         f"batch_size a multiple of {per_step}); {s.batch_size} pairs on {gpus} GPUs means "
-                         f"splitting a pair over {gpus // max(1, s.batch_size)} GPUs (sequence parallelism), "
-                         "which needs no more memory "
-                         "per GPU than shown")
+            notes.append(f"batch_size {s.batch_size} < micro_batch_size {s.micro_batch_size} x {dp} "
+                         f"data-parallel groups: a step holds at least {per_step} pairs (the trainer needs "
+                         f"batch_size a multiple of {per_step}; raise sp_degree to split each pair over "
+                         "more GPUs)")
         else:
             notes.append(f"batch_size {s.batch_size} is not a multiple of micro_batch_size x GPUs = "
                          f"{per_step}; "
@@ -270,21 +356,18 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     image_len = s.image_len if adapter.family == "wan-i2v" else 0
 
     # ---- memory (bytes per GPU)
-    master_b = 4
-    mem = {}
-    if lora:
-        mem["policy weights"] = P * frozen_b / shard + trainable * master_b / shard
-    else:
-        mem["policy weights"] = P * master_b / shard
-    mem["gradients"] = trainable * 4 / shard
-    mem["optimizer states"] = trainable * opt_b / shard
+    if tokens % sp:
+        raise ValueError(f"sp_degree {sp} must divide the tokens per video ({tokens})")
+    local_tokens = tokens // sp
+    static = static_memory(s, shard)
+    mem = {k: float(static[k]) for k in ("policy weights", "gradients", "optimizer states")}
     host = 0.0
     if s.cpu_offload:
-        for key in ("policy weights", "gradients", "optimizer states"):
-            host += mem[key]
-            mem[key] = 0.0
-    ref_shard = shard if s.reference_sharded else 1
-    mem["reference"] = {"copy": P * frozen_b / ref_shard, "ema": P * 4 / ref_shard}.get(s.reference, 0.0)
+        for key, moved in static["offloadable"].items():
+            host += moved
+            mem[key] -= moved
+    mem["reference"] = float(static["reference"])
+    ref_sharded = s.reference_sharded and shard > 1 and s.reference in ("copy", "ema")
     if shard > 1:
         if s.reshard_after_forward:
             gathered = (2 * m["block_parameters"] + m["outside_parameters"]) * cb
@@ -293,15 +376,21 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
         mem["fsdp buffers"] = gathered + 2 * min(m["block_parameters"], trainable) * 4
     else:
         mem["fsdp buffers"] = 0.0
-    block = videos * block_activation_bytes(d, f, tokens, s.text_len, s.precision)
-    outside = videos * tokens * ACT_OUTSIDE * d
-    if s.gradient_checkpointing:
-        stored = L * videos * tokens * d * cb + block
-    else:
-        stored = L * block
+    block = videos * block_activation_bytes(d, f, local_tokens, s.text_len, s.precision)
+    # the embeddings before the split and the gathered output are whole on every rank of a group
+    outside = videos * (tokens * cb * d + local_tokens * (ACT_OUTSIDE - cb) * d)
+    checkpointed = math.ceil(L / s.checkpoint_every) if s.gradient_checkpointing else 0
+    stored = checkpointed * videos * local_tokens * d * cb + (L - checkpointed) * block
+    if checkpointed:
+        stored += block  # the block being recomputed
     mem["activations"] = stored + WORKSPACE_FRACTION * block + outside
     mem["overhead"] = overhead_gib * GIB
     total = sum(mem.values())
+    # setup (pgdpo.train.loading): shards filled in place, one tensor's rows in flight (a replicated
+    # reference: one whole tensor, all-gathered); before any activation
+    in_flight = static["largest_tensor"] * 4 / (1 if (s.reference in ("copy", "ema") and not ref_sharded)
+                                                 else shard)
+    setup = (mem["policy weights"] + mem["reference"] + in_flight + mem["overhead"])
     capacity = gpu.memory_gib * GIB
     usable = capacity * (1 - margin)
     if s.precision == "fp32":
@@ -314,7 +403,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     fwd = wan_forward_flops(cfg, latent, text_len=s.text_len, image_len=image_len)
     attn = L * 4 * tokens * tokens * d
     bwd = 2 * fwd if not lora else (fwd - attn) + 2 * attn  # LoRA: no weight grads of the frozen linears
-    recompute = fwd if s.gradient_checkpointing else 0
+    recompute = fwd * checkpointed / L
     ref = fwd if s.reference != "none" else 0
     per_video = {"policy forward": fwd, "backward": bwd, "recompute": recompute, "reference forward": ref}
     step_flops = 2 * effective_batch * sum(per_video.values())
@@ -328,7 +417,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     if shard > 1:
         frac = (shard - 1) / shard
         gathers = P * cb * (2 if s.reshard_after_forward else 1)
-        gathers += P * cb if s.reference in ("copy", "ema") else 0
+        gathers += P * cb if ref_sharded else 0
         comm_bytes = frac * (accum * gathers + trainable * 4)
     elif strategy == "ddp" and gpus > 1:
         comm_bytes = 2 * (gpus - 1) / gpus * trainable * 4
@@ -336,7 +425,15 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
         comm_bytes = 0.0
     bandwidth = gpu.nvlink if gpus <= 8 else inter_node_gbps * 1e9
     comm_s = comm_bytes / bandwidth
-    step_s = max(compute_s, comm_s)
+    # Ulysses: 4 all-to-alls (q, k, v, out; the backward the same 4 gradients) of this rank's tokens per
+    # self-attention, in the policy forward, backward, recompute and reference forward; on the critical
+    # path (not overlapped), over NVLink within a node
+    sp_s = 0.0
+    if sp > 1:
+        calls = 2 * L + checkpointed + (L if s.reference != "none" else 0)
+        sp_bytes = accum * calls * 4 * videos * local_tokens * d * cb * (sp - 1) / sp
+        sp_s = sp_bytes / (gpu.nvlink if sp <= 8 else inter_node_gbps * 1e9)
+    step_s = max(compute_s, comm_s) + sp_s
 
     return {
         "settings": dataclasses.asdict(s) | {"lora_targets": list(s.lora_targets)},
@@ -348,12 +445,17 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
                   "pairs_per_forward_per_gpu": s.micro_batch_size, "videos_per_forward_per_gpu": videos,
                   "grad_accumulation": accum},
         "memory_gib": {k: v / GIB for k, v in mem.items()},
-        "host_memory_gib": host / GIB, "total_gib": total / GIB, "capacity_gib": gpu.memory_gib,
+        "host_memory_gib": host / GIB, "total_gib": total / GIB, "setup_peak_gib": setup / GIB,
+        "static_bytes_per_rank": {k: static[k] for k in ("policy weights", "gradients", "optimizer states",
+                                                          "reference")},
+        "sequence_parallel": {"sp_degree": sp, "data_parallel_groups": dp, "tokens_per_rank": local_tokens},
+        "capacity_gib": gpu.memory_gib,
         "usable_gib": usable / GIB,
-        "utilization": total / capacity, "fits": total <= usable,
+        "utilization": total / capacity, "fits": max(total, setup) <= usable,
         "flops": {"forward_per_video": fwd, "per_video": per_video, "per_step": step_flops,
                   "model_flops_per_step": model_flops},
-        "time": {"assumed_mfu": mfu, "compute_s": compute_s, "comm_s": comm_s, "step_s": step_s,
+        "time": {"assumed_mfu": mfu, "compute_s": compute_s, "comm_s": comm_s, "sp_comm_s": sp_s,
+                 "step_s": step_s,
                  "pairs_per_s": effective_batch / step_s,
                  "tokens_per_s": 2 * effective_batch * tokens / step_s,
                  "model_flops_utilization": model_flops / step_s / (gpus * gpu.peak_bf16)},
@@ -370,9 +472,15 @@ def _suggestions(s: PlanSettings, gpus: int, gpu_name: str, evaluate) -> list[di
     if s.micro_batch_size > 1:
         candidates.append(("micro_batch_size 1 (train.micro_batch_size: 1; more accumulation steps)",
                            dataclasses.replace(s, micro_batch_size=1), gpus))
-    if s.reference in ("copy", "ema") and (s.frozen_dtype != "bf16" or not s.reference_sharded):
-        candidates.append(("bf16, sharded reference copy",
-                           dataclasses.replace(s, frozen_dtype="bf16", reference_sharded=True), gpus))
+    if s.reference in ("copy", "ema") and not s.reference_sharded:
+        candidates.append(("sharded reference (distributed.reference_sharded: true)",
+                           dataclasses.replace(s, reference_sharded=True), gpus))
+    heads = model_summary(s.model)["heads"]
+    for n in (2, 4, 8):
+        degree = s.sp_degree * n
+        if s.strategy in ("auto", "fsdp") and gpus % degree == 0 and heads % degree == 0:
+            candidates.append((f"sequence parallelism (distributed.sp_degree: {degree})",
+                               dataclasses.replace(s, sp_degree=degree), gpus))
     if s.reference != "lora":
         lora = dataclasses.replace(s, lora_rank=s.lora_rank or 64, reference="lora")
         candidates.append((f"LoRA policy + LoRA reference (model.lora_rank: {lora.lora_rank}, "
@@ -380,13 +488,9 @@ def _suggestions(s: PlanSettings, gpus: int, gpu_name: str, evaluate) -> list[di
         if not s.gradient_checkpointing:
             candidates.append(("LoRA reference + gradient checkpointing",
                                dataclasses.replace(lora, gradient_checkpointing=True), gpus))
-    if s.optimizer in ("adamw", "adam"):
-        candidates.append(("8-bit AdamW states (what-if: not in pgdpo's trainer)",
-                           dataclasses.replace(s, optimizer="adamw8bit"), gpus))
     if not s.cpu_offload and s.strategy != "ddp":
-        candidates.append(("FSDP2 CPU offload of weights/gradients/optimizer states (what-if: not in "
-                           "pgdpo's trainer)",
-                           dataclasses.replace(s, cpu_offload=True), gpus))
+        candidates.append(("FSDP2 CPU offload of weights/gradients/optimizer states "
+                           "(distributed.cpu_offload: true)", dataclasses.replace(s, cpu_offload=True), gpus))
     for settings in (s, ckpt) if not s.gradient_checkpointing else (s,):
         for n in (2, 4, 8, 16, 32, 64):
             more = gpus * n
@@ -484,9 +588,10 @@ def _fmt_time(seconds: float) -> str:
 def format_plan(result: dict, steps: int | None = None) -> str:
     """A readable report of :func:`plan`'s result."""
     s, m, b, t = result["settings"], result["model"], result["batch"], result["time"]
+    sp = result["sequence_parallel"]
     g = result["gpu"]
     sharded = ", sharded" if s["reference_sharded"] and result["strategy"] == "fsdp" else ""
-    ref = {"copy": f"frozen copy ({s['frozen_dtype']}{sharded})",
+    ref = {"copy": f"frozen copy ({s['precision']}{sharded if s['reference_sharded'] else ', replicated'})",
            "ema": "EMA copy (fp32)", "lora": "LoRA adapters disabled", "none": "none (SFT)"}[s["reference"]]
     tuning = f"LoRA rank {s['lora_rank']}" if s["lora_rank"] else "full fine-tuning"
     lines = [
@@ -495,8 +600,10 @@ def format_plan(result: dict, steps: int | None = None) -> str:
         f"({result['strategy']})",
         f"  video {s['frames']} frames {s['height']}x{s['width']} -> latent {m['latent_shape']} -> "
         f"{m['tokens_per_video']:,} tokens/video; {b['pairs_per_step']} pairs/step = "
-        f"{b['pairs_per_forward_per_gpu']} pair(s)/GPU/forward x {result['gpus']} GPUs x "
-        f"{b['grad_accumulation']} accumulation",
+        f"{b['pairs_per_forward_per_gpu']} pair(s)/forward x {sp['data_parallel_groups']} data-parallel "
+        f"group(s) x {b['grad_accumulation']} accumulation"
+        + (f"; sequence parallel {sp['sp_degree']} (Ulysses): {sp['tokens_per_rank']:,} tokens/GPU"
+           if sp["sp_degree"] > 1 else ""),
         f"  precision {s['precision']}, optimizer {s['optimizer']}, gradient checkpointing "
         f"{'on' if s['gradient_checkpointing'] else 'off'}, reference {ref}",
         "",
@@ -506,10 +613,15 @@ def format_plan(result: dict, steps: int | None = None) -> str:
         lines.append(f"  {key:<22}{value:>9.1f}")
     verdict = "FITS" if result["fits"] else "DOES NOT FIT"
     lines += [f"  {'total':<22}{result['total_gib']:>9.1f}   of {result['capacity_gib']:.1f} GiB "
-              f"({100 * result['utilization']:.0f}%; usable {result['usable_gib']:.1f}) -> {verdict}", ""]
+              f"({100 * result['utilization']:.0f}%; usable {result['usable_gib']:.1f}) -> {verdict}",
+              f"  {'setup peak':<22}{result['setup_peak_gib']:>9.1f}   (shards + one tensor in flight, "
+              "before any activation)"
+              + (f"; host memory {result['host_memory_gib']:.1f} GiB/GPU (CPU offload)"
+                 if result["host_memory_gib"] else ""), ""]
     lines.append(f"  step: {_fmt_count(result['flops']['per_step'])}FLOP executed at MFU "
                  f"{t['assumed_mfu']:.2f} of {g['peak_bf16'] / 1e12:.0f} TFLOP/s -> compute "
-                 f"{_fmt_time(t['compute_s'])}, FSDP traffic {_fmt_time(t['comm_s'])} -> "
+                 f"{_fmt_time(t['compute_s'])}, FSDP traffic {_fmt_time(t['comm_s'])}"
+                 + (f" + all-to-all {_fmt_time(t['sp_comm_s'])}" if sp["sp_degree"] > 1 else "") + " -> "
                  f"{_fmt_time(t['step_s'])}/step, {t['tokens_per_s']:,.0f} tokens/s")
     if steps:
         lines.append(f"  {steps} steps: {_fmt_time(steps * t['step_s'])}")
@@ -578,10 +690,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (implies --reference lora "
                    "unless --reference is given)")
     p.add_argument("--strategy", choices=STRATEGIES, help="auto (fsdp when GPUs > 1), fsdp, ddp, none")
-    p.add_argument("--frozen-dtype", choices=sorted(FROZEN_DTYPES),
-                   help="storage of frozen weights: reference copy, LoRA base (default bf16)")
+    p.add_argument("--sp-degree", type=int, help="distributed.sp_degree: GPUs per Ulysses sequence-parallel "
+                   "group (divides the GPUs and the heads; default 1)")
+    p.add_argument("--checkpoint-every", type=int, help="model.checkpoint_every: recompute every k-th block "
+                   "(default 1: all)")
+    p.add_argument("--replicated-reference", dest="reference_sharded", action="store_const", const=False,
+                   help="distributed.reference_sharded: false (a whole frozen reference on every GPU)")
     p.add_argument("--cpu-offload", action="store_const", const=True,
-                   help="what-if: FSDP2 CPU offload of weights, gradients and optimizer states")
+                   help="distributed.cpu_offload: FSDP2 CPU offload of weights, gradients, optimizer states")
     p.add_argument("--text-len", type=int, help="text tokens (default 512)")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed MFU on all executed FLOPs (default 0.40)")
     p.add_argument("--overhead-gib", type=float, default=4.0, help="fixed per-GPU overhead (default 4 GiB)")
@@ -594,8 +710,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     names = ("model", "frames", "height", "width", "batch_size", "micro_batch_size", "precision", "optimizer",
-             "gradient_checkpointing", "reference", "lora_rank", "strategy", "frozen_dtype", "text_len",
-             "cpu_offload")
+             "gradient_checkpointing", "reference", "lora_rank", "strategy", "text_len", "cpu_offload",
+             "sp_degree", "checkpoint_every", "reference_sharded")
     overrides = {k: getattr(args, k) for k in names}
     if args.lora_rank and args.reference is None:
         overrides["reference"] = "lora"

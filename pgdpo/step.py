@@ -290,8 +290,9 @@ class PreferenceStep:
         device = chosen.device
 
         with torch.no_grad(), self._autocast(device):
-            if self.reference is not None:
-                ref_pred = a.predict(self.reference, noisy, pairs.model_timesteps, batch)
+            if self.reference is not None:  # its own input dtype: a replicated bf16 copy has no FSDP cast
+                ref_noisy = noisy.to(a.input_dtype(self.reference))
+                ref_pred = a.predict(self.reference, ref_noisy, pairs.model_timesteps, batch)
             else:
                 with adapters_disabled(self.policy), _eval_mode(self.policy):
                     ref_pred = a.predict(self.policy, noisy, pairs.model_timesteps, batch)

@@ -182,3 +182,40 @@ def test_plan_settings_validation():
     with pytest.raises(ValueError, match="unknown gpu"):
         plan(gpus=8, gpu="tpu")
     assert PlanSettings().validate().latent_shape == (16, 21, 60, 104)
+
+
+def test_shipped_8xh20_config_fits_full_fine_tuning_at_the_papers_resolution():
+    """configs/wan2.1-i2v-14b-8xh20.yaml: full fine-tuning of the 14B I2V model, frozen copy reference,
+    480x832x81, through the trainer's loader; sequence parallelism 8 is what makes it fit."""
+    from pathlib import Path
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "wan2.1-i2v-14b-8xh20.yaml")
+    result = plan(config, gpus=8, gpu="h20", suggest=False)
+    s = result["settings"]
+    assert (s["model"], s["lora_rank"], s["reference"], s["frames"], s["height"], s["width"]) == \
+        ("wan2.1-i2v-14b", 0, "copy", 81, 480, 832)
+    assert result["model"]["tokens_per_video"] == 32760 and s["sp_degree"] == 8
+    assert result["fits"] and result["setup_peak_gib"] < result["total_gib"] <= result["usable_gib"]
+    without = plan(config, gpus=8, gpu="h20", suggest=False, sp_degree=1)
+    assert not without["fits"]
+
+
+def test_sequence_parallelism_divides_activations_not_the_static_figures():
+    base = plan(gpus=8, gpu="h20", suggest=False, gradient_checkpointing=True, **PAPER)
+    sp = [plan(gpus=8, gpu="h20", suggest=False, gradient_checkpointing=True, sp_degree=n, **PAPER)
+          for n in (2, 4, 8)]
+    acts = [base["memory_gib"]["activations"]] + [r["memory_gib"]["activations"] for r in sp]
+    assert acts == sorted(acts, reverse=True) and acts[-1] < acts[0] / 4
+    assert all(r["static_bytes_per_rank"] == base["static_bytes_per_rank"] for r in sp)
+    assert [r["batch"]["grad_accumulation"] for r in sp] == [4, 8, 16]  # one pair per group per forward
+    assert all(r["time"]["sp_comm_s"] > 0 for r in sp) and base["time"]["sp_comm_s"] == 0
+    with pytest.raises(ValueError, match="must divide the attention heads"):
+        plan(gpus=6, gpu="h20", suggest=False, sp_degree=6, **PAPER)  # 40 heads
+
+
+def test_checkpoint_every_k_trades_memory_for_recompute():
+    runs = [plan(gpus=32, gpu="h20", suggest=False, gradient_checkpointing=True, checkpoint_every=k, **PAPER)
+            for k in (1, 2, 4)]
+    acts = [r["memory_gib"]["activations"] for r in runs]
+    recompute = [r["flops"]["per_video"]["recompute"] for r in runs]
+    assert acts == sorted(acts) and recompute == sorted(recompute, reverse=True)

@@ -297,11 +297,16 @@ def _dcp_state(policy, optimizer, reference):
 
 def save_checkpoint(output_dir: str, step: int, *, dist_state, policy, optimizer, reference=None,
                     rank_state: dict, trainer_state: dict, summary: dict, config_yaml: str,
-                    keep_last: int = 0, stale: list[str] | None = None) -> str:
+                    keep_last: int = 0, stale: list[str] | None = None, async_group=None):
     """Write ``checkpoint-<step>`` atomically (collective: every rank calls it). Returns its path.
 
     ``reference``: the EMA reference model to save (None when it is the frozen initial weights).
     ``stale``: checkpoint folders of an abandoned timeline, deleted once this one is complete.
+    ``async_group``: a process group for DCP ``async_save`` (gloo; its collectives run in a background
+    thread, apart from the training's): the state is staged to host memory and written in the
+    background, and a :class:`PendingCheckpoint` is returned; it is renamed into place (complete) by
+    its ``finish()`` once every rank's write is done. Until then it is a ``.tmp`` folder, which
+    ``latest`` never loads.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -313,48 +318,78 @@ def save_checkpoint(output_dir: str, step: int, *, dist_state, policy, optimizer
         os.makedirs(tmp)
     dist_state.barrier()
 
+    save_torch(rank_state, os.path.join(tmp, f"rank-{dist_state.rank}.pt"))
     with warnings.catch_warnings():  # single process: "torch.distributed is disabled ... single process"
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(_dcp_state(policy, optimizer, reference), checkpoint_id=tmp)
-    save_torch(rank_state, os.path.join(tmp, f"rank-{dist_state.rank}.pt"))
-    ok = dist_state.all_ok(True)  # every rank has written and fsynced its part
-    if not ok:  # pragma: no cover - all_ok(True) is true unless a rank raised, which propagates
-        raise CheckpointError(f"{tmp}: a rank failed to write its part")
-
-    if dist_state.is_main:
-        save_torch(trainer_state, os.path.join(tmp, TRAINER_FILE))
-        _write_text(os.path.join(tmp, "config.yaml"), config_yaml)
-    dist_state.barrier()
-    # Every file is in place: the ranks hash their shares of them, rank 0 writes the manifest.
-    checksums = checksum_files(tmp, dist_state.rank, dist_state.world_size)
-    if dist_state.distributed:
-        import torch.distributed as dist
-
-        parts = [None] * dist_state.world_size
-        dist.all_gather_object(parts, checksums)
-        checksums = {k: v for part in parts for k, v in part.items()}
-
-    if dist_state.is_main:
-        write_manifest(tmp, checksums)
-        for name in os.listdir(tmp):
-            if os.path.isfile(os.path.join(tmp, name)):
-                _fsync_file(os.path.join(tmp, name))
-        # The summary is the completion marker: written last, inside the .tmp folder.
-        _write_text(os.path.join(tmp, STATE_JSON), json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # same step written before (resumed from an older checkpoint)
-            old = final + ".replaced" + TMP_SUFFIX
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if async_group is not None:
+            future = dcp.async_save(_dcp_state(policy, optimizer, reference), checkpoint_id=tmp,
+                                    process_group=async_group)
         else:
-            os.rename(tmp, final)
-        _fsync_dir(output_dir)
-        _prune(output_dir, keep_last, stale or [], keep=final)
-    dist_state.barrier()
-    return final
+            dcp.save(_dcp_state(policy, optimizer, reference), checkpoint_id=tmp)
+            future = None
+    pending = PendingCheckpoint(output_dir, final, dist_state, future, trainer_state, summary, config_yaml,
+                                keep_last, stale)
+    if future is None:
+        return pending.finish()
+    return pending
+
+
+class PendingCheckpoint:
+    """A checkpoint whose DCP shards are being written (``async_save``); :meth:`finish` completes it."""
+
+    def __init__(self, output_dir, final, dist_state, future, trainer_state, summary, config_yaml,
+                 keep_last, stale):
+        self.output_dir, self.path, self.dist = output_dir, final, dist_state
+        self.future, self.trainer_state, self.summary = future, trainer_state, summary
+        self.config_yaml, self.keep_last, self.stale = config_yaml, keep_last, stale
+
+    def written(self) -> bool:
+        """True on every rank once every rank's write has finished (collective)."""
+        return self.dist.all_ok(self.future is None or self.future.done())
+
+    def finish(self) -> str:
+        """Wait for the writes, then rename ``.tmp`` into place (collective). Returns the path."""
+        if self.future is not None:
+            self.future.result()  # re-raises a failed write
+            self.future = None
+        tmp, final, output_dir = self.path + TMP_SUFFIX, self.path, self.output_dir
+        ok = self.dist.all_ok(True)  # every rank has written and fsynced its part
+        if not ok:  # pragma: no cover - all_ok(True) is true unless a rank raised, which propagates
+            raise CheckpointError(f"{tmp}: a rank failed to write its part")
+        if self.dist.is_main:
+            save_torch(self.trainer_state, os.path.join(tmp, TRAINER_FILE))
+            _write_text(os.path.join(tmp, "config.yaml"), self.config_yaml)
+        self.dist.barrier()
+        # Every file is in place: the ranks hash their shares of them, rank 0 writes the manifest.
+        checksums = checksum_files(tmp, self.dist.rank, self.dist.world_size)
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            parts = [None] * self.dist.world_size
+            dist.all_gather_object(parts, checksums)
+            checksums = {k: v for part in parts for k, v in part.items()}
+        if self.dist.is_main:
+            write_manifest(tmp, checksums)
+            for name in os.listdir(tmp):
+                if os.path.isfile(os.path.join(tmp, name)):
+                    _fsync_file(os.path.join(tmp, name))
+            # The summary is the completion marker: written last, inside the .tmp folder.
+            _write_text(os.path.join(tmp, STATE_JSON),
+                        json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # same step written before (resumed from an older checkpoint)
+                old = final + ".replaced" + TMP_SUFFIX
+                if os.path.exists(old):
+                    shutil.rmtree(old)
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(output_dir)
+            _prune(output_dir, self.keep_last, self.stale or [], keep=final)
+        self.dist.barrier()
+        return final
 
 
 def _prune(output_dir: str, keep_last: int, stale: list[str], keep: str) -> None:
@@ -362,7 +397,7 @@ def _prune(output_dir: str, keep_last: int, stale: list[str], keep: str) -> None
         if os.path.abspath(path) != os.path.abspath(keep) and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
     stale.clear()
-    for name in os.listdir(output_dir):  # leftovers of interrupted saves
+    for name in os.listdir(output_dir):  # leftovers of interrupted saves (no save is in flight here)
         if name.startswith("checkpoint-") and name.endswith(TMP_SUFFIX):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     if keep_last > 0:

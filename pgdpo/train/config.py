@@ -63,8 +63,11 @@ class ModelConfig:
     precision: str = field(default="bf16", metadata=_choice(*PRECISIONS))
     #: diffusers attention backend (``set_attention_backend``): native, _native_flash, flash, xformers
     attention: str | None = None
-    #: activation checkpointing of every transformer block
+    #: activation checkpointing of the transformer blocks
     gradient_checkpointing: bool = False
+    #: with gradient_checkpointing: recompute every this many blocks (1: all; k: blocks 0, k, 2k, ... and
+    #: the others keep their activations: less recompute, more memory; `pgdpo plan` models both)
+    checkpoint_every: int = field(default=1, metadata={"min": 1})
     #: 0: full fine-tuning; > 0: LoRA adapters of this rank (only they are trained)
     lora_rank: int = field(default=0, metadata={"min": 0})
     #: LoRA scale numerator (None = lora_rank)
@@ -172,12 +175,26 @@ class DistributedConfig:
     backend: str = field(default="auto", metadata=_choice(*DIST_BACKENDS))
     #: FSDP2: free the gathered parameters after each block's forward (ZeRO-3); False keeps them (ZeRO-2)
     reshard_after_forward: bool = True
+    #: ranks per sequence-parallel group (Ulysses attention, Wan only; pgdpo.train.parallel): each video's
+    #: tokens are split over this many consecutive ranks, which run the same pairs; must divide the
+    #: processes, the attention heads and the tokens per video. 1: plain data parallelism
+    sp_degree: int = field(default=1, metadata={"min": 1})
+    #: FSDP2 CPUOffloadPolicy: the policy's sharded fp32 weights, gradients and AdamW states live in host
+    #: memory (copied to the GPU block by block for the forward and backward; the optimiser step runs on
+    #: the CPU). Saves 16 bytes per parameter / ranks of GPU memory for host memory and PCIe time
+    cpu_offload: bool = False
+    #: the frozen reference sharded like the policy (True) or a full copy on every rank (False: no
+    #: all-gathers in its forward, at 2 bytes per parameter of memory; when it fits)
+    reference_sharded: bool = True
 
 
 @dataclass
 class CheckpointConfig:
     #: save every this many optimiser steps (0 = only at the end)
     save_every: int = field(default=500, metadata={"min": 0})
+    #: DCP async_save: the shards are copied to host memory and written in the background while training
+    #: goes on; the checkpoint is renamed into place (complete) once every rank's write has finished
+    async_save: bool = False
     #: keep the newest this many complete checkpoints (0 = keep all)
     keep_last: int = field(default=3, metadata={"min": 0})
     #: "latest" (newest complete checkpoint in output_dir; fresh start when there is none) or a path

@@ -28,6 +28,20 @@ class DistState:
     device: torch.device
     strategy: str  # "fsdp" | "ddp" | "none"
     initialized_here: bool = False
+    #: ranks per sequence-parallel group (``distributed.sp_degree``); 1: no sequence parallelism
+    sp_degree: int = 1
+    #: the ``(dp, ring, ulysses)`` device mesh when ``sp_degree > 1`` (:mod:`pgdpo.train.parallel`)
+    mesh: object = None
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel groups: the ranks of one sequence group run the same micro-batch."""
+        return self.world_size // self.sp_degree
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's data-parallel group (its data shard and noise stream)."""
+        return self.rank // self.sp_degree
 
     @property
     def is_main(self) -> bool:
@@ -120,6 +134,12 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
         strategy = "fsdp" if world > 1 else "none"
     if strategy == "none" and world > 1:
         raise ConfigError(f"distributed.strategy: none cannot run {world} processes; use fsdp or ddp")
+    sp = cfg.sp_degree
+    if world % sp:
+        raise ConfigError(f"distributed.sp_degree ({sp}) must divide the number of processes ({world})")
+    if sp > 1 and strategy != "fsdp":
+        raise ConfigError(f"distributed.sp_degree: {sp} needs distributed.strategy: fsdp (or auto with "
+                          f"several processes), got {strategy}")
 
     initialized_here = False
     if world > 1 and not dist.is_initialized():
@@ -137,8 +157,13 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
         # FSDP2 / DDP need a process group even for one process: a private single-rank one.
         _init_single_process_group(dev)
         initialized_here = True
+    mesh = None
+    if sp > 1:
+        from .parallel import sequence_mesh
+
+        mesh = sequence_mesh(world, sp, dev)
     return DistState(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy,
-                     initialized_here=initialized_here)
+                     initialized_here=initialized_here, sp_degree=sp, mesh=mesh)
 
 
 def _init_single_process_group(dev: torch.device) -> None:
@@ -159,7 +184,8 @@ def mixed_precision_dtype(precision: str, device: torch.device) -> torch.dtype |
 
 
 def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, precision: str,
-               reshard_after_forward: bool = True, trainable: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, trainable: bool = True,
+               cpu_offload: bool = False) -> nn.Module:
     """Shard (FSDP2), replicate (DDP) or keep ``model`` as it is, after moving it to the device.
 
     FSDP2: ``fully_shard`` on each block, then on the root; with bf16 on GPU a
@@ -168,6 +194,7 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
     ``scale_shift_table``; small) are left out of the sharding (``ignored_params``): replicated, fp32 in
     the forward whatever the policy, their gradients averaged by :func:`sync_replicated_grads`. A frozen
     model (``trainable=False``, the reference) is sharded the same way. DDP wraps only trainable models.
+    ``cpu_offload``: FSDP2 ``CPUOffloadPolicy`` (the sharded parameters live in host memory).
     A model on the meta device stays there (FSDP2 shards it without memory; ``to_empty`` follows).
     """
     on_meta = any(p.is_meta for p in model.parameters())
@@ -184,6 +211,10 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
                   "ignored_params": {params[n] for n in keep_fp32_names(model) if n in params} or None}
         if compute is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        if cpu_offload:  # sharded parameters, their gradients and the optimiser states in host memory
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=state.device.type == "cuda")
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)

@@ -201,6 +201,8 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{path}: has no config.yaml (not a pgdpo train checkpoint?)")
     cfg = load_config(config_file)
+    # the weights do not depend on how the run split its sequences: export runs with any process count
+    cfg.distributed.sp_degree = 1
     dist = init_distributed(cfg.distributed, "cpu" if not torch.cuda.is_available() else cfg.device)
     try:
         arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)

@@ -192,13 +192,25 @@ def meta_model(arch: dict, dtype: torch.dtype, *, lora=None) -> nn.Module:
     return model
 
 
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """``to_empty`` on ``device`` (this rank's shards only), keeping the buffers computed at construction."""
+def materialize(model: nn.Module, device: torch.device, *, offload: bool = False) -> None:
+    """``to_empty`` on ``device`` (this rank's shards only), keeping the buffers computed at construction.
+
+    ``offload`` (FSDP2 ``CPUOffloadPolicy``): the sharded parameters go to host memory, the rest (the
+    replicated fp32-kept parameters and the buffers, used as they are in the forward) to ``device``."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     meta = [name for name, b in buffers.items() if b.is_meta]
     if meta:
         raise LoadError(f"buffers {meta[:3]} are on the meta device: build the model with real buffers")
-    model.to_empty(device=device)
+    model.to_empty(device=torch.device("cpu") if offload else device)
+    if offload and device.type != "cpu":
+        with torch.no_grad():
+            for p in model.parameters():
+                if not hasattr(p, "placements"):
+                    p.data = torch.empty_like(p.data, device=device)
+            for module in model.modules():
+                for name, b in module._buffers.items():
+                    if b is not None:
+                        module._buffers[name] = b.to(device)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
@@ -281,16 +293,34 @@ def fill_(model: nn.Module, source, *, seed: int, where: str) -> None:
                         "not match the weights?)")
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "placements")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (all-gathered on the compute device, also when offloaded)."""
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local()
+    if local.device.type != t.device_mesh.device_type:  # CPU-offloaded shard of a GPU mesh
+        local = local.to(t.device_mesh.device_type)
+    whole = DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride())
+    return whole.full_tensor()
+
+
 def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
     """``dst``'s shards from ``src``'s (same architecture and sharding; ``src`` may carry LoRA adapters,
-    whose base layers are copied), cast to ``dst``'s dtypes: a frozen reference from the loaded policy."""
+    whose base layers are copied), cast to ``dst``'s dtypes: a frozen reference from the loaded policy.
+    A replicated ``dst`` (``distributed.reference_sharded: false``) gets each sharded tensor all-gathered,
+    one at a time."""
     source = {file_key(n): t for n, t in _filled_tensors(src) if ".lora_" not in n}
     with torch.no_grad():
         for name, tensor in _filled_tensors(dst):
             other = source.get(name)
             if other is None or tuple(other.shape) != tuple(tensor.shape):
                 raise LoadError(f"reference tensor {name} has no counterpart of the same shape in the policy")
-            _local(tensor).copy_(_local(other))
+            gather = is_dtensor(other) and not is_dtensor(tensor)
+            _local(tensor).copy_(_full(other) if gather else _local(other))
 
 
 def open_source(path: str | None, arch: dict, seed: int):
@@ -335,11 +365,15 @@ def build_models(cfg, dist, arch: dict, *, with_reference: bool,
     from ..models import adapter_for
 
     adapter = adapter_for(model)
+    d = cfg.distributed
+    offload = dist.strategy == "fsdp" and d.cpu_offload
     if dist.strategy == "fsdp":
-        for net in (model, reference) if reference is not None else (model,):
+        sharded = [model] + ([reference] if reference is not None and d.reference_sharded else [])
+        for net in sharded:
             wrap_model(net, adapter.blocks(net), dist, precision=m.precision,
-                       reshard_after_forward=cfg.distributed.reshard_after_forward, trainable=net is model)
-    materialize(model, dist.device)
+                       reshard_after_forward=d.reshard_after_forward, trainable=net is model,
+                       cpu_offload=offload and net is model)
+    materialize(model, dist.device, offload=offload)
     if fill:
         source = open_source(m.path, arch, cfg.seed)
         try:

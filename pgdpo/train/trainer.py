@@ -104,7 +104,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.grad_accum = cfg.grad_accum(self.dist.world_size)
+        self.grad_accum = cfg.grad_accum(self.dist.dp_size)  # the ranks of a sequence group share a batch
         self._on_rank0(lambda: os.makedirs(self.out, exist_ok=True))
         self.resume_path, self.stale = self._on_rank0(self._find_resume)
 
@@ -185,8 +185,8 @@ class Trainer:
             raise DataError(f"data.path: no dataset folder at {path!r}; make one with `pgdpo data pairs` "
                             "/ `pgdpo data encode` (or `pgdpo data synth`), or set data.synthesize: true to "
                             "write a synthetic one there (as configs/demo.yaml does)")
-        self.dataset = PreferenceDataset(path, batch_size=cfg.train.micro_batch_size, rank=self.dist.rank,
-                                         world_size=self.dist.world_size, seed=cfg.seed,
+        self.dataset = PreferenceDataset(path, batch_size=cfg.train.micro_batch_size, rank=self.dist.dp_rank,
+                                         world_size=self.dist.dp_size, seed=cfg.seed,
                                          shuffle=cfg.data.shuffle, drop_last=True, dtype=torch.float32,
                                          pin_memory=self.dist.device.type == "cuda")
         check_compatible(self.dataset.meta, self.arch)
@@ -195,6 +195,9 @@ class Trainer:
             self.info(f"note: the dataset's latents are {self.dataset.meta.latent_shape} [C, F, H, W] but "
                       f"data.height/width/frames = {cfg.data.height}x{cfg.data.width}x{cfg.data.frames} mean "
                       f"{expected}; training uses the dataset's (set data.* to match for `pgdpo plan`)")
+        from .parallel import check_divisible
+
+        check_divisible(self.adapter, self.dataset.meta.latent_shape, self.dist.sp_degree)
 
     def _synthesize(self, path: str) -> None:
         from ..data.synth import synth_dataset
@@ -240,12 +243,12 @@ class Trainer:
         schedule_options = {}
         if meth.schedule == "flow":
             schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
-        checkpointing = "every" if m.gradient_checkpointing else None
+        checkpointing = m.checkpoint_every if m.gradient_checkpointing else None
 
         if meth.name == "sft":
             step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
                            schedule_options=schedule_options, attention_backend=m.attention,
-                           checkpointing=1 if checkpointing else 0, autocast_dtype=autocast,
+                           checkpointing=checkpointing or 0, autocast_dtype=autocast,
                            disable_dropout=m.disable_dropout)
         else:
             step = PreferenceStep(model, reference, meth.schedule, loss_from_config(meth),
@@ -254,6 +257,11 @@ class Trainer:
                                   autocast_dtype=autocast, disable_dropout=m.disable_dropout)
         if self.weighting is not None:
             self.weighting.num_train_timesteps = float(step.schedule.num_train_timesteps)
+        if self.dist.sp_degree > 1:  # after the attention backend is set: it is checked for Ulysses support
+            from .parallel import enable_sequence_parallel
+
+            for net in (model, reference) if reference is not None else (model,):
+                enable_sequence_parallel(net, self.dist.mesh, self.dist.sp_degree)
 
         policy = model
         if self.dist.strategy == "ddp":  # DDP wraps a materialised model
@@ -267,14 +275,19 @@ class Trainer:
             from ..diagnostics import K1K2Controller
 
             self.controller = K1K2Controller(meth.k1, meth.k2, enabled=True)
+        from .parallel import gradient_scale
+
+        self.loss_scale = gradient_scale(self.dist.sp_degree)
         self.ema_reference = reference if meth.ref_ema_every else None
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         lora_note = f", LoRA rank {m.lora_rank}" if m.lora_rank else ""
+        sp_note = (f", sequence parallel {self.dist.sp_degree} (Ulysses; {self.dist.dp_size} data-parallel "
+                   "group(s))" if self.dist.sp_degree > 1 else "")
         ema = f" (EMA every {meth.ref_ema_every} steps)" if meth.ref_ema_every else ""
         self.info(f"model {m.path or m.name} ({self.adapter.family}): {n_all:,} parameters "
                   f"({n_train:,} trained{lora_note}), "
-                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}, device "
+                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}{sp_note}, device "
                   f"{self.dist.device}; method {meth.name}, reference "
                   f"{'none' if meth.name == 'sft' else meth.reference}"
                   f"{ema}")
@@ -323,6 +336,11 @@ class Trainer:
     def _load(self, path: str) -> None:
         rank_state, trainer_state = load_checkpoint(path, dist_state=self.dist, policy=self.policy,
                                                     optimizer=self.optimizer, reference=self.ema_reference)
+        saved_sp = trainer_state.get("sp_degree", 1)
+        if saved_sp != self.dist.sp_degree:
+            raise CheckpointError(f"{path}: written with distributed.sp_degree {saved_sp}, this run has "
+                                  f"{self.dist.sp_degree}: the data shards and noise streams follow the "
+                                  "data-parallel groups; resume with the same sp_degree")
         if trainer_state.get("grad_accum") != self.grad_accum:
             raise CheckpointError(f"{path}: written with {trainer_state.get('grad_accum')} micro-batches per "
                                   f"step per rank, this run has {self.grad_accum} (train.batch_size / "
@@ -353,6 +371,7 @@ class Trainer:
         self.metrics.sync()
         trainer_state = {
             "step": step, "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
+            "sp_degree": self.dist.sp_degree,
             "lr_scheduler": self.lr_scheduler.state_dict(), "seed": self.cfg.seed,
             "weighting": self.weighting.state_dict() if self.weighting is not None else None,
             "has_reference_state": self.ema_reference is not None,
@@ -363,10 +382,38 @@ class Trainer:
                    "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
                    "metrics": {k: v for k, v in (last_record or {}).items() if isinstance(v, (int, float))}}
         rank_state = {"rng": rng_state(), "data": self.dataset.state_dict()}
-        return save_checkpoint(self.out, step, dist_state=self.dist, policy=self.policy,
-                               optimizer=self.optimizer, reference=self.ema_reference, rank_state=rank_state,
-                               trainer_state=trainer_state, summary=summary, config_yaml=self.config_yaml,
-                               keep_last=self.cfg.checkpoint.keep_last, stale=self.stale)
+        self.finish_pending_save()  # one save in flight at a time
+        result = save_checkpoint(self.out, step, dist_state=self.dist, policy=self.policy,
+                                 optimizer=self.optimizer, reference=self.ema_reference,
+                                 rank_state=rank_state,
+                                 trainer_state=trainer_state, summary=summary, config_yaml=self.config_yaml,
+                                 keep_last=self.cfg.checkpoint.keep_last, stale=self.stale,
+                                 async_group=self._async_group())
+        if isinstance(result, str):
+            return result
+        self.pending_save = result
+        return result.path
+
+    def _async_group(self):
+        """The gloo group of DCP async_save (its collectives run in a background thread, so apart from the
+        training's process group); None for synchronous saves (also without a process group)."""
+        if not self.cfg.checkpoint.async_save or not self.dist.distributed:
+            return None
+        if getattr(self, "_async_pg", None) is None:
+            import torch.distributed as tdist
+
+            self._async_pg = tdist.new_group(backend="gloo")
+        return self._async_pg
+
+    def poll_pending_save(self) -> None:
+        """Complete an async checkpoint once every rank's write is done (one tiny all-reduce per step)."""
+        pending = getattr(self, "pending_save", None)
+        if pending is not None and pending.written():
+            self.finish_pending_save()
+
+    def finish_pending_save(self) -> str | None:
+        pending, self.pending_save = getattr(self, "pending_save", None), None
+        return pending.finish() if pending is not None else None
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -412,10 +459,11 @@ class Trainer:
         chunks, losses, tokens, flops, weights = [], [], 0, 0, []
         for micro in range(self.grad_accum):
             batch = self._to_device(self._next_batch(data_iter))
-            gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.rank, micro))
+            # the ranks of a sequence group draw the same noise (dp_rank): they run one sample together
+            gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.dp_rank, micro))
             with self._grad_sync(micro == self.grad_accum - 1):
                 out = self.step_fn(batch, gen)
-                (out.loss / self.grad_accum).backward()
+                (out.loss * (self.loss_scale / self.grad_accum)).backward()
             chunks.append(_with_range_fractions({k: v for k, v in out.stats.items() if k != "loss"}))
             losses.append(out.loss.detach())
             tokens += out.tokens
@@ -451,7 +499,7 @@ class Trainer:
             return None
         record = {"step": step}
         record.update(reduce_stats(chunks, losses))
-        world = self.dist.world_size
+        world = self.dist.dp_size  # a sequence group processes one sample's tokens once
         record.update({
             "lr": lr, "grad_norm": grad_norm, "epoch": self.dataset.epoch,
             "step_time_s": dt, "tokens_per_s": tokens * world / dt,
@@ -516,6 +564,7 @@ class Trainer:
                         last = record
                         bar.set_postfix(_postfix(record), refresh=False)
                     bar.update(1)
+                    self.poll_pending_save()
                     stopping = not self.dist.all_ok(stop.signal is None)  # any rank signalled: all stop
                     if (save_every and step % save_every == 0) or step == max_steps or stopping:
                         self.save(step, last)
@@ -526,6 +575,7 @@ class Trainer:
                         self.info(f"stopped by a signal after step {step}; checkpoint-{step} written "
                                   "(continue with --resume latest)")
                         break
+            self.finish_pending_save()  # the last checkpoint is complete before the run ends
         finally:
             bar.close()
         wall = time.perf_counter() - t_start
