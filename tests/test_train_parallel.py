@@ -80,12 +80,14 @@ def final_weights(out):
 
 def assert_same_training(a, b):
     """Same losses and gradient norms step for step: step 1 (same weights) to float rounding; later
-    steps to 1e-4, since the loss reads the small policy-minus-reference difference (after one LoRA
-    step it is of the size of B, ~1e-3), whose relative rounding is ~1e-5."""
+    steps to 3e-4, since the loss reads the small policy-minus-reference difference (after one LoRA
+    step it is of the size of B, ~1e-3), whose relative rounding is ~1e-5, and the signed margin's
+    1/(d_l + eps) amplifies it further (measured up to 1e-4 on the merged tree). A wrong gradient count
+    is off by a factor of 2."""
     ra, rb = records(a), records(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, len(ra) + 1))
     for x, y in zip(ra, rb):
-        rtol = 1e-6 if x["step"] == 1 else 1e-4
+        rtol = 1e-6 if x["step"] == 1 else 3e-4
         assert x["loss"] == pytest.approx(y["loss"], rel=rtol, abs=1e-7), (x["step"], x["loss"], y["loss"])
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=rtol), (x["step"], x["grad_norm"],
                                                                               y["grad_norm"])
