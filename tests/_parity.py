@@ -65,3 +65,4 @@ def assert_matches(got, want, rtol, atol, grad_rtol=None, grad_atol=None):
         torch.testing.assert_close(stats[name].double(), stats_ref[name], rtol=rtol, atol=atol,
                                    msg=lambda m, n=name: f"stat {n}: {m}")
     torch.testing.assert_close(grad.double(), grad_ref, rtol=grad_rtol or rtol, atol=grad_atol or atol)
+

@@ -6,3 +6,22 @@ import torch
 # before the kernels are defined (imported), so it is set here, before any test imports pgdpo.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# The loss backends on CPU tensors, for the test files that take a backend name (tests/_parity.py);
+# tests/test_loss.py has its own (backend, device) cases; its `fused` overrides the one here.
+import pytest  # noqa: E402
+
+from ._parity import ALL, FUSED, require  # noqa: E402
+
+
+@pytest.fixture(params=ALL)
+def backend(request):
+    """Every backend on CPU tensors (skipped, with the reason, where one is unavailable)."""
+    return require(request.param)
+
+
+@pytest.fixture(params=FUSED)
+def fused(request):
+    """The fused backends on CPU tensors."""
+    return require(request.param)

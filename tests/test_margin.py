@@ -17,20 +17,10 @@ import torch
 from pgdpo import PGDPOLoss, pgdpo_loss
 
 from ._inputs import make_inputs
-from ._parity import ALL, FUSED, assert_matches, oracle, require, run
+from ._parity import assert_matches, oracle, run
 
 GRID = list(itertools.product(["pgdpo", "ars", "ipr", "dpo"], ["anchor", "reward"], ["sample", "element"],
                               [True, False]))
-
-
-@pytest.fixture(params=ALL)
-def backend(request):
-    return require(request.param)
-
-
-@pytest.fixture(params=FUSED)
-def fused(request):
-    return require(request.param)
 
 
 def _seed(*parts) -> int:

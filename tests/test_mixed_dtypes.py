@@ -17,20 +17,10 @@ from torch.utils._pytree import tree_flatten
 from pgdpo import ops, pgdpo_loss
 
 from ._inputs import make_inputs
-from ._parity import ALL, FUSED, assert_matches, oracle, require, run
+from ._parity import assert_matches, oracle, run
 
 LOW = (torch.float32, torch.bfloat16, torch.float16)
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-@pytest.fixture(params=ALL)
-def backend(request):
-    return require(request.param)
-
-
-@pytest.fixture(params=FUSED)
-def fused(request):
-    return require(request.param)
 
 
 @pytest.mark.parametrize("dtypes", list(itertools.product(LOW, LOW, LOW)),
