@@ -1,5 +1,5 @@
 """Build script. Plain `pip install .` builds nothing native and needs neither a compiler nor torch:
-the fused C++ CPU op in csrc/ compiles just in time on first use (see pgdpo/cpu_op.py).
+the fused C++ CPU op in csrc/ compiles just in time on first use (see pgdpo/loss/cpu_op.py).
 
 To prebuild that op as the extension ``pgdpo._C`` (as DeepSpeed's DS_BUILD_* op builders do), set
 PGDPO_BUILD_CPU_OP=1 and build against the torch you will run with:
@@ -27,9 +27,9 @@ def cpu_op_extension():
             "PGDPO_BUILD_CPU_OP=1 compiles the C++ op against the installed torch, so torch must be "
             "importable at build time: install torch first, then run `PGDPO_BUILD_CPU_OP=1 pip install "
             "--no-build-isolation .` (build isolation hides the installed torch)") from exc
-    # pgdpo/cpu_op.py holds the one list of sources and flags; load it standalone, since importing the
+    # pgdpo/loss/cpu_op.py holds the one list of sources and flags; load it standalone, since importing the
     # pgdpo package would import its runtime dependencies.
-    path = os.path.join(HERE, "pgdpo", "cpu_op.py")
+    path = os.path.join(HERE, "pgdpo", "loss", "cpu_op.py")
     spec = importlib.util.spec_from_file_location("_pgdpo_cpu_op_build", path)
     cpu_op = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cpu_op)

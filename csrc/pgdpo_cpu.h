@@ -1,6 +1,6 @@
 // Fused PG-DPO loss on CPU: declarations shared by the op layer (pgdpo_cpu_ops.cpp) and the
 // vectorised kernels (pgdpo_cpu_kernels.cpp). The formulas are those of docs/loss.md; the
-// interface is the backend contract in pgdpo/ops.py.
+// interface is the kernel contract of the op pgdpo::fused_loss (pgdpo/loss/op.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,7 +9,14 @@
 
 namespace pgdpo_cpu {
 
-constexpr int64_t kNumStats = 14;  // pgdpo.options.STAT_NAMES
+constexpr int64_t kNumStats = 14;  // pgdpo.loss.options.STAT_NAMES
+
+// Bits of the op's `flags` argument and the shift of its reduction code: pgdpo/loss/op.py's ARS, IPR, ...
+// (tests/test_cpu_op.py checks the two lists agree).
+constexpr int64_t kFlagArs = 1, kFlagIpr = 2, kFlagAnchor = 4, kFlagElement = 8, kFlagDetach = 16,
+                  kFlagNeedGrad = 32, kFlagAbsMargin = 64, kFlagNoStats = 128;
+constexpr int64_t kReductionShift = 8;
+constexpr int64_t kNumScalars = 5;  // beta, k1, k2, eps, eps_rel
 
 // Elements of one row per reduction chunk. Every reduction first sums fixed chunks into partials
 // and then adds the partials in chunk order; the chunk size never depends on the thread count, so

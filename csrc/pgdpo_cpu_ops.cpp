@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& pred, c
                                                        bool anchor, bool element, bool detach, int64_t reduction,
                                                        bool need_grad, bool abs_margin, double eps_rel,
                                                        bool need_stats) {
-  constexpr const char* fn = "pgdpo_cpu::forward";
+  constexpr const char* fn = "pgdpo::fused_loss (CPU)";
   check_inputs(fn, pred, ref_pred, target);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, fn, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
               reduction);
@@ -283,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& pred, c
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& pred, const at::Tensor& ref_pred,
                     const at::Tensor& target, const at::Tensor& saved, bool element,
                     std::optional<at::ScalarType> grad_dtype) {
-  constexpr const char* fn = "pgdpo_cpu::backward";
+  constexpr const char* fn = "pgdpo::fused_loss_backward (CPU)";
   if (element) {
     // `saved` is dloss/dpred itself (forward and backward fused); pred, ref_pred, target unused.
     TORCH_CHECK(saved.defined() && saved.device().is_cpu(), fn, ": saved must be a CPU tensor");
@@ -326,6 +326,26 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& pred, const a
   return out;
 }
 
+// The CPU kernels of pgdpo::fused_loss / fused_loss_backward (schema: pgdpo/loss/op.py): the packed
+// scalars and flags unpacked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_loss(const at::Tensor& pred, const at::Tensor& ref_pred,
+                                                          const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& sample_weight,
+                                                          at::ArrayRef<double> scalars, int64_t flags) {
+  TORCH_CHECK(static_cast<int64_t>(scalars.size()) == kNumScalars,
+              "pgdpo::fused_loss: scalars must be [beta, k1, k2, eps, eps_rel], got ", scalars.size(), " values");
+  return forward(pred, ref_pred, target, sample_weight, scalars[0], scalars[1], scalars[2], scalars[3],
+                 flags & kFlagArs, flags & kFlagIpr, flags & kFlagAnchor, flags & kFlagElement, flags & kFlagDetach,
+                 flags >> kReductionShift, flags & kFlagNeedGrad, flags & kFlagAbsMargin, scalars[4],
+                 !(flags & kFlagNoStats));
+}
+
+at::Tensor fused_loss_backward(const at::Tensor& grad_loss, const at::Tensor& pred, const at::Tensor& ref_pred,
+                               const at::Tensor& target, const at::Tensor& saved, bool element,
+                               at::ScalarType grad_dtype) {
+  return backward(grad_loss, pred, ref_pred, target, saved, element, grad_dtype);
+}
+
 std::string build_info() {
   return std::string(pgdpo_cpu_build_marker);
 }
@@ -333,18 +353,13 @@ std::string build_info() {
 }  // namespace
 }  // namespace pgdpo_cpu
 
+// The schema of pgdpo::fused_loss is defined in Python (pgdpo/loss/op.py, with its fake kernel and autograd
+// formula); this library provides its CPU kernels, plus the build marker.
 TORCH_LIBRARY(pgdpo_cpu, m) {
-  m.def(
-      "forward(Tensor pred, Tensor ref_pred, Tensor target, Tensor? sample_weight, float beta, float k1, "
-      "float k2, float eps, bool ars, bool ipr, bool anchor, bool element, bool detach, int reduction, "
-      "bool need_grad, bool abs_margin=False, float eps_rel=0.0, bool need_stats=True) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "backward(Tensor grad_loss, Tensor pred, Tensor ref_pred, Tensor target, Tensor saved, bool element, "
-      "ScalarType? grad_dtype=None) -> Tensor");
   m.def("build_info() -> str", &pgdpo_cpu::build_info);
 }
 
-TORCH_LIBRARY_IMPL(pgdpo_cpu, CPU, m) {
-  m.impl("forward", &pgdpo_cpu::forward);
-  m.impl("backward", &pgdpo_cpu::backward);
+TORCH_LIBRARY_IMPL(pgdpo, CPU, m) {
+  m.impl("fused_loss", &pgdpo_cpu::fused_loss);
+  m.impl("fused_loss_backward", &pgdpo_cpu::fused_loss_backward);
 }

@@ -11,7 +11,7 @@ Inputs are ``[2B, N]`` (chosen rows ``0..B-1``, rejected rows ``B..2B-1``; ``N =
 
 "element" weighting applies the same formulas per element (no mean in d_w, d_l, L_ipr) and takes
 ``L_b = mean_N[gamma L_dpo + (1-gamma) L_ipr]``. This module implements the backend contract of
-``pgdpo.ops`` (``forward`` / ``backward``); the public entry point is ``pgdpo.pgdpo_loss``.
+``pgdpo.loss.op`` (``forward`` / ``backward``); the public entry point is ``pgdpo.pgdpo_loss``.
 
 Gradients (``g_b = sample_weight_b`` times ``1/B`` for mean; ``dd_w/dp_w = 2(p_w-t_w)/N``,
 ``dA/dp_w = 2(p_w-r_w)/N`` for the anchor ``A``)::
@@ -53,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pgdpo.options import NUM_STATS
+from pgdpo.loss.op import saved_dtype, unpack_flags
+from pgdpo.loss.options import NUM_STATS
 
 #: True when ``TRITON_INTERPRET=1`` was set when this module was imported: the kernels then run in
 #: Triton's interpreter on CPU tensors (slow; for tests), otherwise they need CUDA tensors.
@@ -643,19 +644,23 @@ def _check_inputs(pred, ref_pred, target, sample_weight, acc):
 
 
 # --------------------------------------------------------------------------------------------------
-# Host side: the backend contract of pgdpo.ops
+# Host side: the kernels of the op pgdpo.loss.op defines
 # --------------------------------------------------------------------------------------------------
 
 
-def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, anchor, element, detach,
-            reduction, need_grad, abs_margin=False, eps_rel=0.0, need_stats=True):
-    """PG-DPO loss forward (contract: ``pgdpo.ops`` docstring). Returns ``(loss, stats, saved)``.
+def forward(pred, ref_pred, target, sample_weight, scalars, flags):
+    """The ``fused_loss`` kernel (contract: ``pgdpo.loss.op``). Returns ``(loss, stats, saved)``.
 
     ``loss``: ``[B]`` (reduction 0 = none) or ``[]`` (1 = mean, 2 = sum); ``stats``: ``[B, NUM_STATS]``
     (element weighting without ``need_stats``: only the ``loss`` column, the others NaN);
     ``saved``: ``[2B, 2]`` per-row ``(c_t, c_r)`` (sample) or ``[2B, N]`` ``dloss/dpred`` (element,
     fp32 for bf16 / fp16 ``pred``, empty when not ``need_grad``). Two launches.
     """
+    beta, k1, k2, eps, eps_rel = scalars
+    opt = unpack_flags(flags)
+    ars, ipr, anchor, element, detach = opt["ars"], opt["ipr"], opt["anchor"], opt["element"], opt["detach"]
+    reduction, need_grad, abs_margin, need_stats = (opt["reduction"], opt["need_grad"], opt["abs_margin"],
+                                                    opt["need_stats"])
     acc, acc_tl = _acc_types(pred.dtype)
     _check_inputs(pred, ref_pred, target, sample_weight, acc)
     if reduction not in (0, 1, 2):
@@ -692,7 +697,7 @@ def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, 
 
     block, split, chunk = _forward_config(n, b, pred.device, default_block=1024)
     partials = torch.empty((_NUM_ELEMENT_PARTIALS, b, split), dtype=acc, device=pred.device)
-    saved = torch.empty((two_b, n) if need_grad else (0,), dtype=_saved_dtype(pred.dtype), device=pred.device)
+    saved = torch.empty((two_b, n) if need_grad else (0,), dtype=saved_dtype(pred.dtype), device=pred.device)
     block_b, block_p = _epilogue_blocks(b, split)
     with _on_device(pred):
         _element_fused_kernel[(split, b)](
@@ -708,13 +713,9 @@ def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, 
     return loss, stats, saved
 
 
-def _saved_dtype(pred_dtype: torch.dtype) -> torch.dtype:
-    # pgdpo.ops.saved_dtype (not imported: pgdpo.ops imports the backends lazily, and this stays a leaf).
-    return pred_dtype if pred_dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def backward(grad_loss, pred, ref_pred, target, saved, element, grad_dtype=None):
-    """``dloss/dpred`` scaled by ``grad_loss`` (``[]``, or ``[B]`` for reduction none), in ``grad_dtype``
+    """The ``fused_loss_backward`` kernel:
+    ``dloss/dpred`` scaled by ``grad_loss`` (``[]``, or ``[B]`` for reduction none), in ``grad_dtype``
     (default: pred's dtype; for element weighting, the saved gradient's). One launch.
 
     Sample mode reads ``pred``, ``target`` (and ``ref_pred`` on chosen rows with the anchor term) and

@@ -6,8 +6,11 @@ via Video Generation" (arXiv 2511.19049). ``docs/loss.md`` is the contract of th
 
 import importlib
 
+from . import _moved
 from .loss import PGDPOLoss, pgdpo_loss
-from .options import METHODS, STAT_NAMES
+from .loss.options import METHODS, STAT_NAMES
+
+_moved.install()  # the old paths of moved modules (pgdpo.options, ...) keep working for one release
 
 # Training pieces import diffusers (the "train" extra): resolved on first access only, so that
 # `import pgdpo` for the loss alone stays light.

@@ -7,8 +7,8 @@ import torch
 
 from pgdpo import STAT_NAMES, pgdpo_loss
 from pgdpo.loss import cpu_unavailable_reason, triton_unavailable_reason
-from pgdpo.options import LossOptions
-from pgdpo.reference import pgdpo_loss_reference
+from pgdpo.loss.options import LossOptions
+from pgdpo.loss.reference import pgdpo_loss_reference
 
 from ._inputs import LossCase
 

@@ -1,4 +1,4 @@
-"""Tests specific to the fused C++ CPU op (csrc/, pgdpo/cpu_op.py).
+"""Tests specific to the fused C++ CPU op (csrc/, pgdpo/loss/cpu_op.py).
 
 Parity with the reference over every option, dtype and layout is tests/test_loss.py's job (one suite for
 all fused backends); this file covers what only the CPU op has: thread-count independence, float64
@@ -19,9 +19,10 @@ import textwrap
 import pytest
 import torch
 
-from pgdpo import cpu_op, pgdpo_loss
-from pgdpo.options import STAT_NAMES, LossOptions
-from pgdpo.reference import pgdpo_loss_reference
+from pgdpo import pgdpo_loss
+from pgdpo.loss import cpu_op, op
+from pgdpo.loss.options import STAT_NAMES, LossOptions
+from pgdpo.loss.reference import pgdpo_loss_reference
 
 HAS_PREBUILT = importlib.util.find_spec("pgdpo._C") is not None
 
@@ -126,13 +127,12 @@ def test_sample_backward_skips_ref_pred_where_its_coefficient_is_zero(chunk):
     p, r, t = make_inputs(4, chunk + 9)
     for method, nan_rows in (("pgdpo", slice(2, 4)), ("dpo", slice(0, 4))):
         opts = LossOptions(method=method)
-        _, _, saved = torch.ops.pgdpo_cpu.forward(p, r, t, None, opts.beta, opts.k1, opts.k2, opts.eps, opts.ars,
-                                                  opts.ipr, opts.anchor, False, True, 1, True)
+        _, _, saved = raw_forward(*_op_args(p, r, t, opts=opts))
         assert torch.all(saved[nan_rows, 1] == 0)
         r_nan = r.clone()
         r_nan[nan_rows] = float("nan")
-        grad = torch.ops.pgdpo_cpu.backward(torch.tensor(1.0), p, r_nan, t, saved, False)
-        expected = torch.ops.pgdpo_cpu.backward(torch.tensor(1.0), p, r, t, saved, False)
+        grad = raw_backward(torch.tensor(1.0), p, r_nan, t, saved, False)
+        expected = raw_backward(torch.tensor(1.0), p, r, t, saved, False)
         assert torch.equal(grad, expected), method
 
 
@@ -143,7 +143,7 @@ def test_second_load_reuses_the_jit_cache(chunk):
     mtime = os.stat(lib).st_mtime_ns
     proc = run_subprocess("""
         import json
-        from pgdpo import cpu_op
+        from pgdpo.loss import cpu_op
         print(json.dumps({"reason": cpu_op.unavailable_reason(), "lib": cpu_op.library_path()}))
     """, {})
     assert proc.returncode == 0, proc.stderr
@@ -202,7 +202,7 @@ def test_failed_build_reports_the_compiler_output(tmp_path):
     """))
     fake.chmod(0o755)
     proc = run_subprocess("""
-        from pgdpo import cpu_op
+        from pgdpo.loss import cpu_op
         print(cpu_op.unavailable_reason())
     """, {"CXX": str(fake), "PGDPO_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
@@ -220,8 +220,20 @@ def test_incompatible_prebuilt_library_is_skipped_unloaded(tmp_path):
     assert "torch 0.0.1" in note
 
 
-def _op_args(p, r, t, sample_weight=None, reduction=1, element=False, need_grad=True):
-    return (p, r, t, sample_weight, 100.0, 10.0, 10.0, 1e-6, True, True, True, element, True, reduction, need_grad)
+def _op_args(p, r, t, sample_weight=None, reduction=1, element=False, need_grad=True, opts=None):
+    o = opts or LossOptions()
+    flags = op.pack_flags(o.ars, o.ipr, o.anchor, element, True, need_grad, reduction)
+    return (p, r, t, sample_weight, [o.beta, o.k1, o.k2, o.eps, o.eps_rel], flags)
+
+
+def raw_forward(*args):
+    """The C++ CPU kernel of pgdpo::fused_loss, called below autograd (what the op's autograd formula runs)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.fused_loss(*args)
+
+
+def raw_backward(grad_loss, p, r, t, saved, element, grad_dtype=None):
+    return op.fused_loss_backward(grad_loss, p, r, t, saved, element, grad_dtype or p.dtype)
 
 
 def _bad_forward_cases():
@@ -245,19 +257,41 @@ def _bad_forward_cases():
 def test_raw_forward_rejects_bad_inputs(chunk, case):
     _, args, match = case
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.pgdpo_cpu.forward(*args)
+        raw_forward(*args)
 
 
 def test_raw_backward_rejects_bad_inputs(chunk):
     p, r, t = make_inputs(4, 40)
-    _, _, saved = torch.ops.pgdpo_cpu.forward(*_op_args(p, r, t))
+    _, _, saved = raw_forward(*_op_args(p, r, t))
     one = torch.tensor(1.0)
     with pytest.raises(RuntimeError, match="saved must be the contiguous"):
-        torch.ops.pgdpo_cpu.backward(one, p, r, t, saved[:3].contiguous(), False)
+        raw_backward(one, p, r, t, saved[:3].contiguous(), False)
     with pytest.raises(RuntimeError, match="saved must be the contiguous"):
-        torch.ops.pgdpo_cpu.backward(one, p, r, t, saved.double(), False)
+        raw_backward(one, p, r, t, saved.double(), False)
     with pytest.raises(RuntimeError, match=r"grad_loss must have shape \[\] or \[2\]"):
-        torch.ops.pgdpo_cpu.backward(torch.ones(3), p, r, t, saved, False)
-    _, _, no_grad = torch.ops.pgdpo_cpu.forward(*_op_args(p, r, t, element=True, need_grad=False))
+        raw_backward(torch.ones(3), p, r, t, saved, False)
+    _, _, no_grad = raw_forward(*_op_args(p, r, t, element=True, need_grad=False))
     with pytest.raises(RuntimeError, match="need_grad=False"):
-        torch.ops.pgdpo_cpu.backward(one, no_grad, no_grad, no_grad, no_grad, True)
+        raw_backward(one, no_grad, no_grad, no_grad, no_grad, True, torch.float32)
+
+
+def test_flag_bits_of_the_cpp_kernel_match_the_op_definition():
+    """The C++ kernel unpacks `flags` with its own copy of the bit values (csrc/pgdpo_cpu.h); they must be
+    the ones pgdpo/loss/op.py packs, or the CPU kernel would silently compute another variant."""
+    import re
+    from pathlib import Path
+
+    header = (Path(op.__file__).parents[2] / "csrc" / "pgdpo_cpu.h").read_text()
+    cpp = {name: int(value) for name, value in re.findall(r"k(Flag\w+|ReductionShift|NumScalars) = (\d+)", header)}
+    python = {"FlagArs": op.ARS, "FlagIpr": op.IPR, "FlagAnchor": op.ANCHOR, "FlagElement": op.ELEMENT,
+              "FlagDetach": op.DETACH, "FlagNeedGrad": op.NEED_GRAD, "FlagAbsMargin": op.ABS_MARGIN,
+              "FlagNoStats": op.NO_STATS, "ReductionShift": op.REDUCTION_SHIFT, "NumScalars": op.NUM_SCALARS}
+    assert cpp == python
+
+
+def test_cpu_kernel_is_registered_on_the_one_op():
+    """Loading the C++ library registers the CPU kernels of pgdpo::fused_loss itself: no second op."""
+    assert cpu_op.unavailable_reason() is None
+    for name in ("fused_loss", "fused_loss_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pgdpo::{name}", "CPU"), name
+    assert not hasattr(torch.ops.pgdpo_cpu, "forward")

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from pgdpo import STAT_NAMES, PGDPOLoss, pgdpo_loss
-from pgdpo.options import LossOptions
-from pgdpo.reference import pgdpo_loss_reference
+from pgdpo.loss.options import LossOptions
+from pgdpo.loss.reference import pgdpo_loss_reference
 
 from ._inputs import CUDA, FUSED_CASES, LOSS_CASES, PARALLEL_CASES, case_unavailable_reason, make_inputs
 from ._parity import assert_matches, oracle, run
@@ -335,16 +335,16 @@ def test_parity_video_shape_large(fused, weighting, dtype):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_custom_op_opcheck(fused, weighting, reduction):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, no aliasing."""
-    from pgdpo import ops
+    from pgdpo.loss import op
 
     pred, ref, target = (x.reshape(4, -1).contiguous()
                          for x in make_inputs((4, 3, 5), dtype=torch.float32, device=fused.device))
     pred.requires_grad_(True)
-    flags = ops.pack_flags(True, True, True, weighting == "element", True, True,
-                           {"none": 0, "mean": 1}[reduction])
+    flags = op.pack_flags(True, True, True, weighting == "element", True, True,
+                          {"none": 0, "mean": 1}[reduction])
     weight = torch.tensor([0.5, 2.0], device=fused.device)
-    torch.library.opcheck(ops.fused_loss, (pred, ref, target, weight, [100.0, 10.0, 10.0, 1e-6], flags,
-                                           fused.backend))
+    torch.library.opcheck(op.op_for(fused.backend, fused.device), (pred, ref, target, weight,
+                                                                   [100.0, 10.0, 10.0, 1e-6, 0.0], flags))
 
 
 def test_double_backward_is_refused(fused):

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from pgdpo.loss import triton_unavailable_reason
-from pgdpo.options import STAT_NAMES, LossOptions
-from pgdpo.reference import pgdpo_loss_reference
+from pgdpo.loss.op import pack_flags
+from pgdpo.loss.options import STAT_NAMES, LossOptions
+from pgdpo.loss.reference import pgdpo_loss_reference
 
 from ._inputs import make_inputs
 
@@ -37,15 +38,22 @@ TOL64 = {"sample": dict(rtol=1e-10, atol=1e-13), "element": dict(rtol=1e-8, atol
 WEIGHTINGS = ["sample", "element"]
 
 
+def _scalars(opts):
+    return [opts.beta, opts.k1, opts.k2, opts.eps, opts.eps_rel]
+
+
+def _flags(opts, need_grad=True, reduction=None):
+    return pack_flags(opts.ars, opts.ipr, opts.anchor, opts.element, opts.detach_weights, need_grad,
+                      opts.reduction_code if reduction is None else reduction, opts.abs_margin)
+
+
 def _call(pred, ref, target, opts, weight=None, upstream=None, need_grad=True):
     """Backend forward + backward on ``[2B, *S]`` inputs -> (loss, stats [B, 14], saved, grad [2B, N])."""
     two_b = pred.shape[0]
     flat = [x.reshape(two_b, -1).contiguous().to(DEVICE) for x in (pred, ref, target)]
     acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
     w = None if weight is None else weight.to(DEVICE, acc)
-    loss, stats, saved = K.forward(*flat, w, opts.beta, opts.k1, opts.k2, opts.eps, opts.ars, opts.ipr,
-                                   opts.anchor, opts.element, opts.detach_weights, opts.reduction_code,
-                                   need_grad, opts.abs_margin, opts.eps_rel)
+    loss, stats, saved = K.forward(*flat, w, _scalars(opts), _flags(opts, need_grad))
     if not need_grad:
         return loss, stats, saved, None
     g = torch.ones((), dtype=acc) if upstream is None else upstream.to(acc)
@@ -264,12 +272,12 @@ def _bad_forward_cases():
 def test_forward_rejects_bad_inputs(case):
     _, (p, r, t, w, reduction), match = case
     with pytest.raises(ValueError, match=match):
-        K.forward(p, r, t, w, 100.0, 10.0, 10.0, 1e-6, True, True, True, False, True, reduction, True)
+        K.forward(p, r, t, w, _scalars(LossOptions()), _flags(LossOptions(), reduction=reduction))
 
 
 def test_backward_rejects_bad_upstream_shape():
     p, r, t = make_inputs((4, 6), device=DEVICE)
-    _, _, saved = K.forward(p, r, t, None, 100.0, 10.0, 10.0, 1e-6, True, True, True, False, True, 0, True)
+    _, _, saved = K.forward(p, r, t, None, _scalars(LossOptions()), _flags(LossOptions(), reduction=0))
     with pytest.raises(ValueError, match=r"grad_loss must be \[\] or \[2\]"):
         K.backward(torch.ones(3, dtype=torch.float64, device=DEVICE), p, r, t, saved, False)
 
@@ -284,7 +292,7 @@ def test_interpret_flag_follows_environment_at_import():
             "print('INTERPRET', K.INTERPRET)\n"
             "x = torch.randn(2, 3)\n"
             "try:\n"
-            "    K.forward(x, x, x, None, 1.0, 1.0, 1.0, 1e-6, True, True, True, False, True, 1, False)\n"
+            "    K.forward(x, x, x, None, [1.0, 1.0, 1.0, 1e-6, 0.0], 1 << 8)\n"
             "except ValueError as e:\n"
             "    print('ERR', e)\n")
     env = {**os.environ, "TRITON_INTERPRET": "0"}

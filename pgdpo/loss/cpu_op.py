@@ -1,7 +1,7 @@
 """The fused C++ CPU op of ``csrc/``: find or build it, load it, call it.
 
-This is the ``impl="cpu"`` module of the backend contract in :mod:`pgdpo.ops` (``forward`` and
-``backward`` below are thin wrappers over the torch ops ``pgdpo_cpu::forward`` / ``backward``).
+Loading the library registers the CPU kernels of the op ``pgdpo::fused_loss`` / ``fused_loss_backward``
+that :mod:`pgdpo.loss.op` defines (``TORCH_LIBRARY_IMPL(pgdpo, CPU, ...)`` in ``csrc/pgdpo_cpu_ops.cpp``).
 
 Where the compiled op comes from, first match wins:
 
@@ -20,6 +20,7 @@ The capability is part of the cache key and of the prebuilt library's marker, so
 wheel moved to an older CPU is rebuilt or skipped rather than run into an illegal instruction.
 
 This module imports nothing from ``pgdpo`` so that ``setup.py`` can load it standalone for the flags.
+Call :func:`unavailable_reason` (what backend resolution does) before running the op on CPU tensors.
 """
 
 from __future__ import annotations
@@ -99,22 +100,6 @@ def build_info() -> str:
     """The loaded library's build marker (``"PGDPO_CPU_OP_BUILD capability=... torch=... chunk=...;"``)."""
     _require()
     return torch.ops.pgdpo_cpu.build_info()
-
-
-def forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr, anchor, element, detach,
-            reduction, need_grad, abs_margin=False, eps_rel=0.0, need_stats=True):
-    """Backend contract ``forward`` (see :mod:`pgdpo.ops`): ``(loss, stats, saved)``."""
-    _require()
-    return torch.ops.pgdpo_cpu.forward(pred, ref_pred, target, sample_weight, beta, k1, k2, eps, ars, ipr,
-                                       anchor, element, detach, reduction, need_grad, abs_margin, eps_rel,
-                                       need_stats)
-
-
-def backward(grad_loss, pred, ref_pred, target, saved, element, grad_dtype=None):
-    """Backend contract ``backward`` (see :mod:`pgdpo.ops`): ``dloss/dpred``, ``[2B, N]`` in ``grad_dtype``
-    (pred's dtype)."""
-    _require()
-    return torch.ops.pgdpo_cpu.backward(grad_loss, pred, ref_pred, target, saved, element, grad_dtype)
 
 
 def _require() -> None:
