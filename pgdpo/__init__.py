@@ -28,5 +28,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ImportError as exc:
+            raise ImportError(f"pgdpo.{name} is part of the training stack, which needs {exc.name or exc}: "
+                              "install it with `pip install 'pgdpo[train]'` (the loss, pgdpo.pgdpo_loss, "
+                              "needs torch alone)") from exc
+        return getattr(module, name)
     raise AttributeError(f"module 'pgdpo' has no attribute {name!r}")

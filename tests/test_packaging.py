@@ -34,19 +34,47 @@ def test_kernels_import_as_pgdpo_kernels_not_top_level(tmp_path):
     assert top_level != str((ROOT / "kernels").resolve())
 
 
-# A finder placed first on sys.meta_path that makes `import triton` fail as on a platform without it.
-_NO_TRITON = '''
+def _blocking(*packages: str) -> str:
+    """Code for a finder placed first on sys.meta_path that makes importing ``packages`` fail, as on a
+    machine where they are not installed."""
+    return f'''
 import importlib.abc, importlib.machinery, sys
-class _NoTriton(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+BLOCKED = {packages!r}
+class _Blocked(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
+        if name.split(".")[0] in BLOCKED:
             return importlib.machinery.ModuleSpec(name, self)
     def create_module(self, spec):
-        raise ImportError("No module named 'triton' (blocked by the test)")
+        raise ImportError(f"No module named {{spec.name!r}} (blocked by the test)", name=spec.name)
     def exec_module(self, module):
         pass
-sys.meta_path.insert(0, _NoTriton())
+sys.meta_path.insert(0, _Blocked())
 '''
+
+
+_NO_TRITON = _blocking("triton")
+
+
+def test_loss_library_needs_torch_alone(tmp_path):
+    """The loss layer imports and runs (forward, backward, module form, every backend here) with diffusers,
+    peft, accelerate and transformers unimportable, and does not import them."""
+    code = _blocking("diffusers", "peft", "accelerate", "transformers") + (
+        "import torch, pgdpo\n"
+        "from pgdpo.loss import PGDPOLoss, loss_with_options, LossOptions, resolve_backend\n"
+        "p = torch.randn(4, 6, requires_grad=True); r = torch.randn(4, 6); t = torch.randn(4, 6)\n"
+        "for backend in ('auto', 'cpu', 'torch'):\n"
+        "    p.grad = None\n"
+        "    pgdpo.pgdpo_loss(p, r, t, backend=backend).backward()\n"
+        "    print(backend, 'GRAD', bool(torch.isfinite(p.grad).all()))\n"
+        "print('MODULE', float(PGDPOLoss(method='dpo')(p, r, t)) > 0)\n"
+        "print('LOADED', sorted(m for m in ('diffusers', 'peft', 'accelerate', 'transformers') if m in sys.modules))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    for backend in ("auto", "cpu", "torch"):
+        assert f"{backend} GRAD True" in out.stdout
+    assert "MODULE True" in out.stdout and "LOADED []" in out.stdout
 
 
 def test_library_works_without_triton(tmp_path):
