@@ -5,7 +5,7 @@
 // at::parallel_for hands tasks to threads. Inside a task the arithmetic runs on at::vec::Vectorized
 // of the accumulation type (float, or double for double inputs); bf16 / fp16 inputs are widened
 // with at::vec's converters. The instruction set is whatever CPU_CAPABILITY the file is compiled
-// for (pgdpo/cpu_op.py picks it and keys the build cache on it).
+// for (pgdpo/loss/cpu_op.py picks it and keys the build cache on it).
 #include "pgdpo_cpu.h"
 
 #include <ATen/Dispatch.h>

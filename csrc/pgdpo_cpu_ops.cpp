@@ -1,7 +1,7 @@
 // The fused PG-DPO CPU op: input checks, per-pair math and registration as torch ops
 // (pgdpo_cpu::forward, pgdpo_cpu::backward, pgdpo_cpu::build_info).
 //
-// Semantics and signatures follow the backend contract in pgdpo/ops.py: inputs are [2B, N]
+// Semantics and signatures follow the kernel contract of the op pgdpo::fused_loss (pgdpo/loss/op.py): inputs are [2B, N]
 // contiguous (chosen rows first), loss and stats come back in the accumulation dtype (float64 for
 // float64 inputs, float32 otherwise). The per-pair scalar math runs in float64 whatever the input
 // dtype: it is O(B) work, and it keeps d_w, d_l, m and the backward coefficients as exact as the
@@ -25,7 +25,7 @@
 #define PGDPO_CAPABILITY DEFAULT
 #endif
 
-// Read (as bytes, without loading the library) by pgdpo/cpu_op.py to decide whether a prebuilt
+// Read (as bytes, without loading the library) by pgdpo/loss/cpu_op.py to decide whether a prebuilt
 // pgdpo._C suits this machine and this torch before its static op registration runs. The chunk
 // size is there for tests that need inputs spanning several chunks.
 extern "C" __attribute__((used, visibility("default"))) const char pgdpo_cpu_build_marker[] =
