@@ -76,10 +76,16 @@ def measure_gamma(step_fn, params: list[Tensor], batch: Mapping, generator: torc
     ``lr``: the step's learning rate. ``loss_scale``: the training backward's gradient scale (sequence
     parallel). Raises ValueError for a method without a DPO baseline (see :data:`GAMMA_METHODS`).
     """
+    pairs = step_fn.noise_inputs(batch, generator)
+    return gamma_on_pairs(step_fn, params, pairs, batch, lr=lr, dist=dist, loss_scale=loss_scale)
+
+
+def gamma_on_pairs(step_fn, params: list[Tensor], pairs, batch: Mapping, *, lr: float, dist: DistState,
+                   loss_scale: float = 1.0) -> float:
+    """:func:`measure_gamma` on already noised inputs (a :class:`pgdpo.diffusion.NoisyPairs` of ``batch``)."""
     options = step_fn.loss.options
     if options.method not in GAMMA_METHODS:
         raise ValueError(f"Gamma is measured for methods {list(GAMMA_METHODS)}, not {options.method!r}")
-    pairs = step_fn.noise_inputs(batch, generator)
     b = batch["chosen"].shape[0]
     target = pairs.target
     ref_pred = step_fn.reference_prediction(pairs, batch)  # once, reused by both losses
