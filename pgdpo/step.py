@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from .attention import set_attention_backend
-from .diffusion import DDPMSchedule, FlowMatchingSchedule, make_schedule
+from .diffusion import DDPMSchedule, FlowMatchingSchedule, NoisyPairs, make_schedule
 from .loss import PGDPOLoss, loss_with_options
 from .models import adapter_for, cast_weights, compile_blocks, enable_checkpointing, unwrap_model
 from .models import disable_dropout as _disable_dropout  # the name of PreferenceStep's switch too
+from .options import LossOptions
 
 
 @dataclass
@@ -101,7 +102,94 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
-class PreferenceStep:
+class DiffusionStep:
+    """What every training step on a diffusion model shares; :class:`PreferenceStep` and
+    :class:`pgdpo.train.sft.SFTStep` are built on it.
+
+    The batch check (:func:`pgdpo.data.compat.check_batch`), the autocast context, the noising of a pair
+    (:meth:`noise_inputs`: one noise draw and one timestep per pair from ``generator``), the policy's
+    prediction (:meth:`policy_prediction`), the per-pair sample weights and the per-sample forward FLOP
+    count (cached per batch shape). Subclasses build the policy's speed switches and define ``__call__``.
+
+    Args: ``policy``, ``schedule``, ``sample_weight_fn``, ``schedule_options``, ``autocast_dtype`` and
+    ``disable_dropout`` as in :class:`PreferenceStep`.
+    """
+
+    def __init__(self, policy: nn.Module, schedule: str | FlowMatchingSchedule | DDPMSchedule = "flow", *,
+                 sample_weight_fn: Callable[[Tensor], Tensor] | None = None,
+                 schedule_options: dict | None = None, autocast_dtype: torch.dtype | None = None,
+                 disable_dropout: bool = True):
+        if not isinstance(policy, nn.Module):
+            raise TypeError(f"policy must be an nn.Module, got {type(policy).__name__}")
+        if sample_weight_fn is not None and not callable(sample_weight_fn):
+            raise TypeError(f"sample_weight_fn must be callable, got {type(sample_weight_fn).__name__}")
+        _check_dtype("autocast_dtype", autocast_dtype)
+        if not isinstance(disable_dropout, bool):
+            raise TypeError(f"disable_dropout must be a bool, got {disable_dropout!r}")
+        if disable_dropout:  # before a reference copy is taken, so the copy has none either
+            _disable_dropout(policy)
+        self.adapter = adapter_for(policy)
+        self.policy = policy
+        self.schedule = make_schedule(schedule, **(schedule_options or {}))
+        self.sample_weight_fn = sample_weight_fn
+        self.autocast_dtype = autocast_dtype
+        self.reference = None
+        self._flops_cache: dict = {}
+
+    # ------------------------------------------------------------------------------------------ batch
+
+    def validate_batch(self, batch: Mapping) -> None:
+        """Raise a clear error naming the bad key when ``batch`` does not fit the policy."""
+        from .data.compat import check_batch
+
+        check_batch(self.adapter, batch, _model_device(self.policy))
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def noise_inputs(self, batch: Mapping, generator: torch.Generator | None = None) -> NoisyPairs:
+        """Check ``batch``, then noise its pairs: ``[2B]`` noisy inputs (chosen half first), targets,
+        timesteps; ``generator`` drives the timestep and noise draws (reproducible steps)."""
+        self.validate_batch(batch)
+        return self.schedule.noise_pairs(batch["chosen"], batch["rejected"], generator)
+
+    def policy_prediction(self, pairs: NoisyPairs, batch: Mapping, *, chosen_only: bool = False) -> Tensor:
+        """The policy's prediction on ``pairs`` (with grad where grad is enabled): ``[2B, C, F, H, W]``,
+        or ``[B, ...]`` of the chosen half with ``chosen_only``."""
+        a = self.adapter
+        noisy, t = pairs.noisy, pairs.model_timesteps
+        if chosen_only:
+            b = batch["chosen"].shape[0]
+            noisy, t = noisy[:b], t[:b]
+        with self._autocast(noisy.device):
+            return a.predict(self.policy, noisy.to(a.input_dtype(self.policy)), t, batch,
+                             paired=not chosen_only)
+
+    def sample_weights(self, pairs: NoisyPairs) -> Tensor | None:
+        """``sample_weight_fn(timesteps)`` as a detached fp32 ``[B]`` tensor, or None without one."""
+        if self.sample_weight_fn is None:
+            return None
+        b = pairs.timesteps.shape[0]
+        weight = self.sample_weight_fn(pairs.timesteps)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (b,):
+            got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight)
+            raise ValueError(f"sample_weight_fn must return a [B={b}] tensor, got {got}")
+        return weight.detach().float().to(pairs.timesteps.device)
+
+    def _flops(self, batch: Mapping) -> int:
+        """Forward FLOPs per sample for this batch's shapes (cached: the UNet count runs a meta forward)."""
+        text_len = batch["encoder_hidden_states"].shape[1]
+        image = batch.get("encoder_hidden_states_image")
+        image_len = image.shape[1] if isinstance(image, Tensor) else 0
+        key = (tuple(batch["chosen"].shape[1:]), text_len, image_len)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = self.adapter.forward_flops_per_sample(key[0], text_len, image_len)
+        return self._flops_cache[key]
+
+
+class PreferenceStep(DiffusionStep):
     """Callable training step ``step(batch, generator=None) -> StepOutput`` for PG-DPO (and DPO).
 
     Args:
@@ -131,6 +219,9 @@ class PreferenceStep:
             DPO trainer does): the policy runs in train mode and the reference in eval mode, so active
             dropout would bias ``d_w`` / ``d_l`` and make the loss random (see
             :func:`pgdpo.models.disable_dropout`). ``False`` keeps the models' dropout.
+
+    A step is :meth:`noise_inputs`, :meth:`reference_prediction`, :meth:`policy_prediction` and
+    :meth:`loss_on`; :mod:`pgdpo.train.gamma` reuses the same pieces.
     """
 
     def __init__(self, policy: nn.Module, reference: nn.Module | str | None = None,
@@ -140,28 +231,16 @@ class PreferenceStep:
                  checkpointing: int | str | None = None, weights_dtype: torch.dtype | None = None,
                  autocast_dtype: torch.dtype | None = None, compile: bool = False,
                  compile_options: dict | None = None, disable_dropout: bool = True):
-        if not isinstance(policy, nn.Module):
-            raise TypeError(f"policy must be an nn.Module, got {type(policy).__name__}")
-        self.adapter = adapter_for(policy)
-        self.policy = policy
-        self.schedule = make_schedule(schedule, **(schedule_options or {}))
+        _check_dtype("weights_dtype", weights_dtype)
         if loss is None:
             loss = PGDPOLoss()
         if not isinstance(loss, PGDPOLoss):
             raise TypeError(f"loss must be a pgdpo.PGDPOLoss or None, got {type(loss).__name__}")
+        super().__init__(policy, schedule, sample_weight_fn=sample_weight_fn,
+                         schedule_options=schedule_options, autocast_dtype=autocast_dtype,
+                         disable_dropout=disable_dropout)
         self.loss = loss
-        if sample_weight_fn is not None and not callable(sample_weight_fn):
-            raise TypeError(f"sample_weight_fn must be callable, got {type(sample_weight_fn).__name__}")
-        self.sample_weight_fn = sample_weight_fn
-        for name, dt in (("weights_dtype", weights_dtype), ("autocast_dtype", autocast_dtype)):
-            if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
-                raise TypeError(f"{name} must be a floating-point torch.dtype or None, got {dt!r}")
-        self.autocast_dtype = autocast_dtype
         every = _checkpoint_every(checkpointing)
-        if not isinstance(disable_dropout, bool):
-            raise TypeError(f"disable_dropout must be a bool, got {disable_dropout!r}")
-        if disable_dropout:
-            _disable_dropout(policy)  # before a copy is taken, so the copy has none either
 
         # The reference, made before any speed switch touches the policy so a copy is a plain model.
         if reference is None:
@@ -193,7 +272,6 @@ class PreferenceStep:
         if compile:
             for model in self._models():
                 compile_blocks(model, **(compile_options or {}))
-        self._flops_cache: dict = {}
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -213,118 +291,50 @@ class PreferenceStep:
     def _models(self) -> list[nn.Module]:
         return [self.policy] + ([self.reference] if self.reference is not None else [])
 
-    # ------------------------------------------------------------------------------------------ batch
-
-    def validate_batch(self, batch: Mapping) -> None:
-        """Raise a clear error naming the bad key when ``batch`` does not fit the policy."""
-        a = self.adapter
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-        required = ("chosen", "rejected", *a.condition_keys)
-        missing = [k for k in required if k not in batch]
-        if missing:
-            raise KeyError(f"batch is missing {missing}; a {a.family} step needs keys {list(required)}")
-        for k in required:
-            v = batch[k]
-            if not isinstance(v, Tensor):
-                raise TypeError(f"batch[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
-            if not v.is_floating_point():
-                raise TypeError(f"batch[{k!r}] must be a floating-point tensor, got {v.dtype}")
-        chosen, rejected = batch["chosen"], batch["rejected"]
-        if chosen.dim() != 5:
-            raise ValueError("batch['chosen'] must be [B, C, F, H, W] latents, got shape "
-                             f"{tuple(chosen.shape)}")
-        if rejected.shape != chosen.shape:
-            raise ValueError(f"batch['rejected'] has shape {tuple(rejected.shape)} but batch['chosen'] has "
-                             f"{tuple(chosen.shape)}; the videos of a pair must have one shape")
-        if rejected.dtype != chosen.dtype:
-            raise TypeError(f"batch['rejected'] is {rejected.dtype} but batch['chosen'] is {chosen.dtype}")
-        b, c, f, h, w = chosen.shape
-        if b == 0:
-            raise ValueError("batch['chosen'] is empty (B = 0)")
-        if c != a.latent_channels:
-            raise ValueError(f"batch['chosen'] has {c} channels but the {a.family} model takes "
-                             f"{a.latent_channels}-channel latents")
-        if a.is_wan:
-            pt, ph, pw = a.config["patch_size"]
-            if f % pt or h % ph or w % pw:
-                raise ValueError(f"batch['chosen'] latent size (F, H, W) = {(f, h, w)} is not divisible by "
-                                 f"the model's patch size {(pt, ph, pw)}")
-        text = batch["encoder_hidden_states"]
-        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != a.text_dim:
-            raise ValueError(f"batch['encoder_hidden_states'] must be [B={b}, L, D={a.text_dim}], got "
-                             f"{tuple(text.shape)}")
-        if a.family == "wan-i2v":
-            cond = batch["image_condition"]
-            expected = (b, a.image_condition_channels, f, h, w)
-            if tuple(cond.shape) != expected:
-                raise ValueError(f"batch['image_condition'] must be [B, 4 mask + 16 latent, F, H, W] = "
-                                 f"{list(expected)}, got {tuple(cond.shape)}")
-            img = batch["encoder_hidden_states_image"]
-            if img.dim() != 3 or img.shape[0] != b or img.shape[2] != a.image_dim:
-                raise ValueError(f"batch['encoder_hidden_states_image'] must be [B={b}, tokens, "
-                                 f"{a.image_dim}], got {tuple(img.shape)}")
-        device = _model_device(self.policy)
-        for k in required:
-            if batch[k].device != device:
-                raise ValueError(f"batch[{k!r}] is on {batch[k].device} but the policy is on {device}")
-
     # ------------------------------------------------------------------------------------------- step
 
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
+    def reference_prediction(self, pairs: NoisyPairs, batch: Mapping) -> Tensor:
+        """The reference's prediction ``[2B, C, F, H, W]`` on ``pairs``, under ``torch.no_grad()`` (the
+        frozen copy, or the policy with its adapters disabled and in eval mode)."""
+        a = self.adapter
+        noisy = pairs.noisy.to(a.input_dtype(self.policy))
+        with torch.no_grad(), self._autocast(noisy.device):
+            if self.reference is not None:  # its own input dtype: a replicated bf16 copy has no FSDP cast
+                ref_noisy = noisy.to(a.input_dtype(self.reference))
+                return a.predict(self.reference, ref_noisy, pairs.model_timesteps, batch)
+            with adapters_disabled(self.policy), _eval_mode(self.policy):
+                return a.predict(self.policy, noisy, pairs.model_timesteps, batch)
+
+    def loss_on(self, pred: Tensor, ref_pred: Tensor, pairs: NoisyPairs, sample_weight: Tensor | None, *,
+                options: LossOptions | None = None, return_stats: bool = False):
+        """The step's loss (``self.loss``'s options and backend; ``options`` overrides the options, e.g. a
+        DPO baseline) of the predictions on ``pairs``."""
+        return loss_with_options(pred, ref_pred, pairs.target, options or self.loss.options,
+                                 sample_weight=sample_weight, backend=self.loss.backend,
+                                 return_stats=return_stats)
 
     def __call__(self, batch: Mapping, generator: torch.Generator | None = None) -> StepOutput:
         """One step: noise the pairs, run reference (no grad) and policy (grad), return the loss.
 
         ``generator`` drives the timestep and noise draws (reproducible steps).
         """
-        self.validate_batch(batch)
-        a = self.adapter
+        pairs = self.noise_inputs(batch, generator)
+        ref_pred = self.reference_prediction(pairs, batch)
+        pred = self.policy_prediction(pairs, batch)
+        sample_weight = self.sample_weights(pairs)
+        loss, stats = self.loss_on(pred, ref_pred, pairs, sample_weight, return_stats=True)
+        stats = {k: v.detach() for k, v in stats.items()}  # logging values; keep them off the graph
         chosen = batch["chosen"]
         b = chosen.shape[0]
-        pairs = self.schedule.noise_pairs(chosen, batch["rejected"], generator)
-        noisy = pairs.noisy.to(a.input_dtype(self.policy))
-        device = chosen.device
-
-        with torch.no_grad(), self._autocast(device):
-            if self.reference is not None:  # its own input dtype: a replicated bf16 copy has no FSDP cast
-                ref_noisy = noisy.to(a.input_dtype(self.reference))
-                ref_pred = a.predict(self.reference, ref_noisy, pairs.model_timesteps, batch)
-            else:
-                with adapters_disabled(self.policy), _eval_mode(self.policy):
-                    ref_pred = a.predict(self.policy, noisy, pairs.model_timesteps, batch)
-        with self._autocast(device):
-            pred = a.predict(self.policy, noisy, pairs.model_timesteps, batch)
-
-        sample_weight = None
-        if self.sample_weight_fn is not None:
-            sample_weight = self.sample_weight_fn(pairs.timesteps)
-            if not isinstance(sample_weight, Tensor) or tuple(sample_weight.shape) != (b,):
-                got = tuple(sample_weight.shape) if isinstance(sample_weight, Tensor) else type(sample_weight)
-                raise ValueError(f"sample_weight_fn must return a [B={b}] tensor, got {got}")
-            sample_weight = sample_weight.detach().float().to(device)
-
-        loss, stats = loss_with_options(pred, ref_pred, pairs.target, self.loss.options,
-                                        sample_weight=sample_weight, backend=self.loss.backend,
-                                        return_stats=True)
-        stats = {k: v.detach() for k, v in stats.items()}  # logging values; keep them off the graph
-        tokens_per_sample = a.tokens_per_sample(chosen.shape)
+        tokens_per_sample = self.adapter.tokens_per_sample(chosen.shape)
         return StepOutput(loss=loss, stats=stats, timesteps=pairs.timesteps, sigmas=pairs.sigmas,
                           sample_weight=sample_weight, num_pairs=b, num_samples=2 * b,
                           tokens=2 * b * tokens_per_sample, model_flops=4 * 2 * b * self._flops(batch))
 
-    def _flops(self, batch: Mapping) -> int:
-        """Forward FLOPs per sample for this batch's shapes (cached: the UNet count runs a meta forward)."""
-        text_len = batch["encoder_hidden_states"].shape[1]
-        image = batch.get("encoder_hidden_states_image")
-        image_len = image.shape[1] if isinstance(image, Tensor) else 0
-        key = (tuple(batch["chosen"].shape[1:]), text_len, image_len)
-        if key not in self._flops_cache:
-            self._flops_cache[key] = self.adapter.forward_flops_per_sample(key[0], text_len, image_len)
-        return self._flops_cache[key]
+
+def _check_dtype(name: str, dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name} must be a floating-point torch.dtype or None, got {dtype!r}")
 
 
 def _checkpoint_every(checkpointing) -> int:

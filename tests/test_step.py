@@ -334,6 +334,44 @@ def test_bad_batches_raise_clear_errors():
                      image_condition=good["image_condition"][..., :3]))
     with pytest.raises(TypeError, match="batch must be a dict"):
         step([good["chosen"]])
+    from pgdpo.train.sft import SFTStep
+
+    sft = SFTStep(build_model("tiny-wan-i2v"))  # the same check, from the shared base
+    with pytest.raises(KeyError, match="missing \\['image_condition'\\]"):
+        sft(variant(image_condition=None))
+    with pytest.raises(ValueError, match="not divisible by the model's patch size"):
+        sft(variant(chosen=good["chosen"][..., :3], rejected=good["rejected"][..., :3],
+                    image_condition=good["image_condition"][..., :3]))
+
+
+def test_dataset_and_batch_checks_share_the_grid_rule():
+    """check_compatible (dataset meta) and the step's batch check report a bad Wan grid with one rule."""
+    from pgdpo.data.compat import check_compatible
+    from pgdpo.data.format import DataError
+
+    meta = {"format": "pgdpo-preference-latents", "version": 1, "task": "t2v", "num_pairs": 1,
+            "latent_shape": [16, 2, 4, 3], "text_len": 5, "text_dim": 32}
+    step = PreferenceStep(build_model("tiny-wan-t2v"), "copy")
+    batch = make_batch("tiny-wan-t2v")
+    batch = dict(batch, chosen=batch["chosen"][..., :3], rejected=batch["rejected"][..., :3])
+    with pytest.raises(ValueError) as from_batch:
+        step(batch)
+    with pytest.raises(DataError) as from_meta:
+        check_compatible(meta, "tiny-wan-t2v")
+    rule = "latent size (F, H, W) = (2, 4, 3) is not divisible by the model's patch size (1, 2, 2)"
+    assert rule in str(from_batch.value) and rule in str(from_meta.value)
+
+
+def test_step_pieces_compose_into_the_call():
+    """noise_inputs -> reference_prediction -> policy_prediction -> loss_on is the step (what the trainer's
+    Gamma pass reuses), bitwise."""
+    step = PreferenceStep(perturbed(build_model("tiny-wan-t2v", seed=0)), build_model("tiny-wan-t2v", seed=0))
+    batch = make_batch("tiny-wan-t2v")
+    out = step(batch, torch.Generator().manual_seed(3))
+    pairs = step.noise_inputs(batch, torch.Generator().manual_seed(3))
+    pred = step.policy_prediction(pairs, batch)
+    loss = step.loss_on(pred, step.reference_prediction(pairs, batch), pairs, step.sample_weights(pairs))
+    assert torch.equal(loss, out.loss)
 
 
 def test_reference_errors():

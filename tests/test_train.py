@@ -229,6 +229,28 @@ def test_lora_reference_and_options_resume_exactly(tmp_path, data):
     assert all(math.isfinite(r["loss"]) for r in records)
     assert "sample_weight_mean" in records[-1] and "probe_logp_chosen_change" in records[-1]
     assert metrics(part) == [dict(r, **{k: metrics(part)[i][k] for k in TIMING}) for i, r in enumerate(records)]
+    # Gamma (Eq. 10) on every step; the resumed run's running fraction counts the steps before the resume
+    gammas = [r["Gamma"] for r in records]
+    assert len(gammas) == 4 and all(math.isfinite(g) and g != 0.0 for g in gammas)
+    assert records[-1]["Gamma_positive_fraction"] == sum(g > 0 for g in gammas) / 4
+
+
+def test_diagnostics_do_not_change_training(tmp_path, data):
+    """A run with the likelihood probe and Gamma every step trains exactly like one without: same
+    losses, gradient norms and final weights, bitwise (the Gamma pass draws its own noise, restores
+    the RNG state and leaves no gradient behind)."""
+    from safetensors.torch import load_file
+
+    on, off = tmp_path / "on", tmp_path / "off"
+    common = ("--train.batch_size", "4", "--train.micro_batch_size", "2")
+    assert main(args(on, data, 3, *common, "--logging.diagnostics_every", "1")) == 0
+    assert main(args(off, data, 3, *common)) == 0
+    assert "Gamma" in metrics(on)[-1] and "Gamma" not in metrics(off)[-1]
+    assert losses(on) == losses(off)
+    assert [r["grad_norm"] for r in metrics(on)] == [r["grad_norm"] for r in metrics(off)]
+    weights = [load_file(str(next((p / "final").rglob("*.safetensors")))) for p in (on, off)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_ema_reference_moves_toward_policy(tmp_path, data):

@@ -1,8 +1,16 @@
-"""Does a dataset fit a model? Checked before training starts, with every mismatch named."""
+"""Does data fit a model? One home for the dataset/batch-versus-model checks, with every mismatch named.
+
+:func:`check_compatible` checks a dataset's ``dataset.json`` before training starts (every problem listed
+at once); :func:`check_batch` checks one batch of tensors before a step (the first problem, naming the
+bad key). Both take the model's expectations from the same places: :func:`latent_grid_problem` for the
+latent channels and the grid's divisibility, the model adapter's ``text_dim``, ``image_dim`` and
+``image_condition_channels``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from .format import MASK_CHANNELS, DataError, DatasetMeta, read_meta
@@ -19,6 +27,29 @@ def _as_meta(meta) -> DatasetMeta:
                     f"got {type(meta).__name__}")
 
 
+def model_task(adapter) -> str:
+    """``"i2v"`` for an image-to-video model, ``"t2v"`` otherwise."""
+    return "i2v" if adapter.family == "wan-i2v" else "t2v"
+
+
+def latent_grid_problem(adapter, f: int, h: int, w: int, what: str) -> str | None:
+    """Why a latent grid ``(F, H, W)`` does not fit the model (Wan: a multiple of the patch size in all
+    three; UNet: H and W multiples of the downsampling factor ``2 ** (levels - 1)``), or None.
+    ``what`` names the latent in the message."""
+    config = adapter.config
+    if adapter.is_wan:
+        pt, ph, pw = config["patch_size"]
+        if f % pt or h % ph or w % pw:
+            return (f"{what} latent size (F, H, W) = {(f, h, w)} is not divisible by the model's patch size "
+                    f"{(pt, ph, pw)}")
+        return None
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if h % factor or w % factor:
+        return (f"{what} latent H, W = {h}, {w} is not divisible by the UNet's downsampling factor "
+                f"{factor}")
+    return None
+
+
 def check_compatible(meta, model_config) -> None:
     """Raise :class:`DataError` listing every way the dataset and the model disagree.
 
@@ -30,7 +61,7 @@ def check_compatible(meta, model_config) -> None:
     Checked: task (t2v data for a text-to-video model, i2v data for an image-to-video one), latent
     channels, text embedding width (Wan ``text_dim``, UNet ``cross_attention_dim``), for i2v the
     image-condition channels (model ``in_channels - out_channels``) and CLIP width (``image_dim``), and
-    that the latent's height/width divide by the model's patch (Wan) or downsampling factor (UNet).
+    that the latent's grid fits the model (:func:`latent_grid_problem`).
     """
     from pgdpo.models import adapter_for
 
@@ -38,18 +69,18 @@ def check_compatible(meta, model_config) -> None:
     adapter = adapter_for(model_config)
     config = adapter.config
     problems = []
-    model_task = "i2v" if adapter.family == "wan-i2v" else "t2v"
-    if meta.task != model_task:
+    task = model_task(adapter)
+    if meta.task != task:
         problems.append(f"task: the dataset is {meta.task} but the model ({adapter.family}) needs "
-                        f"{model_task} data")
+                        f"{task} data")
     if meta.latent_channels != adapter.latent_channels:
         problems.append(f"latent channels: dataset latent_shape[0] = {meta.latent_channels}, model has "
                         f"{adapter.latent_channels} (out_channels)")
     text_key = "text_dim" if adapter.is_wan else "cross_attention_dim"
-    if meta.text_dim != config[text_key]:
+    if meta.text_dim != adapter.text_dim:
         problems.append(f"text dim: dataset text_dim = {meta.text_dim}, "
-                        f"model {text_key} = {config[text_key]}")
-    if meta.task == "i2v" and model_task == "i2v":
+                        f"model {text_key} = {adapter.text_dim}")
+    if meta.task == "i2v" and task == "i2v":
         want = adapter.image_condition_channels
         got = meta.image_condition_shape[0]
         if got != want:
@@ -61,15 +92,70 @@ def check_compatible(meta, model_config) -> None:
                             f"{meta.image_embed_shape[1]}, "
                             f"model image_dim = {config.get('image_dim')}")
     _, f, h, w = meta.latent_shape
-    if adapter.is_wan:
-        pt, ph, pw = config["patch_size"]
-        if f % pt or h % ph or w % pw:
-            problems.append(f"latent F, H, W = {f}, {h}, {w} must be multiples of the patch size "
-                            f"{tuple(config['patch_size'])}")
-    else:
-        factor = 2 ** (len(config["block_out_channels"]) - 1)
-        if h % factor or w % factor:
-            problems.append(f"latent H, W = {h}, {w} must be multiples of the UNet's downsampling "
-                            f"factor {factor}")
+    grid = latent_grid_problem(adapter, f, h, w, "dataset")
+    if grid:
+        problems.append(grid)
     if problems:
         raise DataError("dataset and model are incompatible:\n  - " + "\n  - ".join(problems))
+
+
+def check_batch(adapter, batch: Mapping, device=None) -> None:
+    """Raise a clear error naming the bad key when ``batch`` does not fit the model of ``adapter``.
+
+    ``batch``: ``chosen`` / ``rejected`` ``[B, C, F, H, W]`` latents, ``encoder_hidden_states``
+    ``[B, L, D]``, and for Wan I2V ``image_condition`` ``[B, 20, F, H, W]`` and
+    ``encoder_hidden_states_image`` ``[B, Li, image_dim]``; all floating point, on ``device`` (if given).
+    KeyError for a missing key, TypeError for a wrong type or dtype, ValueError for a wrong shape or device.
+    """
+    from torch import Tensor
+
+    a = adapter
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    required = ("chosen", "rejected", *a.condition_keys)
+    missing = [k for k in required if k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing}; a {a.family} step needs keys {list(required)}")
+    for k in required:
+        v = batch[k]
+        if not isinstance(v, Tensor):
+            raise TypeError(f"batch[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise TypeError(f"batch[{k!r}] must be a floating-point tensor, got {v.dtype}")
+    chosen, rejected = batch["chosen"], batch["rejected"]
+    if chosen.dim() != 5:
+        raise ValueError(f"batch['chosen'] must be [B, C, F, H, W] latents, got shape {tuple(chosen.shape)}")
+    if rejected.shape != chosen.shape:
+        raise ValueError(f"batch['rejected'] has shape {tuple(rejected.shape)} but batch['chosen'] has "
+                         f"{tuple(chosen.shape)}; the videos of a pair must have one shape")
+    if rejected.dtype != chosen.dtype:
+        raise TypeError(f"batch['rejected'] is {rejected.dtype} but batch['chosen'] is {chosen.dtype}")
+    b, c, f, h, w = chosen.shape
+    if b == 0:
+        raise ValueError("batch['chosen'] is empty (B = 0)")
+    if c != a.latent_channels:
+        raise ValueError(f"batch['chosen'] has {c} channels but the {a.family} model takes "
+                         f"{a.latent_channels}-channel latents")
+    if a.is_wan:  # (a UNet pads odd sizes itself, so only Wan's patching is a hard requirement of a batch)
+        grid = latent_grid_problem(a, f, h, w, "batch['chosen']")
+        if grid:
+            raise ValueError(grid)
+    text = batch["encoder_hidden_states"]
+    if text.dim() != 3 or text.shape[0] != b or text.shape[2] != a.text_dim:
+        raise ValueError(f"batch['encoder_hidden_states'] must be [B={b}, L, D={a.text_dim}], got "
+                         f"{tuple(text.shape)}")
+    if model_task(a) == "i2v":
+        cond = batch["image_condition"]
+        expected = (b, a.image_condition_channels, f, h, w)
+        if tuple(cond.shape) != expected:
+            raise ValueError(f"batch['image_condition'] must be [B, {MASK_CHANNELS} mask + "
+                             f"{a.image_condition_channels - MASK_CHANNELS} latent, F, H, W] = "
+                             f"{list(expected)}, got {tuple(cond.shape)}")
+        img = batch["encoder_hidden_states_image"]
+        if img.dim() != 3 or img.shape[0] != b or img.shape[2] != a.image_dim:
+            raise ValueError(f"batch['encoder_hidden_states_image'] must be [B={b}, tokens, "
+                             f"{a.image_dim}], got {tuple(img.shape)}")
+    if device is not None:
+        for k in required:
+            if batch[k].device != device:
+                raise ValueError(f"batch[{k!r}] is on {batch[k].device} but the policy is on {device}")

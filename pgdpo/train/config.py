@@ -213,7 +213,8 @@ class LoggingConfig:
     plots: bool = True
     #: tqdm progress bar on rank 0
     progress: bool = True
-    #: run pgdpo.diagnostics probes every this many steps (0 = off)
+    #: every this many steps: the likelihood probe and Eq. 10's Gamma on the step's batch (pgdpo.train.gamma;
+    #: 2 extra policy forwards + backwards per measured step); 0 = off
     diagnostics_every: int = field(default=0, metadata={"min": 0})
 
 

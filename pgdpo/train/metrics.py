@@ -4,6 +4,22 @@ experiment trackers (TensorBoard, W&B) through accelerate's tracker classes.
 ``metrics.jsonl`` holds one JSON object per logged optimiser step. On resume it is cut back to the
 resumed step before new lines are appended, so a step appears once. Non-finite numbers are written as
 ``null``.
+
+Diagnostics fields (``logging.diagnostics_every: k > 0``; on the logged steps that were measured, i.e.
+``step % k == 0``):
+
+- ``Gamma``: Eq. 10's ``-lr grad(log p_w) . (grad L_method - grad L_dpo)`` on the step's first micro-batch
+  of every data-parallel rank, at the parameters before the step's update (:mod:`pgdpo.train.gamma`).
+  Capital G: not the IPR switch ``gamma`` (``gamma_mean`` / ``gamma_min`` / ``gamma_max`` /
+  ``gamma_in_range``). Only for methods pgdpo, ars and ipr (dpo: 0 by definition; sft: undefined); not
+  measured on steps with lr 0 (the first warmup step).
+- ``Gamma_positive_fraction``: running fraction of the measured steps so far with ``Gamma > 0`` (the
+  paper reports 77-82%); checkpointed, so a resumed run continues it.
+- ``probe_logp_chosen`` / ``probe_logp_rejected`` (and ``*_change`` since step 0): the likelihood probe
+  (:class:`pgdpo.diagnostics.LikelihoodProbe`) on fixed pairs and noise.
+
+Always (preference methods): ``alpha_in_range`` / ``gamma_in_range``, the fractions of pairs in the
+paper's ranges; with ``method.k_controller``: ``k1``, ``k2``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PNG plots of a run from its ``metrics.jsonl``: loss, alpha / gamma ranges, likelihood proxies.
+"""PNG plots of a run from its ``metrics.jsonl``: loss, alpha / gamma ranges, Gamma, likelihood proxies.
 
 ``likelihood.png`` is the picture of the paper's Fig. 2: the diffusion MSE of the policy on the chosen and
 on the rejected samples (a lower MSE is a higher likelihood) next to the reference's. Likelihood
@@ -44,8 +44,8 @@ def _plot(ax, xs, ys, *args, window: int, **kwargs):
 
 
 def write_plots(output_dir: str) -> list[str]:
-    """Write ``loss.png``, ``alpha_gamma.png``, ``weight_ranges.png`` and ``likelihood.png`` (those with
-    data); returns paths."""
+    """Write ``loss.png``, ``alpha_gamma.png``, ``weight_ranges.png``, ``gamma_statistic.png`` (Eq. 10's
+    Gamma, with ``logging.diagnostics_every``) and ``likelihood.png`` (those with data); returns paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,6 +122,24 @@ def write_plots(output_dir: str) -> list[str]:
             axes[1].set_yscale("log")
             axes[1].legend()
         save(fig, "weight_ranges.png")
+
+    if any("Gamma" in r for r in records):
+        # Eq. 10 on the measured steps (logging.diagnostics_every) and the running fraction with Gamma > 0
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        xs, ys = _series(records, "Gamma")
+        axes[0].axhline(0.0, color="gray", linewidth=0.8)
+        axes[0].plot(xs, ys, ".-", color="tab:purple", label="Gamma")
+        axes[0].set_xlabel("step")
+        axes[0].set_title("Gamma (Eq. 10): PG-DPO vs DPO chosen-likelihood change")
+        axes[0].legend()
+        xs, ys = _series(records, "Gamma_positive_fraction")
+        axes[1].axhspan(0.77, 0.82, color="tab:green", alpha=0.2, label="paper: 77-82%")
+        axes[1].plot(xs, ys, color="tab:purple", label="measured steps with Gamma > 0")
+        axes[1].set_ylim(-0.05, 1.05)
+        axes[1].set_xlabel("step")
+        axes[1].set_title("running fraction of measured steps with Gamma > 0")
+        axes[1].legend()
+        save(fig, "gamma_statistic.png")
 
     if any("mse_policy_chosen" in r for r in records):
         fig, ax = plt.subplots(figsize=(6.5, 3.8))

@@ -123,6 +123,13 @@ class Trainer:
         self._build_optimizer()
         self.start_step = 0
         self.probe = self._build_probe() if cfg.logging.diagnostics_every else None
+        self.gamma_meter = None  # Gamma of Eq. 10 every diagnostics_every steps (methods with a DPO baseline)
+        from .gamma import GAMMA_METHODS
+
+        if cfg.logging.diagnostics_every and cfg.method.name in GAMMA_METHODS:
+            from ..diagnostics import GammaMeter
+
+            self.gamma_meter = GammaMeter()
         if self.resume_path is not None:
             self._load(self.resume_path)
         self.metrics = MetricsLog(self.out, active=self.is_main, resume_step=self.start_step,
@@ -353,6 +360,8 @@ class Trainer:
             self.weighting.load_state_dict(trainer_state["weighting"])
         if self.probe is not None and trainer_state.get("probe"):
             self.probe.load_state_dict(trainer_state["probe"])
+        if self.gamma_meter is not None and trainer_state.get("gamma"):
+            self.gamma_meter.load_state_dict(trainer_state["gamma"])
         if self.controller is not None:
             if trainer_state.get("controller") is None:
                 raise CheckpointError(f"{path}: has no K1/K2 controller state but this run uses "
@@ -377,6 +386,7 @@ class Trainer:
             "has_reference_state": self.ema_reference is not None,
             "probe": self.probe.state_dict() if self.probe is not None else None,
             "controller": self.controller.state_dict() if self.controller is not None else None,
+            "gamma": self.gamma_meter.state_dict() if self.gamma_meter is not None else None,
         }
         summary = {"step": step, "world_size": self.dist.world_size, "method": self.cfg.method.name,
                    "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
@@ -457,8 +467,15 @@ class Trainer:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         chunks, losses, tokens, flops, weights = [], [], 0, 0, []
+        lr = self.optimizer.param_groups[0]["lr"]
+        first_batch = self._to_device(self._next_batch(data_iter))
+        gamma = None
+        # (lr 0, e.g. the first warmup step: no update, Gamma 0 by its definition; not measured, so the
+        # positive fraction counts the steps that move the model)
+        if self.gamma_meter is not None and step % cfg.logging.diagnostics_every == 0 and lr > 0:
+            gamma = self._measure_gamma(step, first_batch, lr)
         for micro in range(self.grad_accum):
-            batch = self._to_device(self._next_batch(data_iter))
+            batch = first_batch if micro == 0 else self._to_device(self._next_batch(data_iter))
             # the ranks of a sequence group draw the same noise (dp_rank): they run one sample together
             gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.dp_rank, micro))
             with self._grad_sync(micro == self.grad_accum - 1):
@@ -479,7 +496,6 @@ class Trainer:
             raise FloatingPointError(
                 f"step {step}: the gradient norm is {grad_norm} (loss {float(losses[-1])}); the optimiser "
                 f"step was not taken. The last complete checkpoint in {self.out} is intact")
-        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -511,6 +527,9 @@ class Trainer:
             record["sample_weight_mean"] = float(torch.cat(weights).float().mean())
         if self.controller is not None:
             record["k1"], record["k2"] = self.controller.k1, self.controller.k2
+        if gamma is not None:  # Eq. 10 on this step's first micro-batch (not the IPR weight ``gamma``)
+            record["Gamma"] = gamma
+            record["Gamma_positive_fraction"] = self.gamma_meter.positive_fraction
         if probe is not None:
             record["probe_logp_chosen"] = probe.chosen_mean
             record["probe_logp_rejected"] = probe.rejected_mean
@@ -518,6 +537,19 @@ class Trainer:
             record["probe_logp_chosen_change"] = float((probe.chosen - first.chosen).mean())
             record["probe_logp_rejected_change"] = float((probe.rejected - first.rejected).mean())
         return record
+
+    def _measure_gamma(self, step: int, batch: dict, lr: float) -> float:
+        """Gamma (:mod:`pgdpo.train.gamma`) at the parameters before this step's update, on its first
+        micro-batch with the training forward's noise (a generator of its own with the same seed, so the
+        training draws are unchanged); recorded in :attr:`gamma_meter`."""
+        from .gamma import measure_gamma
+
+        seed = step_seed(self.cfg.seed, step, self.dist.dp_rank, 0)
+        gen = torch.Generator(device=self.dist.device).manual_seed(seed)
+        value = measure_gamma(self.step_fn, self.params, batch, gen, lr=lr, dist=self.dist,
+                              loss_scale=self.loss_scale)
+        self.gamma_meter.update(value, step=step)
+        return value
 
     def _set_k(self, k1: float, k2: float) -> None:
         import dataclasses
