@@ -120,9 +120,10 @@ def main(argv=None) -> int:
         print("FAILED: disagrees with the float64 reference: " + ", ".join(summary["mismatches"]))
         return 1
     agreed = [p for p in cfg.providers if p not in summary["unavailable"]]
-    print(f"{', '.join(agreed)} agree with the float64 reference on every case (loss, gradient, statistics"
-          " within the suite's tolerances)" + "".join(f"; {name} unavailable: {reason}"
-                                                     for name, reason in summary["unavailable"].items()))
+    verb = "agrees" if len(agreed) == 1 else "agree"
+    unavailable = "".join(f"; {name} unavailable: {why}" for name, why in summary["unavailable"].items())
+    print(f"{', '.join(agreed)} {verb} with the float64 reference on every case (loss, gradient, statistics "
+          f"within the suite's tolerances){unavailable}")
     return 0
 
 

@@ -142,6 +142,34 @@ def test_demo_is_the_suite_and_runs_outside_the_repository(tmp_path):
     assert "agree with the float64 reference on every case" in proc.stdout
 
 
+# Placed first on sys.meta_path: `pgdpo.cpu_op` fails to import, as where the C++ op cannot be loaded.
+_NO_CPU_OP = """
+import importlib.abc, importlib.machinery, sys
+class _NoCpuOp(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pgdpo.cpu_op":
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ImportError("blocked by the test")
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, _NoCpuOp())
+"""
+
+
+def test_demo_without_the_fused_op_says_why_and_times_the_rest():
+    code = _NO_CPU_OP + ("from pgdpo.demo import main\n"
+                         "sys.exit(main(['--shapes', 'tiny-image', '--dtypes', 'fp32', '--repeats', '2',\n"
+                         "               '--warmup', '0', '--no-progress', '--device', 'cpu']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert "- fused: unavailable: the fused C++ op could not be loaded (blocked by the test)" in proc.stdout
+    assert "| tiny-image | fp32 | fused | cpu | unavailable:" in proc.stdout
+    assert "| tiny-image | fp32 | eager | torch | yes |" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(
+        "eager agrees with the float64 reference on every case")
+
+
 def test_progress_bar_is_tqdm_on_stderr(capsys):
     from tqdm import tqdm
 
