@@ -1,4 +1,8 @@
-"""``python -m bench``: the PG-DPO loss benchmark (run from the repository root). ``--help`` explains."""
+"""``python -m bench``: the PG-DPO loss benchmark (run from the repository root). ``--help`` explains.
+
+The command line of the suite; the machinery it runs (cases, timing, providers, the float64 oracle,
+the report) is the package's :mod:`pgdpo.tools.benchmark`, which ``pgdpo demo`` runs too.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import (
+from pgdpo.tools.benchmark.cases import (
     DEFAULT_DTYPES,
     DEFAULT_SHAPES,
     PASSES,
@@ -18,10 +22,15 @@ from .cases import (
     SMOKE_CASES,
     SMOKE_SHAPES,
     Case,
+    make_cases,
     parse_dtype,
     parse_shape,
 )
-from .providers import PROVIDERS
+from pgdpo.tools.benchmark.machine import resolve_device
+from pgdpo.tools.benchmark.providers import PROVIDERS
+
+#: where runs are kept (machine, versions and commit with each): the repository's bench/results/
+RESULTS = Path(__file__).resolve().parent / "results"
 
 DESCRIPTION = """\
 Times the PG-DPO loss side by side, in one run, on the same inputs:
@@ -103,24 +112,17 @@ def parse_args(argv):
                     help="disable Inductor's on-disk caches, so compile times are those of a first compile "
                          "(default: caches as configured; a repeated run then compiles faster)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (default: a tqdm bar on stderr when it is a terminal)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first input set (default 0)")
     return ap.parse_args(argv)
 
 
 def build_config(args):
-    from .suite import Config
+    from pgdpo.tools.benchmark.suite import Config
 
-    if args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device = args.device
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this torch sees no CUDA device "
-                         f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
+    dev = resolve_device(args.device)
+    device = str(dev)
     cuda = dev.type == "cuda"
 
     if args.shapes == "all":
@@ -129,15 +131,10 @@ def build_config(args):
         shape_names = _csv(args.shapes)
     else:
         shape_names = list(SMOKE_SHAPES if args.smoke else DEFAULT_SHAPES[dev.type])
-    shapes = [parse_shape(s) for s in shape_names]
     dtype_names = _csv(args.dtypes) if args.dtypes else list(DEFAULT_DTYPES)
-    dtypes = [parse_dtype(d) for d in dtype_names]
-    if not shapes or not dtypes:
-        raise ValueError("--shapes and --dtypes must name at least one each")
+    cases = make_cases(shape_names, dtype_names)
     if args.smoke and not args.shapes and not args.dtypes:
         cases = [Case(name, parse_shape(name)[1], parse_dtype(dt)) for name, dt in SMOKE_CASES]
-    else:
-        cases = [Case(name, shape, dt) for name, shape in shapes for dt in dtypes]
     providers = _csv(args.providers)
     passes = _csv(args.passes)
     for what, got, allowed in (("--providers", providers, PROVIDERS), ("--passes", passes, PASSES)):
@@ -172,7 +169,7 @@ def build_config(args):
                   warmup=warmup, budget_s=budget,
                   options={"method": args.method, "weighting": args.weighting},
                   bandwidth_bytes=bw_mib << 20, memory=not args.no_memory, smoke=args.smoke, seed=args.seed,
-                  progress=not args.no_progress)
+                  progress=False if args.no_progress else None)
 
 
 def main(argv=None) -> int:
@@ -186,15 +183,15 @@ def main(argv=None) -> int:
         print(f"python -m bench: error: {exc}", file=sys.stderr)
         return 2
 
-    from . import machine, report
-    from .suite import run_suite
+    from pgdpo.tools.benchmark import machine, report
+    from pgdpo.tools.benchmark.suite import run_suite
 
     out = args.out
     if out is None and args.smoke:
         out = Path(tempfile.mkdtemp(prefix="pgdpo-bench-smoke-"))
     elif out is None:
         date = _dt.date.today().strftime("%Y%m%d")
-        out = Path(__file__).resolve().parent / "results" / f"{machine.slug(torch.device(cfg.device))}-{date}"
+        out = RESULTS / f"{machine.slug(torch.device(cfg.device))}-{date}"
     print(f"pgdpo bench: {len(cfg.cases)} cases x {len(cfg.providers)} providers x {len(cfg.passes)} passes "
           f"on {cfg.device} ({torch.get_num_threads()} threads) -> {out}", file=sys.stderr)
     record = run_suite(cfg)

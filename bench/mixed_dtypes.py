@@ -20,10 +20,9 @@ import os
 import torch
 
 from pgdpo import pgdpo_loss
-
-from .cases import parse_shape
-from .machine import git_info, machine_info, slug, versions
-from .timing import peak_extra_memory, run_interleaved, summarize
+from pgdpo.tools.benchmark.cases import parse_shape
+from pgdpo.tools.benchmark.machine import git_info, machine_info, slug, versions
+from pgdpo.tools.benchmark.timing import peak_extra_memory, run_interleaved, summarize
 
 
 def _inputs(shape, sets: int):

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from bench.machine import git_info, machine_info, versions
+    from pgdpo.tools.benchmark.machine import git_info, machine_info, versions
 
     git = git_info()  # the code measured is the code at the start
     model_dir = Path(args.model_dir)

@@ -13,10 +13,10 @@ import itertools
 import pytest
 import torch
 
-from bench import machine
-from bench.cases import Case, make_inputs, parse_shape, rotation_sets
-from bench.providers import PROVIDERS, make_providers, oracle, verify
 from pgdpo.options import LossOptions
+from pgdpo.tools.benchmark import machine
+from pgdpo.tools.benchmark.cases import Case, make_inputs, parse_shape, rotation_sets
+from pgdpo.tools.benchmark.providers import PROVIDERS, make_providers, oracle, verify
 
 pytest.importorskip("pytest_benchmark")
 

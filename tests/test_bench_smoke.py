@@ -1,4 +1,5 @@
-"""The benchmark suite and the demo run end to end on tiny shapes (CI; ~30 s on 2 cores).
+"""The benchmark suite and the demo (a front end over it) run end to end on tiny shapes (CI; ~30 s on
+2 cores).
 
 Timings are not asserted (speed is a benchmark, not a test): only that the outputs are well-formed,
 the figures are positive and ordered, and every provider that ran agrees with the float64 reference.
@@ -102,18 +103,89 @@ def test_bench_rejects_bad_arguments():
     assert main(["--dtypes", "int8"]) == 2
 
 
-def test_demo_runs_and_agrees(capsys):
-    from pgdpo.demo import main
+def test_demo_is_the_suite_and_runs_outside_the_repository(tmp_path):
+    """`pgdpo demo` from a folder where the repository's `bench/` is not importable (as from an installed
+    wheel): it runs the suite of pgdpo.tools.benchmark, so its record has the suite's schema, the suite's
+    float64 checks with the suite's tolerances, and it prints the suite's tables."""
+    out = tmp_path / "demo"
+    code = ("import importlib.util, sys\n"
+            "assert importlib.util.find_spec('bench') is None, 'the repository bench/ is importable here'\n"
+            "from pgdpo.demo import main\n"
+            "sys.exit(main(['--shapes', 'tiny-video,2x3x9x11', '--dtypes', 'fp32,bf16', '--repeats', '3',\n"
+            f"               '--warmup', '1', '--no-progress', '--out', {str(out)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
 
-    rc = main(["--shapes", "4x2x3x5x7,2x3x9x11", "--dtypes", "fp32,bf16", "--repeats", "3", "--warmup", "1"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    rows = [line for line in out.splitlines() if line.strip().startswith(("4x2x3x5x7", "2x3x9x11"))]
-    if "unavailable" in out:  # no fused op here (e.g. no compiler): eager rows only, the reason said
-        assert len(rows) == 4
-    else:
-        assert len(rows) == 8 and "agrees with eager on every case" in out
-        assert "DISAGREES" not in out
+    from pgdpo.tools.benchmark.cases import DTYPES
+    from pgdpo.tools.benchmark.providers import TOLERANCES
+    from pgdpo.tools.benchmark.suite import SCHEMA
+
+    record = json.loads((out / "bench.json").read_text())
+    assert record["schema"] == SCHEMA
+    assert record["config"]["passes"] == ["fwdbwd"] and record["config"]["providers"] == ["fused", "eager"]
+    assert [(c["name"], c["dtype"]) for c in record["cases"]] == [
+        ("tiny-video", "fp32"), ("tiny-video", "bf16"), ("2x3x9x11", "fp32"), ("2x3x9x11", "bf16")]
+    for case in record["cases"]:
+        assert case["providers"]["eager"]["available"]
+        for name, entry in case["providers"].items():
+            if not entry["available"]:
+                assert entry["reason"] and entry["reason"] in proc.stdout  # said, not hidden
+                continue
+            assert entry["verify"]["ok"], (case["name"], case["dtype"], name, entry["verify"])
+            assert entry["verify"]["tolerance"] == TOLERANCES[DTYPES[case["dtype"]]]
+            _check_summary(entry["passes"]["fwdbwd"])
+    assert record["summary"]["all_agree"]
+    assert (out / "bench.md").read_text() in proc.stdout  # the suite's report is what is printed
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| tiny-video |", "| 2x3x9x11 |"))]
+    assert len(rows) == 4 + 4 * 2  # time rows (case) + agreement rows (case x provider)
+    assert "agree with the float64 reference on every case" in proc.stdout
+
+
+# Placed first on sys.meta_path: `pgdpo.cpu_op` fails to import, as where the C++ op cannot be loaded.
+_NO_CPU_OP = """
+import importlib.abc, importlib.machinery, sys
+class _NoCpuOp(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pgdpo.cpu_op":
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ImportError("blocked by the test")
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, _NoCpuOp())
+"""
+
+
+def test_demo_without_the_fused_op_says_why_and_times_the_rest():
+    code = _NO_CPU_OP + ("from pgdpo.demo import main\n"
+                         "sys.exit(main(['--shapes', 'tiny-image', '--dtypes', 'fp32', '--repeats', '2',\n"
+                         "               '--warmup', '0', '--no-progress', '--device', 'cpu']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert "- fused: unavailable: the fused C++ op could not be loaded (blocked by the test)" in proc.stdout
+    assert "| tiny-image | fp32 | fused | cpu | unavailable:" in proc.stdout
+    assert "| tiny-image | fp32 | eager | torch | yes |" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(
+        "eager agrees with the float64 reference on every case")
+
+
+def test_progress_bar_is_tqdm_on_stderr(capsys):
+    from tqdm import tqdm
+
+    from pgdpo.tools.benchmark.suite import _NoBar, _progress
+
+    assert isinstance(_progress(3, False), _NoBar)
+    bar = _progress(3, True)
+    assert isinstance(bar, tqdm) and not bar.disable
+    bar.set_description_str("case")
+    bar.update()
+    bar.close()
+    drawn = capsys.readouterr()
+    assert "case" in drawn.err and "1/3" in drawn.err and drawn.out == ""
+    auto = _progress(3, None)  # only on a terminal: pytest captures stderr, so off here
+    assert isinstance(auto, tqdm) and auto.disable == (not sys.stderr.isatty())
+    auto.close()
 
 
 def test_demo_help(capsys):
@@ -130,4 +202,8 @@ def test_demo_rejects_bad_shape(capsys):
     from pgdpo.demo import main
 
     assert main(["--shapes", "3x4"]) == 2
-    assert "first one 2B" in capsys.readouterr().err
+    assert "first dimension 2B" in capsys.readouterr().err
+    assert main(["--dtypes", "int8"]) == 2
+    assert "unknown dtype 'int8'" in capsys.readouterr().err
+    assert main(["--device", "tpu"]) == 2
+    assert "--device" in capsys.readouterr().err

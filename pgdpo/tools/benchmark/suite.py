@@ -42,21 +42,27 @@ class Config:
     memory: bool = True
     smoke: bool = False
     seed: int = 0
-    progress: bool = True
+    #: progress bar on stderr: True, False, or None = only when stderr is a terminal
+    progress: bool | None = None
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
+def _progress(total: int, enabled: bool | None):
+    """tqdm's bar on stderr. ``enabled``: True/False, or None for "when stderr is a terminal" (tqdm's
+    own rule). tqdm comes with the dev and train extras; without it there is no bar."""
+    if enabled is False:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
-        return _TextBar(total)
+        return _NoBar()
     return tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True,
+                disable=None if enabled is None else False,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
 
 
 class _NoBar:
+    """The bar's interface, doing nothing (progress off, or tqdm not installed)."""
+
     def set_description_str(self, text):
         pass
 
@@ -65,31 +71,6 @@ class _NoBar:
 
     def close(self):
         pass
-
-
-class _TextBar(_NoBar):
-    """A one-line progress bar on stderr for when tqdm is not installed."""
-
-    def __init__(self, total):
-        self.total, self.n, self.text, self.t0 = total, 0, "", time.perf_counter()
-
-    def set_description_str(self, text):
-        self.text = text
-        self._draw()
-
-    def update(self, n=1):
-        self.n += n
-        self._draw()
-
-    def _draw(self):
-        frac = self.n / max(1, self.total)
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r{self.text[:40]:40s} [{bar:30s}] {self.n}/{self.total} "
-                         f"{time.perf_counter() - self.t0:5.0f}s")
-        sys.stderr.flush()
-
-    def close(self):
-        sys.stderr.write("\n")
 
 
 def _make_step(fn, sets, pass_: str, k: int, n_providers: int):
@@ -129,7 +110,7 @@ def run_suite(cfg: Config) -> dict:
         "config": {
             "device": str(device), "providers": cfg.providers, "passes": cfg.passes,
             "repeats": cfg.repeats, "warmup": cfg.warmup, "budget_s": cfg.budget_s,
-            "smoke": cfg.smoke, "seed": cfg.seed, "options": asdict(options),
+            "smoke": cfg.smoke, "seed": cfg.seed, "memory": cfg.memory, "options": asdict(options),
             "cases": [{"name": c.name, "shape": list(c.shape), "dtype": c.dtype_name} for c in cfg.cases],
             "timing": ("CUDA events around each call, a GPU sleep queued before each so the host runs "
                        "ahead (GPU time of the call's kernels, no launch gaps); fwdbwd also "

@@ -92,6 +92,7 @@ class Fused(Provider):
 
                 return {"build": cpu_op.build_info().strip(), "library": portable_path(cpu_op.library_path())}
             import triton
+
             from pgdpo.kernels import pgdpo_loss as kernels
 
             return {"triton": triton.__version__, "module": portable_path(kernels.__file__)}

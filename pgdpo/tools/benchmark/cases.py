@@ -67,6 +67,15 @@ def parse_dtype(text: str) -> torch.dtype:
     return DTYPES[text]
 
 
+def make_cases(shapes, dtypes) -> list[Case]:
+    """Every (shape, dtype) pair of the given shape names/dimensions and dtype names, shapes outer."""
+    parsed = [parse_shape(s) for s in shapes]
+    dts = [parse_dtype(d) for d in dtypes]
+    if not parsed or not dts:
+        raise ValueError("give at least one shape and one dtype")
+    return [Case(name, shape, dt) for name, shape in parsed for dt in dts]
+
+
 @dataclass(frozen=True)
 class Case:
     name: str

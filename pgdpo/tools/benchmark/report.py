@@ -131,7 +131,7 @@ def markdown(record: dict) -> str:
                 f"| {ver['loss_max_abs_err']:.2g} | {ver['grad_max_rel_err']:.2g} | "
                 f"{ver['stats_max_abs_err']:.2g} ({ver['stats_worst']}) | {e['first_call_s']:.3g} | "
                 f"{extra} | {n} |{b2b}")
-    if cfg["device"].startswith("cpu"):
+    if cfg["device"].startswith("cpu") and cfg.get("memory", True):
         lines += ["", "CPU extra memory counts tensors from torch's CPU allocator (torch.profiler memory "
                   "events); scratch a C++ kernel takes with malloc/new is not seen."]
     return "\n".join(lines) + "\n"
