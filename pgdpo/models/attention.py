@@ -13,6 +13,8 @@ import importlib.util
 
 from torch import nn
 
+from .wrappers import unwrap_model
+
 #: Backends usable for training -> the pip package they need (None: PyTorch's own SDPA kernels).
 TRAINING_BACKENDS: dict[str, str | None] = {
     "native": None,  # torch SDPA, dispatcher picks the kernel
@@ -57,10 +59,9 @@ def check_training_backend(backend: str) -> None:
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> None:
-    """Check ``backend`` for training, then set it on ``model`` (a diffusers model, or peft-wrapped)."""
+    """Check ``backend`` for training, then set it on ``model`` (a diffusers model, or peft / DDP-wrapped)."""
     check_training_backend(backend)
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
+    base = unwrap_model(model)
     if not hasattr(base, "set_attention_backend"):
         raise TypeError(f"{type(base).__name__} has no set_attention_backend: attention backends need a "
                         "diffusers ModelMixin (diffusers >= 0.35)")
