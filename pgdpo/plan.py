@@ -164,7 +164,11 @@ class PlanSettings:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        return (16, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        """Latent ``(C, F', H', W')`` of the video for the model (``pgdpo.models.ModelAdapter.latent_shape``:
+        ``C`` from its config, the Wan VAE's 4x in time and 8x in space)."""
+        from pgdpo.models import adapter_for
+
+        return adapter_for(self.model).latent_shape(self.frames, self.height, self.width)
 
 
 # ------------------------------------------------------------------------------------------ config
