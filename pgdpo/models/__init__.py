@@ -26,7 +26,9 @@ from .build import (
 )
 from .flops import counted_forward_flops, model_flops_per_sample, wan_forward_flops
 from .latents import VAE_FACTORS, latent_frames, latent_shape
-from .registry import _CLASSES, MODEL_CONFIGS, UNET3D_CLASS, WAN_CLASS, _model_class, resolve_config
+from .registry import _CLASSES as _CLASSES  # private, imported by pgdpo.train.export
+from .registry import MODEL_CONFIGS, UNET3D_CLASS, WAN_CLASS, resolve_config
+from .registry import _model_class as _model_class  # private, imported by pgdpo.train.loading
 from .switches import (
     cast_weights,
     compile_blocks,
@@ -49,5 +51,3 @@ __all__ = [
     "TRAINING_BACKENDS", "NO_BACKWARD", "check_training_backend", "set_attention_backend",
     "unwrap_model",
 ]
-# private names other modules of pgdpo import (pgdpo.train.export, pgdpo.train.loading)
-_ = (_CLASSES, _model_class)
