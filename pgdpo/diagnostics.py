@@ -73,6 +73,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .diffusion import draw_noise, flow_matching_noising
 from .loss import pgdpo_loss
 from .options import METHODS
 
@@ -140,15 +141,6 @@ class ProbeBatch:
         return ProbeBatch(move(self.noisy), move(self.target), move(self.timesteps), move(self.cond))
 
 
-def flow_matching_noising(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """Flow matching (Wan, SD3): ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``.
-
-    ``sigma`` is ``[B]`` in ``[0, 1]``. Returns ``(x_t, target)``.
-    """
-    s = sigma.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
-    return (1 - s) * x0 + s * noise, noise - x0
-
-
 Noising = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
@@ -167,10 +159,13 @@ def make_probe_batch(x0_w: Tensor, x0_l: Tensor, timesteps: Tensor, noising: Noi
         raise ValueError(f"x0_w has shape {tuple(x0_w.shape)} but x0_l has {tuple(x0_l.shape)}")
     if timesteps.shape != (x0_w.shape[0],):
         raise ValueError(f"timesteps must have shape [{x0_w.shape[0]}], got {tuple(timesteps.shape)}")
-    noise = torch.randn(x0_w.shape, generator=generator, dtype=x0_w.dtype, device="cpu").to(x0_w.device)
+    # float32 noise as the training step draws it (pgdpo.diffusion.draw_noise: same seed, same noise for any
+    # latent dtype), at the latents' precision when that is higher (fp64 probes stay fp64)
+    noise = draw_noise(x0_w.shape, x0_w, generator).to(torch.promote_types(x0_w.dtype, torch.float32))
     both = lambda a, b: torch.cat([a, b], 0)
     t2 = both(timesteps, timesteps)
     noisy, target = noising(both(x0_w, x0_l), both(noise, noise), t2)
+    noisy, target = noisy.to(x0_w.dtype), target.to(x0_w.dtype)  # the latents' dtype, as NoisyPairs
     if isinstance(cond, Tensor) and cond.dim() > 0 and cond.shape[0] == x0_w.shape[0]:
         cond = both(cond, cond)
     return ProbeBatch(noisy, target, t2, cond)

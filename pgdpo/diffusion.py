@@ -7,7 +7,8 @@ content of the videos. The arithmetic comes from diffusers:
 
 - flow: ``FlowMatchEulerDiscreteScheduler``'s shifted sigma table and ``diffusers.training_utils``'s
   ``compute_density_for_timestep_sampling`` (logit-normal / uniform / mode densities), then
-  ``x_t = (1 - sigma) x0 + sigma eps`` with target ``eps - x0`` (rectified flow, as Wan trains).
+  ``x_t = (1 - sigma) x0 + sigma eps`` with target ``eps - x0`` (rectified flow, as Wan trains;
+  :func:`flow_matching_noising`, which the diagnostics use too).
 - DDPM: ``DDPMScheduler.add_noise`` and ``get_velocity``; target ``eps`` or ``v``.
 
 All random draws go through an optional ``torch.Generator`` and are made in float32 on the
@@ -47,9 +48,29 @@ class NoisyPairs:
     noise: Tensor
 
 
-def _draw_noise(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
+def draw_noise(shape, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise of ``shape``, drawn in float32 on the generator's device (else ``like``'s),
+    returned float32 on ``like``'s device.
+
+    Why float32 whatever the latents' dtype: one seed then gives the same noise for bf16, fp16, fp32 and
+    fp64 latents (the training step and a diagnostics probe of the same generator draw the same values),
+    and a bf16 draw would round the Gaussian to 8 mantissa bits before the noising formula sees it.
+    """
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+
+
+def flow_matching_noising(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """Rectified flow (Wan, SD3): ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``.
+
+    ``x0``, ``noise``: ``[N, *S]``; ``sigma``: ``[N]`` in ``[0, 1]``. Computed in at least float32
+    (``promote_types(x0.dtype, float32)``: bf16 / fp16 latents in fp32, fp64 in fp64) and returned as
+    ``(x_t, target)`` in ``x0``'s dtype. The one home of this formula (the step, the probes, the toy lab).
+    """
+    compute = torch.promote_types(x0.dtype, torch.float32)
+    x, n = x0.to(compute), noise.to(compute)
+    s = sigma.to(device=x.device, dtype=compute).reshape(-1, *([1] * (x.dim() - 1)))
+    return ((1 - s) * x + s * n).to(x0.dtype), (n - x).to(x0.dtype)
 
 
 def _check_pair(chosen: Tensor, rejected: Tensor) -> None:
@@ -132,14 +153,11 @@ class FlowMatchingSchedule:
             sigma = self.sample_sigmas(b, generator, chosen.device)
         else:
             sigma = sigmas.to(chosen.device)
-        noise = _draw_noise(chosen.shape, chosen, generator)
-        x0 = torch.cat([chosen, rejected], dim=0).float()
-        eps = torch.cat([noise, noise], dim=0)
-        s = torch.cat([sigma, sigma]).float().view(-1, *([1] * (x0.dim() - 1)))
-        noisy = (1.0 - s) * x0 + s * eps
-        target = eps - x0
+        noise = draw_noise(chosen.shape, chosen, generator)
+        x0 = torch.cat([chosen, rejected], dim=0)
+        noisy, target = flow_matching_noising(x0, torch.cat([noise, noise], dim=0), torch.cat([sigma, sigma]))
         timesteps = sigma.float() * self.num_train_timesteps
-        return NoisyPairs(noisy=noisy.to(chosen.dtype), target=target.to(chosen.dtype),
+        return NoisyPairs(noisy=noisy, target=target,
                           model_timesteps=torch.cat([timesteps, timesteps]), timesteps=timesteps,
                           sigmas=sigma.float(), noise=noise.to(chosen.dtype))
 
@@ -193,7 +211,7 @@ class DDPMSchedule:
         b = chosen.shape[0]
         t = self.sample_timesteps(b, generator, chosen.device) if timesteps is None else timesteps
         t = t.to(device=chosen.device, dtype=torch.long)
-        noise = _draw_noise(chosen.shape, chosen, generator)
+        noise = draw_noise(chosen.shape, chosen, generator)
         x0 = torch.cat([chosen, rejected], dim=0).float()
         eps = torch.cat([noise, noise], dim=0)
         t2 = torch.cat([t, t])

@@ -154,17 +154,26 @@ class PlanSettings:
             raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
         if self.reference == "lora" and self.lora_rank == 0:
             raise ValueError("reference 'lora' (the policy with its adapters disabled) needs lora_rank > 0")
-        if (self.frames - 1) % 4:
-            raise ValueError(f"frames must be 4k+1 for the Wan VAE (81, 49, 33, ...), got {self.frames}")
-        if self.height % 16 or self.width % 16:
-            raise ValueError(f"height and width must be multiples of 16 (VAE 8x, patch 2x), got "
-                             f"{self.height}x{self.width}")
+        from pgdpo.models import adapter_for
+
+        adapter = adapter_for(self.model)
+        adapter.latent_shape(self.frames, self.height, self.width, strict=True)  # Wan: 4k+1 frames, H, W / 8
+        if adapter.is_wan:  # whole patches: the latent's H', W' divide by the patch size too
+            _, spatial = adapter.vae_factors
+            _, ph, pw = adapter.config["patch_size"]
+            if self.height % (spatial * ph) or self.width % (spatial * pw):
+                raise ValueError(f"height and width must be multiples of {spatial * ph} x {spatial * pw} "
+                                 f"(VAE {spatial}x, patch {ph}x{pw}), got {self.height}x{self.width}")
         self.lora_targets = tuple(self.lora_targets)
         return self
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        return (16, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        """Latent ``(C, F', H', W')`` of the video for the model (``pgdpo.models.ModelAdapter.latent_shape``:
+        ``C`` from its config, the Wan VAE's 4x in time and 8x in space)."""
+        from pgdpo.models import adapter_for
+
+        return adapter_for(self.model).latent_shape(self.frames, self.height, self.width)
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -393,3 +393,8 @@ def test_encode_i2v_builds_the_wan_image_condition(encoders_dir, tmp_path):
     assert torch.all(mask[:, :, 0] == 1) and torch.all(mask[:, :, 1:] == 0)
     with pytest.raises(ValueError, match="4k\\+1 frames"):
         enc.latent_frames(8)
+    # the shared latent-shape formula with this VAE's factors predicts what the real VAE produced
+    video_shape = meta.source["video_shape"]  # [3, F, H, W]
+    assert enc.latent_shape(*video_shape[1:]) == tuple(meta.latent_shape)
+    with pytest.raises(ValueError, match="height must be a multiple of the VAE's spatial factor"):
+        enc.latent_shape(video_shape[1], video_shape[2] + 1, video_shape[3])

@@ -153,3 +153,43 @@ def test_errors_name_the_bad_argument():
         make_schedule("flow").noise_pairs(chosen, rejected[:, :2])
     with pytest.raises(TypeError, match="FlowMatchEulerDiscreteScheduler"):
         FlowMatchingSchedule(scheduler=DDPMSchedule().scheduler)
+
+
+def test_flow_noising_has_one_home_and_computes_in_fp32():
+    from pgdpo import diagnostics
+    from pgdpo.diffusion import flow_matching_noising
+
+    assert diagnostics.flow_matching_noising is flow_matching_noising
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    noise = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    sigma = torch.rand(4, generator=g, dtype=torch.float64)
+    s = sigma.view(-1, 1, 1)
+    noisy, target = flow_matching_noising(x0, noise, sigma)
+    assert noisy.dtype == target.dtype == torch.float64  # fp64 stays fp64 (compared to the fp64 formula)
+    torch.testing.assert_close(noisy, (1 - s) * x0 + s * noise, rtol=0, atol=1e-15)
+    torch.testing.assert_close(target, noise - x0, rtol=0, atol=1e-15)
+    # bf16 latents with fp32 noise: the result is the exact value rounded once to bf16 (within bf16's
+    # relative precision 2^-8), not a bf16 chain of roundings
+    xb, nf = x0.to(torch.bfloat16), noise.float()
+    noisy_b, target_b = flow_matching_noising(xb, nf, sigma.float())
+    assert noisy_b.dtype == target_b.dtype == torch.bfloat16
+    exact = (1 - s) * xb.double() + s * nf.double()
+    torch.testing.assert_close(noisy_b.double(), exact, rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(target_b.double(), nf.double() - xb.double(), rtol=2 ** -8, atol=1e-6)
+
+
+def test_probe_noise_is_the_training_steps_noise_for_any_latent_dtype():
+    from pgdpo.diagnostics import make_probe_batch
+
+    chosen, rejected = pairs()
+    sigmas = torch.full((B,), 0.5)
+    step = make_schedule("flow").noise_pairs(chosen, rejected, torch.Generator().manual_seed(7), sigmas=sigmas)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x_w, x_l = chosen.to(dtype), rejected.to(dtype)
+        probe = make_probe_batch(x_w, x_l, sigmas, generator=torch.Generator().manual_seed(7))
+        assert probe.noisy.dtype == probe.target.dtype == dtype
+        # noise = target + x0 (chosen half): the float32 noise of the step, whatever the latents' dtype
+        recovered = probe.target[:B].double() + x_w.double()
+        tol = 5e-2 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(recovered, step.noise.double(), rtol=0, atol=tol)

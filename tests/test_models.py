@@ -225,3 +225,76 @@ def test_attention_backends_without_backward_or_download_are_refused():
 def test_unet3d_refuses_a_dispatcher_backend_it_would_ignore():
     with pytest.raises(ValueError, match="UNet3DConditionModel.*call PyTorch SDPA directly"):
         set_attention_backend(build_model("tiny-unet3d"), "_native_flash")
+
+
+# ------------------------------------------------------------------ shared arithmetic: latents, folders, unwrap
+
+
+def test_latent_shape_of_wan_and_unet_configs():
+    from pgdpo.models import latent_shape
+
+    # Wan2.1 (AutoencoderKLWan: 4x in time, causal, 8x in space; 16 latent channels = out_channels):
+    # 81 frames x 480 x 832 -> 1 + 80/4 = 21 frames, 60 x 104 (the paper's 480p setting).
+    assert adapter_for("wan2.1-t2v-14b").latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    # I2V takes 36 input channels but its latents (and output) have 16.
+    assert adapter_for("wan2.1-i2v-14b").latent_shape(33, 720, 1280) == (16, 9, 90, 160)
+    # UNet3D: SD's AutoencoderKL per frame (8x in space, 1 in time), 4 latent channels in tiny-unet3d.
+    assert adapter_for("tiny-unet3d").latent_shape(16, 256, 320) == (4, 16, 32, 40)
+    # The bare formula, factors given (what the encoder calls with its loaded VAE's factors).
+    assert latent_shape(17, 64, 96, channels=12, temporal_factor=4, spatial_factor=16) == (12, 5, 4, 6)
+    # Not strict: the frames that fill no latent frame and the pixels past a multiple of 8 are dropped.
+    assert adapter_for("tiny-wan-t2v").latent_shape(16, 70, 64) == (16, 4, 8, 8)
+
+
+def test_latent_shape_errors_name_the_argument():
+    a = adapter_for("tiny-wan-t2v")
+    with pytest.raises(ValueError, match="frames must be 1 \\+ a multiple of the VAE's temporal factor 4"):
+        a.latent_shape(16, 64, 64, strict=True)
+    with pytest.raises(ValueError, match="width must be a multiple of the VAE's spatial factor 8, got 60"):
+        a.latent_shape(17, 64, 60, strict=True)
+    with pytest.raises(ValueError, match="height must be a positive integer, got 0"):
+        a.latent_shape(17, 0, 64)
+    assert adapter_for("tiny-unet3d").latent_shape(16, 64, 64, strict=True) == (4, 16, 8, 8)  # t = 1: any F
+
+
+def test_model_folder_discovery_is_shared_by_load_model_and_the_trainer(tmp_path):
+    from pgdpo.models import find_model_folder
+    from pgdpo.train.config import ConfigError
+    from pgdpo.train.loading import pretrained_config, weights_folder
+
+    build_model("tiny-unet3d").save_config(tmp_path / "pipe" / "unet")
+    assert find_model_folder(tmp_path / "pipe") == str(tmp_path / "pipe" / "unet")
+    assert weights_folder(str(tmp_path / "pipe")) == str(tmp_path / "pipe" / "unet")
+    assert pretrained_config(str(tmp_path / "pipe"))["_class_name"] == "UNet3DConditionModel"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.path: no config.json in .* transformer/ or unet/"):
+        find_model_folder(tmp_path / "empty", what="model.path")
+    with pytest.raises(ConfigError, match="model.path: no config.json"):
+        pretrained_config(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="model.path: .*missing' is not a local directory"):
+        weights_folder(str(tmp_path / "missing"))
+
+
+def test_unwrap_model_sees_through_ddp_and_peft(tmp_path):
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pgdpo.models import unwrap_model
+    from pgdpo.train.distributed import unwrap
+
+    base = build_model("tiny-unet3d")
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["to_q"]))
+    ours = not dist.is_initialized()  # a single-process group a trainer test left open serves as well
+    if ours:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(peft_model)
+        assert unwrap_model(wrapped) is base and unwrap(wrapped) is base
+        assert unwrap_model(DistributedDataParallel(build_model("tiny-wan-t2v"))).__class__.__name__ == \
+            "WanTransformer3DModel"
+        assert adapter_for(wrapped).family == "unet3d"  # no get_base_model grafted onto the wrapper
+    finally:
+        if ours:
+            dist.destroy_process_group()
+    assert unwrap_model(base) is base

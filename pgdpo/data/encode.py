@@ -131,12 +131,27 @@ class Encoders:
             return int(self.vae.config.scale_factor_spatial or 8)
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def latent_channels(self) -> int:
+        config = self.vae.config
+        return int(config.z_dim if self.is_wan_vae else config.latent_channels)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Latent ``(C, F', H', W')`` this VAE makes of a ``frames x height x width`` video
+        (:func:`pgdpo.models.latent_shape`, strict: a size it cannot encode exactly is a ``ValueError``)."""
+        from ..models import latent_shape
+
+        return latent_shape(frames, height, width, channels=self.latent_channels,
+                            temporal_factor=self.temporal_factor, spatial_factor=self.spatial_factor,
+                            strict=True)
+
     def latent_frames(self, frames: int) -> int:
-        t = self.temporal_factor
-        if (frames - 1) % t:
-            raise ValueError(f"the Wan VAE needs 4k+1 frames (1 + a multiple of {t}); got {frames} "
-                             "(use --frames to keep the first 4k+1)")
-        return (frames - 1) // t + 1
+        from ..models import latent_frames
+
+        try:
+            return latent_frames(frames, self.temporal_factor, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (use --frames to keep the first 4k+1)") from None
 
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
@@ -249,11 +264,11 @@ def encode_dataset(pairs_file: str | os.PathLike, out: str | os.PathLike, encode
         for side in ("chosen", "rejected"):
             path = resolve(pair[side]["video"])
             video = fit_video(read_video(path), frames=frames, height=height, width=width)
-            s = encoders.spatial_factor
-            if video.shape[-1] % s or video.shape[-2] % s:
-                raise ValueError(f"{path}: height x width {video.shape[-2]} x {video.shape[-1]} must be "
-                                 f"multiples of the VAE's spatial factor {s} (use --height/--width)")
-            encoders.latent_frames(video.shape[1])
+            try:
+                expected = encoders.latent_shape(*video.shape[1:])
+            except ValueError as exc:
+                raise ValueError(f"{path}: video {list(video.shape)} [3, F, H, W]: {exc} (use "
+                                 "--frames/--height/--width)") from None
             if shape is None:
                 shape = tuple(video.shape)
             elif tuple(video.shape) != shape:
@@ -261,6 +276,9 @@ def encode_dataset(pairs_file: str | os.PathLike, out: str | os.PathLike, encode
                                  f"{list(shape)}; all videos must match (use --frames/--height/--width)")
             videos.append(video)
         latents = encoders.encode_video(torch.stack(videos))
+        if tuple(latents.shape[1:]) != expected:  # the VAE and the shared latent-shape formula disagree
+            raise RuntimeError(f"{type(encoders.vae).__name__} encoded {list(shape)} [3, F, H, W] to "
+                               f"{list(latents.shape[1:])}; pgdpo.models.latent_shape says {list(expected)}")
         text = encoders.encode_prompts([pair["prompt"]], text_len)[0]
         tensors = {"chosen": latents[0], "rejected": latents[1], "encoder_hidden_states": text}
         if task == "i2v":

@@ -267,8 +267,11 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (FSDP2 modules are the original modules)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    """The model inside DDP / peft wrappers: :func:`pgdpo.models.unwrap_model` (the one unwrap helper; this
+    name stays for existing imports)."""
+    from ..models import unwrap_model
+
+    return unwrap_model(model)
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

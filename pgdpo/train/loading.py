@@ -152,17 +152,24 @@ class ModuleSource:
 
 
 def weights_folder(path: str) -> str:
-    """The model folder of ``path``: itself, or its ``transformer/`` / ``unet/`` subfolder (a pipeline)."""
-    for folder in (path, os.path.join(path, "transformer"), os.path.join(path, "unet")):
-        if os.path.isfile(os.path.join(folder, "config.json")):
-            return folder
-    raise ConfigError(f"model.path: no config.json in {path} (nor in its transformer/ or unet/ subfolder)")
+    """The model folder of ``path``: itself, or its ``transformer/`` / ``unet/`` subfolder (a pipeline);
+    :func:`pgdpo.models.find_model_folder`, its error a ``ConfigError`` naming ``model.path``."""
+    from ..models import find_model_folder
+
+    try:
+        return find_model_folder(path, what="model.path")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def pretrained_config(path: str) -> dict:
     """The ``config.json`` of the diffusers model at ``path`` (a model or pipeline folder)."""
-    with open(os.path.join(weights_folder(path), "config.json")) as f:
-        return json.load(f)
+    from ..models import read_model_config
+
+    try:
+        return read_model_config(path, what="model.path")
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------ build

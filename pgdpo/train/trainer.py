@@ -55,10 +55,9 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
 
 
 def latent_shape_for(config: TrainConfig, adapter) -> list[int]:
-    """Latent ``[C, F, H, W]`` of the configured video size: VAE /8 in space; Wan VAE 4x in time."""
+    """Latent ``[C, F, H, W]`` of the configured video size (``ModelAdapter.latent_shape``, floored)."""
     d = config.data
-    frames = (d.frames - 1) // 4 + 1 if adapter.is_wan else d.frames
-    return [adapter.latent_channels, frames, d.height // 8, d.width // 8]
+    return list(adapter.latent_shape(d.frames, d.height, d.width))
 
 
 # Wan's output is a reshaped view; the loss only reads it (no in-place op), which is what the FSDP2 warning
@@ -273,9 +272,8 @@ class Trainer:
         policy = model
         if self.dist.strategy == "ddp":  # DDP wraps a materialised model
             policy = wrap_model(model, [], self.dist, precision=m.precision)
-        if policy is not model:  # DDP: the step calls the wrapper (gradient sync); peft / dtype look inside
-            policy.get_base_model = lambda: policy.module
-            step.policy = policy
+        if policy is not model:  # DDP: the step calls the wrapper (gradient sync); pgdpo.models.unwrap_model
+            step.policy = policy  # sees through it where the step looks inside (adapters, dtypes)
         self.model, self.policy, self.reference, self.step_fn = model, policy, reference, step
         self.controller = None
         if meth.k_controller:

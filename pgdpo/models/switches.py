@@ -1,0 +1,142 @@
+"""Switches applied to a built model: weight dtype, activation checkpointing, regional compile, dropout.
+
+Each one changes how a model runs, never what it computes (dropout aside, which is why it is switched
+off); all see through peft / DDP wrappers (:func:`pgdpo.models.unwrap_model`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from .wrappers import unwrap_model
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast to ``dtype`` but keep the modules diffusers marks fp32-only in fp32, as from_pretrained does.
+
+    Uses ``nn.Module.to`` directly: diffusers' ``ModelMixin.to`` warns on any dtype cast because it
+    cannot honour ``_keep_in_fp32_modules`` itself; here they are restored right after.
+    """
+    if dtype == torch.float32:
+        return model  # diffusers initialises in fp32 already
+    nn.Module.to(model, dtype)
+    keep = set(keep_fp32_names(model))
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name in keep:
+                tensor.data = tensor.data.float()
+    return model
+
+
+def keep_fp32_names(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers diffusers keeps in fp32 (``_keep_in_fp32_modules``).
+
+    Matched by name component, as ``from_pretrained`` does; this also catches bare Parameters such as
+    Wan's per-block ``scale_shift_table``.
+    """
+    keep = getattr(unwrap_model(model), "_keep_in_fp32_modules", None) or []
+    return [name for name, _ in [*model.named_parameters(), *model.named_buffers()]
+            if any(k in name.split(".") for k in keep)]
+
+
+def _checkpointed_block_forward(block: nn.Module, *args, **kwargs):
+    """The class ``forward`` of ``block``, recomputed in the backward (non-reentrant checkpoint)."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = type(block).forward.__get__(block)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)  # reference / eval passes keep no activations anyway
+
+
+def _selective_checkpoint(module: nn.Module, *args):
+    """diffusers ``gradient_checkpointing_func`` that recomputes only blocks marked for it."""
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(module, "_pgdpo_checkpoint", False):
+        return checkpoint(module.__call__, *args, use_reentrant=False)
+    return module(*args)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    from .adapters import adapter_for
+
+    return adapter_for(model).blocks(model)
+
+
+def enable_checkpointing(model: nn.Module, every: int = 1) -> list[int]:
+    """Activation checkpointing of every ``every``-th repeated block (blocks 0, k, 2k, ...).
+
+    Wan (diffusers supports it): ``enable_gradient_checkpointing``, with a checkpoint function that
+    recomputes only the marked blocks when ``every > 1``. UNet3D (diffusers' UNet3D blocks have no
+    checkpointing): the chosen down/mid/up blocks get an instance ``forward`` that runs the class
+    forward under ``torch.utils.checkpoint``. Both survive ``copy.deepcopy`` (no closures over modules).
+    Gradients are unchanged; memory drops, compute rises by about one forward of the chosen blocks.
+    Returns the indices of the checkpointed blocks.
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"checkpointing every must be an int >= 1 (1 = every block), got {every!r}")
+    disable_checkpointing(model)
+    base = unwrap_model(model)
+    blocks = _blocks(model)
+    chosen = list(range(0, len(blocks), every))
+    if getattr(base, "_supports_gradient_checkpointing", False):
+        if every == 1:
+            base.enable_gradient_checkpointing()
+        else:
+            for i in chosen:
+                blocks[i]._pgdpo_checkpoint = True
+            base.enable_gradient_checkpointing(_selective_checkpoint)
+    else:
+        for i in chosen:
+            blocks[i].forward = functools.partial(_checkpointed_block_forward, blocks[i])
+    return chosen
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_checkpointing`."""
+    base = unwrap_model(model)
+    if getattr(base, "_supports_gradient_checkpointing", False):
+        base.disable_gradient_checkpointing()
+    for block in _blocks(model):
+        block.__dict__.pop("_pgdpo_checkpoint", None)
+        forward = block.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _checkpointed_block_forward:
+            del block.__dict__["forward"]  # back to the class's forward
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set ``p = 0`` on every ``nn.Dropout`` of ``model`` (as TRL's DPO trainer does by default).
+
+    Why: the policy runs in train mode and the reference in eval mode, so any active dropout makes
+    ``d_w`` / ``d_l`` compare a randomly thinned network with a full one: a bias in the margin and a loss
+    that changes from call to call with the same generator. diffusers' ``UNet3DConditionModel`` builds
+    its temporal convolutions with dropout 0.1 (hard-coded); it is harmless only while their last
+    convolution is still at its zero init. Returns the number of dropout layers that were active.
+    """
+    active = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            active += 1
+    return active
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """Regional ``torch.compile``: compile each repeated block in place, not the whole model.
+
+    Uses diffusers' ``compile_repeated_blocks`` where the class declares its blocks (Wan), else
+    ``nn.Module.compile`` on each down/mid/up block (UNet3D). Identical blocks share one compiled
+    graph, so compile time is that of one block. Returns the number of blocks compiled.
+    """
+    base = unwrap_model(model)
+    blocks = _blocks(model)
+    if getattr(base, "_repeated_blocks", None):
+        base.compile_repeated_blocks(**compile_kwargs)
+    else:
+        for block in blocks:
+            block.compile(**compile_kwargs)
+    return len(blocks)
