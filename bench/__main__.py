@@ -36,7 +36,7 @@ DESCRIPTION = """\
 Times the PG-DPO loss side by side, in one run, on the same inputs:
   fused    the device's fused op: backend "triton" on CUDA, "cpu" (the C++ op of csrc/) on the CPU
   eager    the eager reference, pgdpo_loss(backend="torch")
-  compile  torch.compile(pgdpo.reference.pgdpo_loss_reference, dynamic=False, fullgraph=True),
+  compile  torch.compile(pgdpo.loss.reference.pgdpo_loss_reference, dynamic=False, fullgraph=True),
            compiled afresh per case; its compile time is reported apart
 for the forward, the backward (timed right after its untimed forward) and forward+backward.
 
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = build_config(args)
-        from pgdpo.options import LossOptions
+        from pgdpo.loss.options import LossOptions
 
         LossOptions(**cfg.options)
     except (ValueError, TypeError) as exc:

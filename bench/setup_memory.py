@@ -58,7 +58,7 @@ def reset_peak() -> bool:
 
 
 def save_model(model_dir: Path) -> dict:
-    from pgdpo.models import MODEL_CONFIGS, build_model, count_parameters
+    from pgdpo.train.models import MODEL_CONFIGS, build_model, count_parameters
 
     config = {**MODEL_CONFIGS["wan2.1-t2v-1.3b"], **MODEL}
     folder = model_dir / "transformer"
@@ -104,7 +104,7 @@ def worker(args) -> None:
 
 
 def run_setup(model: dict, procs: int, tuning: str, steps: int, work: Path) -> list[dict]:
-    from pgdpo.data.synth import synth_dataset
+    from pgdpo.train.data.synth import synth_dataset
 
     data = work / "data"
     if not (data / "dataset.json").is_file():

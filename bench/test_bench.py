@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from pgdpo.options import LossOptions
+from pgdpo.loss.options import LossOptions
 from pgdpo.tools.benchmark import machine
 from pgdpo.tools.benchmark.cases import Case, make_inputs, parse_shape, rotation_sets
 from pgdpo.tools.benchmark.providers import PROVIDERS, make_providers, oracle, verify

@@ -10,16 +10,16 @@ from . import _moved
 from .loss import PGDPOLoss, pgdpo_loss
 from .loss.options import METHODS, STAT_NAMES
 
-_moved.install()  # the old paths of moved modules (pgdpo.options, ...) keep working for one release
+_moved.install()  # the old paths of moved modules (pgdpo.loss.options, ...) keep working for one release
 
 # Training pieces import diffusers (the "train" extra): resolved on first access only, so that
 # `import pgdpo` for the loss alone stays light.
 _LAZY = {
-    "PreferenceStep": "pgdpo.step",
-    "build_model": "pgdpo.models",
-    "load_model": "pgdpo.models",
-    "MODEL_CONFIGS": "pgdpo.models",
-    "make_schedule": "pgdpo.diffusion",
+    "PreferenceStep": "pgdpo.train.step",
+    "build_model": "pgdpo.train.models",
+    "load_model": "pgdpo.train.models",
+    "MODEL_CONFIGS": "pgdpo.train.models",
+    "make_schedule": "pgdpo.train.diffusion",
 }
 
 __all__ = ["pgdpo_loss", "PGDPOLoss", "STAT_NAMES", "METHODS", *_LAZY]

@@ -20,6 +20,19 @@ MOVED = {
     "pgdpo.reference": "pgdpo.loss.reference",
     "pgdpo.ops": "pgdpo.loss.op",
     "pgdpo.cpu_op": "pgdpo.loss.cpu_op",
+    # the training layer
+    "pgdpo.step": "pgdpo.train.step",
+    "pgdpo.models": "pgdpo.train.models",
+    "pgdpo.attention": "pgdpo.train.models.attention",
+    "pgdpo.diffusion": "pgdpo.train.diffusion",
+    "pgdpo.diagnostics": "pgdpo.train.diagnostics",
+    "pgdpo.data": "pgdpo.train.data",
+    "pgdpo.integrity": "pgdpo.train.integrity",
+    "pgdpo.preview": "pgdpo.train.preview",
+    # the tools on top
+    "pgdpo.plan": "pgdpo.tools.plan",
+    "pgdpo.demo": "pgdpo.tools.demo",
+    "pgdpo.toy": "pgdpo.tools.toy",
 }
 
 

@@ -7,12 +7,12 @@ import sys
 
 #: sub-command -> (module providing ``main(argv: list[str]) -> int``, one-line help)
 COMMANDS = {
-    "demo": ("pgdpo.demo", "fused PG-DPO loss against the eager reference on this machine: a table"),
+    "demo": ("pgdpo.tools.demo", "fused PG-DPO loss against the eager reference on this machine: a table"),
     "train": ("pgdpo.train.cli", "preference training from a YAML config (torchrun / accelerate aware)"),
     "export": ("pgdpo.train.export", "a checkpoint as a model diffusers loads (save_pretrained / LoRA)"),
-    "plan": ("pgdpo.plan", "will a config fit? memory per GPU and step time, before you start"),
-    "data": ("pgdpo.data.cli", "datasets: `pairs` from scored generations, `encode` videos, `synth`"),
-    "toy": ("pgdpo.toy", "the likelihood-displacement lab: DPO vs ARS vs IPR vs PG-DPO on a toy model"),
+    "plan": ("pgdpo.tools.plan", "will a config fit? memory per GPU and step time, before you start"),
+    "data": ("pgdpo.train.data.cli", "datasets: `pairs` from scored generations, `encode` videos, `synth`"),
+    "toy": ("pgdpo.tools.toy", "the likelihood-displacement lab: DPO vs ARS vs IPR vs PG-DPO on a toy model"),
 }
 
 

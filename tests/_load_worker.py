@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from pgdpo.models import adapter_for
-from pgdpo.step import adapters_disabled
 from pgdpo.train.config import from_dict
 from pgdpo.train.distributed import init_distributed
 from pgdpo.train.loading import build_models, pretrained_config
+from pgdpo.train.models import adapter_for
+from pgdpo.train.step import adapters_disabled
 
 
 def probe_inputs(adapter, seed=0):

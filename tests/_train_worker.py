@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from _load_worker import probe_inputs  # noqa: E402
 
-from pgdpo.models import adapter_for  # noqa: E402
 from pgdpo.train.cli import resolve  # noqa: E402
+from pgdpo.train.models import adapter_for  # noqa: E402
 from pgdpo.train.trainer import Trainer  # noqa: E402
 
 

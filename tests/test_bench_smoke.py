@@ -110,7 +110,7 @@ def test_demo_is_the_suite_and_runs_outside_the_repository(tmp_path):
     out = tmp_path / "demo"
     code = ("import importlib.util, sys\n"
             "assert importlib.util.find_spec('bench') is None, 'the repository bench/ is importable here'\n"
-            "from pgdpo.demo import main\n"
+            "from pgdpo.tools.demo import main\n"
             "sys.exit(main(['--shapes', 'tiny-video,2x3x9x11', '--dtypes', 'fp32,bf16', '--repeats', '3',\n"
             f"               '--warmup', '1', '--no-progress', '--out', {str(out)!r}]))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -142,12 +142,12 @@ def test_demo_is_the_suite_and_runs_outside_the_repository(tmp_path):
     assert "agree with the float64 reference on every case" in proc.stdout
 
 
-# Placed first on sys.meta_path: `pgdpo.cpu_op` fails to import, as where the C++ op cannot be loaded.
+# Placed first on sys.meta_path: `pgdpo.loss.cpu_op` fails to import, as where the C++ op cannot be loaded.
 _NO_CPU_OP = """
 import importlib.abc, importlib.machinery, sys
 class _NoCpuOp(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
-        if name == "pgdpo.cpu_op":
+        if name == "pgdpo.loss.cpu_op":
             return importlib.machinery.ModuleSpec(name, self)
     def create_module(self, spec):
         raise ImportError("blocked by the test")
@@ -158,7 +158,7 @@ sys.meta_path.insert(0, _NoCpuOp())
 
 
 def test_demo_without_the_fused_op_says_why_and_times_the_rest():
-    code = _NO_CPU_OP + ("from pgdpo.demo import main\n"
+    code = _NO_CPU_OP + ("from pgdpo.tools.demo import main\n"
                          "sys.exit(main(['--shapes', 'tiny-image', '--dtypes', 'fp32', '--repeats', '2',\n"
                          "               '--warmup', '0', '--no-progress', '--device', 'cpu']))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -199,7 +199,7 @@ def test_demo_help(capsys):
 
 
 def test_demo_rejects_bad_shape(capsys):
-    from pgdpo.demo import main
+    from pgdpo.tools.demo import main
 
     assert main(["--shapes", "3x4"]) == 2
     assert "first dimension 2B" in capsys.readouterr().err

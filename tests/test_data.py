@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgdpo.data import (
+from pgdpo.train.data import (
     DataError,
     PreferenceDataset,
     check_compatible,
@@ -19,7 +19,7 @@ from pgdpo.data import (
     synth_dataset,
     validate_dataset,
 )
-from pgdpo.data.synth import synth_pair
+from pgdpo.train.data.synth import synth_pair
 
 SHAPE = (16, 3, 4, 4)
 
@@ -290,7 +290,7 @@ def test_pairs_best_vs_worst_min_margin_ties(tmp_path, capsys):
 
 
 def test_pairs_score_key_and_errors(tmp_path):
-    from pgdpo.data import read_scores
+    from pgdpo.train.data import read_scores
 
     rows = [{"prompt": "cat", "video": "x.npy", "scores": {"Overall": 1.5}},
             {"prompt": "cat", "video": "y.npy", "scores": {"Overall": -0.5}}]
@@ -378,8 +378,8 @@ def test_encode_writes_a_readable_dataset_with_the_encoders_outputs(encoders_dir
 
 
 def test_encode_i2v_builds_the_wan_image_condition(encoders_dir, tmp_path):
-    from pgdpo.data import encode_dataset, load_encoders
-    from pgdpo.data.pairs import read_scores, write_pairs
+    from pgdpo.train.data import encode_dataset, load_encoders
+    from pgdpo.train.data.pairs import read_scores, write_pairs
 
     pairs, _ = make_pairs(read_scores(encoders_dir / "scores.jsonl"))
     write_pairs(pairs, tmp_path / "p.jsonl")

@@ -1,4 +1,4 @@
-"""Tests of pgdpo.diagnostics: Gamma against real SGD steps, likelihood probes, range tracking, controller."""
+"""Tests of pgdpo.train.diagnostics: Gamma against real SGD steps, likelihood probes, range tracking, controller."""
 
 import copy
 import math
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pgdpo import pgdpo_loss
-from pgdpo.diagnostics import (
+from pgdpo.train.diagnostics import (
     GammaMeter,
     K1K2Controller,
     LikelihoodProbe,

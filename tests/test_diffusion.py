@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pgdpo.diffusion import DDPMSchedule, FlowMatchingSchedule, flow_loss_weight, make_schedule
+from pgdpo.train.diffusion import DDPMSchedule, FlowMatchingSchedule, flow_loss_weight, make_schedule
 
 B, SHAPE = 3, (4, 2, 3, 5)
 
@@ -156,8 +156,8 @@ def test_errors_name_the_bad_argument():
 
 
 def test_flow_noising_has_one_home_and_computes_in_fp32():
-    from pgdpo import diagnostics
-    from pgdpo.diffusion import flow_matching_noising
+    from pgdpo.train import diagnostics
+    from pgdpo.train.diffusion import flow_matching_noising
 
     assert diagnostics.flow_matching_noising is flow_matching_noising
     g = torch.Generator().manual_seed(3)
@@ -180,7 +180,7 @@ def test_flow_noising_has_one_home_and_computes_in_fp32():
 
 
 def test_probe_noise_is_the_training_steps_noise_for_any_latent_dtype():
-    from pgdpo.diagnostics import make_probe_batch
+    from pgdpo.train.diagnostics import make_probe_batch
 
     chosen, rejected = pairs()
     sigmas = torch.full((B,), 0.5)

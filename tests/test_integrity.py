@@ -14,13 +14,13 @@ import warnings
 import pytest
 import torch
 
-from pgdpo.data.cli import main as data_main
-from pgdpo.data.dataset import PreferenceDataset
-from pgdpo.data.format import DataError, read_meta, validate_dataset
-from pgdpo.data.synth import synth_dataset
-from pgdpo.integrity import checksum_matches, file_checksum
 from pgdpo.train.checkpoint import MANIFEST, CheckpointError, resolve_resume, verify_checkpoint
 from pgdpo.train.cli import main as train_main
+from pgdpo.train.data.cli import main as data_main
+from pgdpo.train.data.dataset import PreferenceDataset
+from pgdpo.train.data.format import DataError, read_meta, validate_dataset
+from pgdpo.train.data.synth import synth_dataset
+from pgdpo.train.integrity import checksum_matches, file_checksum
 
 from .test_train import args, metrics
 

@@ -2,7 +2,7 @@
 
 Each test runs over ``(backend, device)`` cases (``tests/_inputs.py``): on CPU the eager reference, the
 C++ op and the Triton kernels under the interpreter; on a CUDA machine also the compiled Triton kernels
-and the eager reference on CUDA tensors. Fused results are compared with ``pgdpo.reference`` in float64
+and the eager reference on CUDA tensors. Fused results are compared with ``pgdpo.loss.reference`` in float64
 on the CPU (its gradients come from autograd, independent of the fused backward).
 """
 

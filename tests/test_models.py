@@ -7,8 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pgdpo.attention import set_attention_backend
-from pgdpo.models import (
+from pgdpo.train.models import (
     MODEL_CONFIGS,
     adapter_for,
     build_model,
@@ -19,6 +18,7 @@ from pgdpo.models import (
     tokens_per_sample,
     wan_forward_flops,
 )
+from pgdpo.train.models.attention import set_attention_backend
 
 
 def wan_parameter_count(cfg: dict) -> int:
@@ -231,7 +231,7 @@ def test_unet3d_refuses_a_dispatcher_backend_it_would_ignore():
 
 
 def test_latent_shape_of_wan_and_unet_configs():
-    from pgdpo.models import latent_shape
+    from pgdpo.train.models import latent_shape
 
     # Wan2.1 (AutoencoderKLWan: 4x in time, causal, 8x in space; 16 latent channels = out_channels):
     # 81 frames x 480 x 832 -> 1 + 80/4 = 21 frames, 60 x 104 (the paper's 480p setting).
@@ -258,9 +258,9 @@ def test_latent_shape_errors_name_the_argument():
 
 
 def test_model_folder_discovery_is_shared_by_load_model_and_the_trainer(tmp_path):
-    from pgdpo.models import find_model_folder
     from pgdpo.train.config import ConfigError
     from pgdpo.train.loading import pretrained_config, weights_folder
+    from pgdpo.train.models import find_model_folder
 
     build_model("tiny-unet3d").save_config(tmp_path / "pipe" / "unet")
     assert find_model_folder(tmp_path / "pipe") == str(tmp_path / "pipe" / "unet")
@@ -280,8 +280,8 @@ def test_unwrap_model_sees_through_ddp_and_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
     from torch.nn.parallel import DistributedDataParallel
 
-    from pgdpo.models import unwrap_model
     from pgdpo.train.distributed import unwrap
+    from pgdpo.train.models import unwrap_model
 
     base = build_model("tiny-unet3d")
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["to_q"]))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pgdpo.plan import GPUS, PlanSettings, block_activation_bytes, plan, settings_from_config
+from pgdpo.tools.plan import GPUS, PlanSettings, block_activation_bytes, plan, settings_from_config
 
 PAPER = {"model": "wan2.1-t2v-14b", "frames": 81, "height": 480, "width": 832, "batch_size": 16}
 
@@ -16,7 +16,7 @@ def _meta_numel(name: str) -> int:
     """Parameter count of the diffusers class built on the meta device straight from MODEL_CONFIGS."""
     import diffusers
 
-    from pgdpo.models import MODEL_CONFIGS
+    from pgdpo.train.models import MODEL_CONFIGS
 
     config = dict(MODEL_CONFIGS[name])
     cls = getattr(diffusers, config.pop("_class_name"))
@@ -65,7 +65,7 @@ def test_paper_setting_fits_on_32_h20(tmp_path):
 
 def test_configs_are_read_by_the_trainers_loader(tmp_path, capsys):
     """A misspelt key or a bad value is the error `pgdpo train` gives, not silently ignored."""
-    from pgdpo.plan import main
+    from pgdpo.tools.plan import main
     from pgdpo.train.config import ConfigError
 
     config = tmp_path / "c.yaml"
@@ -126,7 +126,7 @@ def test_step_time_counts_recompute_and_reference():
 
 def test_block_activation_estimate_matches_measured_saved_tensors():
     """The per-block bytes the planner assumes vs what diffusers' Wan block really saves for backward."""
-    from pgdpo.models import build_model
+    from pgdpo.train.models import build_model
 
     config = {"_class_name": "WanTransformer3DModel", "patch_size": (1, 2, 2), "num_attention_heads": 2,
               "attention_head_dim": 64, "in_channels": 16, "out_channels": 16, "text_dim": 32, "freq_dim": 32,

@@ -1,6 +1,6 @@
 """The loss contract (docs/loss.md) written out in plain Python floats (no torch, no pgdpo code).
 
-``tests/test_loss.py`` compares the fused backends with ``pgdpo.reference``; a misreading of the contract
+``tests/test_loss.py`` compares the fused backends with ``pgdpo.loss.reference``; a misreading of the contract
 shared by all implementations would pass there. This file is the independent check: a scalar
 transcription of the formulas, and gradients by central differences of it (with alpha and gamma
 frozen at the evaluation point for ``detach_weights=True``).

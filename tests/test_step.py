@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pgdpo import PGDPOLoss
-from pgdpo.models import adapter_for, build_model
-from pgdpo.step import PreferenceStep, frozen_copy
+from pgdpo.train.models import adapter_for, build_model
+from pgdpo.train.step import PreferenceStep, frozen_copy
 
 warnings.filterwarnings("ignore", message="pgdpo: backend='auto' falls back")
 
@@ -346,8 +346,8 @@ def test_bad_batches_raise_clear_errors():
 
 def test_dataset_and_batch_checks_share_the_grid_rule():
     """check_compatible (dataset meta) and the step's batch check report a bad Wan grid with one rule."""
-    from pgdpo.data.compat import check_compatible
-    from pgdpo.data.format import DataError
+    from pgdpo.train.data.compat import check_compatible
+    from pgdpo.train.data.format import DataError
 
     meta = {"format": "pgdpo-preference-latents", "version": 1, "task": "t2v", "num_pairs": 1,
             "latent_shape": [16, 2, 4, 3], "text_len": 5, "text_dim": 32}

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgdpo.data.synth import synth_dataset
 from pgdpo.train.checkpoint import list_checkpoints, resolve_resume
 from pgdpo.train.cli import main, parse_overrides
 from pgdpo.train.config import ConfigError, from_dict, load_config
+from pgdpo.train.data.synth import synth_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -302,7 +302,7 @@ def test_corrupt_and_missing_data_name_the_file(tmp_path, data, capsys):
 
 
 def test_unpaired_predict_matches_paired_predict():
-    from pgdpo.models import adapter_for, build_model
+    from pgdpo.train.models import adapter_for, build_model
 
     for name in ("tiny-wan-t2v", "tiny-wan-i2v", "tiny-unet3d"):
         model = build_model(name, seed=0).eval()

@@ -40,7 +40,7 @@ def test_controller_off_by_default_and_plots(tmp_path, data):  # noqa: F811
 @pytest.mark.distributed
 def test_controller_under_two_process_fsdp(tmp_path):
     """2-process FSDP2 (gloo): the margins are gathered over both ranks and the run steers and finishes."""
-    from pgdpo.data.synth import synth_dataset
+    from pgdpo.train.data.synth import synth_dataset
 
     from .test_train_distributed import command, records, run
 

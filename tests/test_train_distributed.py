@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgdpo.data.synth import synth_dataset
+from pgdpo.train.data.synth import synth_dataset
 
 pytestmark = pytest.mark.distributed
 
@@ -55,7 +55,7 @@ def records(out):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """The demo's tiny Wan saved by diffusers: runs load it sharded (meta init + per-rank sliced reads)."""
-    from pgdpo.models import build_model
+    from pgdpo.train.models import build_model
 
     folder = tmp_path_factory.mktemp("wan") / "transformer"
     build_model("tiny-wan-t2v", seed=0).save_pretrained(folder, max_shard_size="30KB")

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgdpo.data.synth import synth_dataset
-from pgdpo.models import adapter_for, build_model, load_model
+from pgdpo.train.data.synth import synth_dataset
+from pgdpo.train.models import adapter_for, build_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

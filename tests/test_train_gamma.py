@@ -5,7 +5,7 @@ Gamma through the trainer's code (:mod:`pgdpo.train.gamma`) on its rank's first 
 and saves that rank's inputs (``tests/_gamma_worker.py``). This process then builds the same run at
 world size 1 (same seed: the random init is the same at any world size) and computes Gamma on the two
 ranks' inputs put together -- through the trainer's code, and independently through
-:func:`pgdpo.diagnostics.gamma_from_pred` (plain ``torch.autograd.grad`` on one graph) -- and the three
+:func:`pgdpo.train.diagnostics.gamma_from_pred` (plain ``torch.autograd.grad`` on one graph) -- and the three
 agree. The FSDP2 launch then trains a few steps with diagnostics on: metrics.jsonl and the plot.
 """
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgdpo.data.synth import synth_dataset
-from pgdpo.diffusion import NoisyPairs
+from pgdpo.train.data.synth import synth_dataset
+from pgdpo.train.diffusion import NoisyPairs
 
 pytestmark = pytest.mark.distributed
 
@@ -72,8 +72,8 @@ def joined(ranks: list[dict]):
 
 def single_process_gammas(tmp_path, data, ranks):
     """Gamma on the joined batch at world size 1: (through the trainer's code, through gamma_from_pred)."""
-    from pgdpo.diagnostics import gamma_from_pred
     from pgdpo.train.cli import resolve
+    from pgdpo.train.diagnostics import gamma_from_pred
     from pgdpo.train.gamma import gamma_on_pairs
     from pgdpo.train.trainer import Trainer
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgdpo.models import adapter_for, build_model, load_model
 from pgdpo.train.config import ConfigError, from_dict
 from pgdpo.train.distributed import DistState
 from pgdpo.train.loading import LoadError, build_models, file_key, pretrained_config
+from pgdpo.train.models import adapter_for, build_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -111,7 +111,7 @@ def test_random_init_takes_the_same_path(saved):
 
 
 def cfg_arch(name):
-    from pgdpo.models import resolve_config
+    from pgdpo.train.models import resolve_config
 
     return resolve_config(name)
 

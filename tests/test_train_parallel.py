@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgdpo.data.synth import synth_dataset
+from pgdpo.train.data.synth import synth_dataset
 
 pytestmark = pytest.mark.distributed
 
@@ -120,7 +120,7 @@ def test_sp_degree_must_divide_heads_and_processes(tmp_path, datasets):
     cfg = load_config(DEMO, [("distributed.sp_degree", 2)])
     with pytest.raises(ConfigError, match="sp_degree .2. must divide the number of processes .1."):
         init_distributed(cfg.distributed, "cpu")
-    from pgdpo.models import adapter_for
+    from pgdpo.train.models import adapter_for
     from pgdpo.train.parallel import check_divisible
 
     with pytest.raises(ConfigError, match="must divide the model's attention heads .2."):
@@ -219,7 +219,7 @@ def test_async_save_killed_mid_write_never_leaves_a_loadable_partial_checkpoint(
 def test_planner_static_figures_are_the_trainers(tmp_path, datasets, extra):
     """`pgdpo plan`'s per-rank parameters, gradients, optimizer states and reference bytes equal what a
     real 2-process run holds on rank 0 (FSDP2 rows rounded up, fp32-kept parameters replicated)."""
-    from pgdpo.plan import plan, settings_from_train_config
+    from pgdpo.tools.plan import plan, settings_from_train_config
     from pgdpo.train.cli import resolve
 
     out = tmp_path / "run"

@@ -1,5 +1,5 @@
 """Kernel-level tests of the Triton backend (``pgdpo.kernels.pgdpo_loss``), called through its backend
-contract (``forward`` / ``backward``, see ``pgdpo.ops``) and compared with the float64 eager reference
+contract (``forward`` / ``backward``, see ``pgdpo.loss.op``) and compared with the float64 eager reference
 (gradients from autograd). Public-API parity lives in ``test_loss.py``; this file covers what depends
 on the launch configuration: programs per sample, ragged chunks, the epilogue's tiling, determinism,
 fp64 accumulation, the fused element-mode gradient and the interpreter flag.

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pgdpo.data.synth import motion_pair, motion_reward, synth_dataset
-from pgdpo.preview import latent_to_rgb, rgb_to_latent
 from pgdpo.train.cli import main
+from pgdpo.train.data.synth import motion_pair, motion_reward, synth_dataset
+from pgdpo.train.preview import latent_to_rgb, rgb_to_latent
 
 from .test_train import args, metrics
 
@@ -61,7 +61,7 @@ def test_validation_samples_at_the_chosen_steps(tmp_path, model, latent, schedul
     out = tmp_path / "run"
     argv = args(out, str(data), 4, "--model.name", model, "--method.schedule", schedule,
                 "--validation.every", "2", "--validation.num_prompts", "2", "--validation.steps", "3",
-                "--validation.scale", str(SCALE), "--validation.reward", "pgdpo.data.synth:motion_reward",
+                "--validation.scale", str(SCALE), "--validation.reward", "pgdpo.train.data.synth:motion_reward",
                 "--logging.trackers", "[tensorboard]", "--save-every", "0")
     assert main(argv) == 0
     assert "samples" in capsys.readouterr().out

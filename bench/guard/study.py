@@ -44,7 +44,7 @@ def noise_study(n: int, pairs: int, delta: float, seed: int = 0) -> dict:
 
 def signal_study(steps: int, seed: int = 0) -> dict:
     """|d_l| / MSE_ref,l on the toy's training batches (PG-DPO, margin='abs', both pair sets)."""
-    from pgdpo import toy
+    from pgdpo.tools import toy
 
     ratios = {}
     real = toy.pgdpo_loss

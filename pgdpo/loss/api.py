@@ -79,7 +79,7 @@ def pgdpo_loss(
 def loss_with_options(pred, ref_pred, target, options: LossOptions, *, sample_weight: Tensor | None = None,
                       backend: str = "auto", return_stats: bool = False):
     """:func:`pgdpo_loss` with its options already resolved and validated (a :class:`LossOptions`):
-    what :class:`PGDPOLoss` and ``pgdpo.step.PreferenceStep`` call, so the options go from the object
+    what :class:`PGDPOLoss` and ``pgdpo.train.step.PreferenceStep`` call, so the options go from the object
     to the kernels' flags without being unpacked into keywords and validated again."""
     pred = as_full_batch("pred", pred)
     ref_pred = as_full_batch("ref_pred", ref_pred)

@@ -9,7 +9,7 @@ A checkpoint is a folder ``<output_dir>/checkpoint-<step>``:
   position of the rank's data shard (the dataset's ``state_dict()``).
 - ``trainer.pt``: what all ranks share: step, LR schedule, timestep-weighting statistics, world size.
 - ``trainer_state.json`` (human-readable summary) and ``config.yaml``.
-- ``manifest.json``: size and checksum (:mod:`pgdpo.integrity`) of every other file, written before the
+- ``manifest.json``: size and checksum (:mod:`pgdpo.train.integrity`) of every other file, written before the
   rename; ``--resume`` verifies it, refuses a damaged checkpoint by name, and ``latest`` falls back to the
   newest checkpoint that verifies (saying which it skipped and why). Checkpoints written before the
   manifest existed resume with a warning.
@@ -121,7 +121,7 @@ def write_manifest(folder: str, checksums: dict[str, str]) -> None:
 def checksum_files(folder: str, rank: int = 0, world_size: int = 1) -> dict[str, str]:
     """Checksums of this rank's share of the files in ``folder`` (every ``world_size``-th, sorted by name),
     so that the ranks hash a large checkpoint in parallel."""
-    from ..integrity import file_checksum
+    from .integrity import file_checksum
 
     names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
                    and n not in (MANIFEST, STATE_JSON))
@@ -134,7 +134,7 @@ def verify_checkpoint(path: str) -> bool:
     Returns False for a checkpoint without a manifest (written before there were manifests: a warning), True
     when everything matched; a :class:`CheckpointError` naming the first bad file otherwise.
     """
-    from ..integrity import checksum_matches
+    from .integrity import checksum_matches
 
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):

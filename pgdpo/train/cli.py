@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, io.UnsupportedOperation):  # stderr without a file descriptor
             pass
 
-    from ..data.format import DataError
     from .checkpoint import CheckpointError
+    from .data.format import DataError
     from .trainer import train
 
     try:

@@ -54,9 +54,9 @@ LOSS = {"loss": True}
 
 @dataclass
 class ModelConfig:
-    #: a name of ``pgdpo.models.MODEL_CONFIGS`` (architecture; random init seeded by ``seed``)
+    #: a name of ``pgdpo.train.models.MODEL_CONFIGS`` (architecture; random init seeded by ``seed``)
     name: str = "tiny-wan-t2v"
-    #: local diffusers folder with pretrained weights (``pgdpo.models.load_model``); None = random init
+    #: local diffusers folder with pretrained weights (``pgdpo.train.models.load_model``); None = random init
     path: str | None = None
     #: "bf16": FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 master weights and gradient reduction) on
     #: GPU; CPU runs always compute in fp32
@@ -87,7 +87,7 @@ class DataConfig:
     #: write a synthetic dataset (``pgdpo data synth``) at ``path`` when it does not exist
     synthesize: bool = False
     #: random (noise latents, rejected = noisier chosen) | motion (a blob moving the prompt's way in
-    #: chosen, another way or jittering in rejected: a preference to learn; pgdpo.data.synth)
+    #: chosen, another way or jittering in rejected: a preference to learn; pgdpo.train.data.synth)
     synth_kind: str = field(default="random", metadata=_choice("random", "motion"))
     #: pairs in the synthetic dataset
     synth_pairs: int = field(default=64, metadata={"min": 1})
@@ -118,7 +118,8 @@ class MethodConfig:
     margin: str = field(default="signed", metadata={**_choice("signed", "abs"), **LOSS})
     #: relative guard of the margin's denominator, eps + eps_rel * MSE_ref (0 = the paper's); docs/margin.md
     eps_rel: float = field(default=0.0, metadata={"min": 0, **LOSS})
-    #: adapt K1 / K2 each step to keep alpha / gamma in the paper's ranges (pgdpo.diagnostics.K1K2Controller;
+    #: adapt K1 / K2 each step to keep alpha / gamma in the paper's ranges
+    # (pgdpo.train.diagnostics.K1K2Controller;
     #: its state is checkpointed); off by default
     k_controller: bool = False
     detach_weights: bool = field(default=True, metadata=LOSS)
@@ -265,7 +266,7 @@ class TrainConfig:
         trainer, ``pgdpo plan`` and the CLI all load configs through :func:`load_config` /
         :func:`from_dict`, which end here). Single fields are checked as they are set; here the
         cross-field rules, and the loss options by the loss's own validator."""
-        from ..models import MODEL_CONFIGS
+        from .models import MODEL_CONFIGS
 
         if self.model.path is None and self.model.name not in MODEL_CONFIGS:
             raise ConfigError(f"model.name must be one of {sorted(MODEL_CONFIGS)} (or set model.path to a "

@@ -203,7 +203,7 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
     if state.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from ..models import keep_fp32_names
+        from .models import keep_fp32_names
 
         compute = mixed_precision_dtype(precision, state.device)
         params = dict(model.named_parameters())
@@ -267,9 +267,10 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / peft wrappers: :func:`pgdpo.models.unwrap_model` (the one unwrap helper; this
+    """The model inside DDP / peft wrappers: :func:`pgdpo.train.models.unwrap_model` (the one unwrap
+    helper; this
     name stays for existing imports)."""
-    from ..models import unwrap_model
+    from .models import unwrap_model
 
     return unwrap_model(model)
 

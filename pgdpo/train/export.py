@@ -39,7 +39,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _diffusers_config(model: nn.Module) -> dict:
-    from ..models import _CLASSES, unwrap_model
+    from .models import _CLASSES, unwrap_model
 
     base = unwrap_model(model)
     config = json.loads(base.to_json_string())
@@ -100,7 +100,7 @@ def _write_pretrained(model: nn.Module, tmp: str, is_main: bool, max_shard_size:
 def _write_lora(model: nn.Module, tmp: str, is_main: bool) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    from ..models import adapter_for, unwrap_model
+    from .models import adapter_for, unwrap_model
 
     base = unwrap_model(model)
     gathered = {}
@@ -135,7 +135,7 @@ def export_model(model: nn.Module, out: str, *, dist, max_shard_size: int = MAX_
     ``save_pretrained`` layout, in the policy's dtype (fp32 master weights) or ``dtype``. ``out`` is
     replaced atomically. Returns ``out``.
     """
-    from ..step import has_adapters
+    from .step import has_adapters
 
     tmp = out.rstrip(os.sep) + ".tmp"
     if dist.is_main:
@@ -183,11 +183,11 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
         set_model_state_dict,
     )
 
-    from ..models import resolve_config
     from .checkpoint import CheckpointError, is_complete, list_checkpoints
     from .config import load_config
     from .distributed import init_distributed
     from .loading import build_models, pretrained_config
+    from .models import resolve_config
 
     path = os.path.expanduser(checkpoint)
     if not os.path.isdir(path):
@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size-gb", type=float, default=MAX_SHARD_SIZE / 1024 ** 3,
                    help="bytes per safetensors file, in GiB (default 5)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from ..data.format import DataError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .data.format import DataError
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     try:

@@ -4,7 +4,7 @@
 
 at the parameters before the step's update, on the step's first micro-batch with the training's noise;
 ``log p_w`` is the chosen half's likelihood proxy ``-mean_S (pred_w - target_w)^2``
-(:func:`pgdpo.diagnostics.logp_proxy`, averaged over the batch), both losses use the run's loss options
+(:func:`pgdpo.train.diagnostics.logp_proxy`, averaged over the batch), both losses use the run's loss options
 (the baseline with ``method="dpo"``). Gamma > 0: PG-DPO's modification raises the chosen likelihood more
 (or lowers it less) than DPO would in this step (the paper reports Gamma > 0 on ~77-82% of steps).
 
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..diagnostics import logp_proxy
+from .diagnostics import logp_proxy
 from .distributed import DistState, is_sharded, sync_replicated_grads
 
 #: methods whose Gamma is measured: they have a DPO baseline to differ from (for dpo Gamma is 0 by
@@ -69,7 +69,8 @@ def grad_dot(a: list[Tensor | None], b: list[Tensor | None]) -> float:
 
 def measure_gamma(step_fn, params: list[Tensor], batch: Mapping, generator: torch.Generator, *, lr: float,
                   dist: DistState, loss_scale: float = 1.0) -> float:
-    """Gamma (Eq. 10) of ``step_fn`` (a :class:`pgdpo.step.PreferenceStep`) on ``batch`` with the noise of
+    """Gamma (Eq. 10) of ``step_fn`` (a :class:`pgdpo.train.step.PreferenceStep`) on ``batch`` with the
+    noise of
     ``generator`` at the current parameters; collective under DDP / FSDP2 (every rank calls it).
 
     ``params``: the trainable parameters (of the wrapped policy); their ``.grad`` is None on return.
@@ -82,7 +83,8 @@ def measure_gamma(step_fn, params: list[Tensor], batch: Mapping, generator: torc
 
 def gamma_on_pairs(step_fn, params: list[Tensor], pairs, batch: Mapping, *, lr: float, dist: DistState,
                    loss_scale: float = 1.0) -> float:
-    """:func:`measure_gamma` on already noised inputs (a :class:`pgdpo.diffusion.NoisyPairs` of ``batch``)."""
+    """:func:`measure_gamma` on already noised inputs (a :class:`pgdpo.train.diffusion.NoisyPairs` of
+    ``batch``)."""
     options = step_fn.loss.options
     if options.method not in GAMMA_METHODS:
         raise ValueError(f"Gamma is measured for methods {list(GAMMA_METHODS)}, not {options.method!r}")

@@ -6,7 +6,7 @@ The models are built in four steps (the torchtitan recipe, with diffusers folder
    ``accelerate.init_empty_weights(include_buffers=False)``: parameters on the meta device (no memory),
    buffers real (Wan's rotary tables ``freqs_cos`` / ``freqs_sin`` are non-persistent: no state dict and
    no file holds them, so they are computed here, at construction, and kept). LoRA adapters are added on
-   meta too, dtypes set (``pgdpo.models.cast_weights``: ``_keep_in_fp32_modules`` stay fp32).
+   meta too, dtypes set (``pgdpo.train.models.cast_weights``: ``_keep_in_fp32_modules`` stay fp32).
 2. **Shard**: :func:`pgdpo.train.distributed.wrap_model` (``fully_shard`` per block and at the root).
 3. **Materialise**: ``to_empty`` on the device (uninitialised memory for this rank's shards only), then
    the buffers saved in step 1 are put back.
@@ -153,8 +153,8 @@ class ModuleSource:
 
 def weights_folder(path: str) -> str:
     """The model folder of ``path``: itself, or its ``transformer/`` / ``unet/`` subfolder (a pipeline);
-    :func:`pgdpo.models.find_model_folder`, its error a ``ConfigError`` naming ``model.path``."""
-    from ..models import find_model_folder
+    :func:`pgdpo.train.models.find_model_folder`, its error a ``ConfigError`` naming ``model.path``."""
+    from .models import find_model_folder
 
     try:
         return find_model_folder(path, what="model.path")
@@ -164,7 +164,7 @@ def weights_folder(path: str) -> str:
 
 def pretrained_config(path: str) -> dict:
     """The ``config.json`` of the diffusers model at ``path`` (a model or pipeline folder)."""
-    from ..models import read_model_config
+    from .models import read_model_config
 
     try:
         return read_model_config(path, what="model.path")
@@ -181,7 +181,7 @@ def meta_model(arch: dict, dtype: torch.dtype, *, lora=None) -> nn.Module:
     trainable fp32 adapters."""
     from accelerate import init_empty_weights
 
-    from ..models import _model_class, cast_weights, resolve_config
+    from .models import _model_class, cast_weights, resolve_config
 
     config = resolve_config(arch)
     cls = _model_class(config.pop("_class_name"))
@@ -334,7 +334,7 @@ def open_source(path: str | None, arch: dict, seed: int):
     """Where the initial weights come from: the folder's safetensors, or a seeded random CPU build."""
     if path:
         return SafetensorsFolder(weights_folder(path))
-    from ..models import build_model
+    from .models import build_model
 
     return ModuleSource(build_model(arch, seed=seed, dtype=torch.float32))
 
@@ -369,7 +369,7 @@ def build_models(cfg, dist, arch: dict, *, with_reference: bool,
     if with_reference:
         reference = meta_model(arch, torch.float32 if cfg.method.ref_ema_every else compute)
         reference.requires_grad_(False).eval()
-    from ..models import adapter_for
+    from .models import adapter_for
 
     adapter = adapter_for(model)
     d = cfg.distributed

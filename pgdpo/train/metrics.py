@@ -16,7 +16,7 @@ Diagnostics fields (``logging.diagnostics_every: k > 0``; on the logged steps th
 - ``Gamma_positive_fraction``: running fraction of the measured steps so far with ``Gamma > 0`` (the
   paper reports 77-82%); checkpointed, so a resumed run continues it.
 - ``probe_logp_chosen`` / ``probe_logp_rejected`` (and ``*_change`` since step 0): the likelihood probe
-  (:class:`pgdpo.diagnostics.LikelihoodProbe`) on fixed pairs and noise.
+  (:class:`pgdpo.train.diagnostics.LikelihoodProbe`) on fixed pairs and noise.
 
 Always (preference methods): ``alpha_in_range`` / ``gamma_in_range``, the fractions of pairs in the
 paper's ranges; with ``method.k_controller``: ``k1``, ``k2``.

@@ -93,7 +93,7 @@ def enable_sequence_parallel(model: nn.Module, mesh, sp_degree: int) -> None:
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    from ..models import unwrap_model
+    from .models import unwrap_model
 
     base = unwrap_model(model)
     if getattr(base, "_parallel_config", None) is not None:

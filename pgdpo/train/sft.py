@@ -1,8 +1,9 @@
 """Supervised fine-tuning on the chosen samples: the plain diffusion loss, no reference (the paper's SFT row).
 
-Same noise and timestep draws as :class:`pgdpo.step.PreferenceStep` (the schedule noises both halves
+Same noise and timestep draws as :class:`pgdpo.train.step.PreferenceStep` (the schedule noises both halves
 from one generator), but the policy runs on the chosen half only: one forward of ``B`` samples. The batch
-check, noising, policy prediction, sample weights and FLOP count are :class:`pgdpo.step.DiffusionStep`'s.
+check, noising, policy prediction, sample weights and FLOP count are
+:class:`pgdpo.train.step.DiffusionStep`'s.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..models import enable_checkpointing
-from ..step import DiffusionStep, StepOutput
+from .models import enable_checkpointing
+from .step import DiffusionStep, StepOutput
 
 
 class SFTStep(DiffusionStep):
@@ -28,7 +29,7 @@ class SFTStep(DiffusionStep):
                  schedule_options: dict | None = None, attention_backend: str | None = None,
                  checkpointing: int = 0, autocast_dtype: torch.dtype | None = None,
                  disable_dropout: bool = True):
-        from ..attention import set_attention_backend
+        from .models.attention import set_attention_backend
 
         super().__init__(policy, schedule, sample_weight_fn=sample_weight_fn,
                          schedule_options=schedule_options, autocast_dtype=autocast_dtype,

@@ -2,7 +2,7 @@
 
 Per optimiser step, on every rank: ``grad_accum`` micro-batches from this rank's data shard, each noised
 by a generator seeded from ``(seed, step, rank, micro-batch)`` (so a resumed run draws exactly what the
-uninterrupted run drew), one :class:`pgdpo.step.PreferenceStep` (policy forward with grad, reference
+uninterrupted run drew), one :class:`pgdpo.train.step.PreferenceStep` (policy forward with grad, reference
 forward without), backward; then gradient clipping, AdamW, the LR schedule, the optional EMA
 reference update and timestep-weighting statistics; statistics are reduced over micro-batches and
 ranks, written to ``metrics.jsonl`` and the trackers by rank 0; every ``save_every`` steps an atomic
@@ -112,8 +112,8 @@ class Trainer:
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
         torch.manual_seed(cfg.seed + self.dist.rank)
 
-        from ..models import adapter_for, resolve_config
         from .loading import pretrained_config
+        from .models import adapter_for, resolve_config
 
         self.arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
         self.adapter = adapter_for(self.arch)
@@ -126,7 +126,7 @@ class Trainer:
         from .gamma import GAMMA_METHODS
 
         if cfg.logging.diagnostics_every and cfg.method.name in GAMMA_METHODS:
-            from ..diagnostics import GammaMeter
+            from .diagnostics import GammaMeter
 
             self.gamma_meter = GammaMeter()
         if self.resume_path is not None:
@@ -177,8 +177,8 @@ class Trainer:
         return None, []
 
     def _prepare_data(self) -> None:
-        from ..data.compat import check_compatible
-        from ..data.dataset import PreferenceDataset
+        from .data.compat import check_compatible
+        from .data.dataset import PreferenceDataset
 
         cfg = self.cfg
         path = cfg.data_path()
@@ -186,7 +186,7 @@ class Trainer:
             exists = os.path.join(path, "dataset.json")
             self._on_rank0(lambda: os.path.isfile(exists) or self._synthesize(path))
         elif not os.path.isdir(path):
-            from ..data.format import DataError
+            from .data.format import DataError
 
             raise DataError(f"data.path: no dataset folder at {path!r}; make one with `pgdpo data pairs` "
                             "/ `pgdpo data encode` (or `pgdpo data synth`), or set data.synthesize: true to "
@@ -206,7 +206,7 @@ class Trainer:
         check_divisible(self.adapter, self.dataset.meta.latent_shape, self.dist.sp_degree)
 
     def _synthesize(self, path: str) -> None:
-        from ..data.synth import synth_dataset
+        from .data.synth import synth_dataset
 
         cfg, a = self.cfg, self.adapter
         shape = latent_shape_for(cfg, a)
@@ -222,10 +222,10 @@ class Trainer:
 
     def _build_models(self) -> None:
         """Policy and reference on meta, sharded, materialised and filled (:mod:`pgdpo.train.loading`)."""
-        from ..models import adapter_for
-        from ..step import PreferenceStep
         from .loading import build_models
+        from .models import adapter_for
         from .sft import SFTStep
+        from .step import PreferenceStep
         from .weighting import TimestepWeighting
 
         m, meth = self.cfg.model, self.cfg.method
@@ -272,12 +272,14 @@ class Trainer:
         policy = model
         if self.dist.strategy == "ddp":  # DDP wraps a materialised model
             policy = wrap_model(model, [], self.dist, precision=m.precision)
-        if policy is not model:  # DDP: the step calls the wrapper (gradient sync); pgdpo.models.unwrap_model
-            step.policy = policy  # sees through it where the step looks inside (adapters, dtypes)
+        # DDP: the step calls the wrapper (gradient sync); pgdpo.train.models.unwrap_model sees through it
+        # where the step looks inside (adapters, dtypes)
+        if policy is not model:
+            step.policy = policy
         self.model, self.policy, self.reference, self.step_fn = model, policy, reference, step
         self.controller = None
         if meth.k_controller:
-            from ..diagnostics import K1K2Controller
+            from .diagnostics import K1K2Controller
 
             self.controller = K1K2Controller(meth.k1, meth.k2, enabled=True)
         from .parallel import gradient_scale
@@ -314,9 +316,10 @@ class Trainer:
                                           num_training_steps=self.cfg.train.max_steps)
 
     def _build_probe(self):
-        """Fixed probe set (first pairs of the dataset, fixed noise) for pgdpo.diagnostics.LikelihoodProbe."""
-        from ..data.collate import collate
-        from ..diagnostics import LikelihoodProbe
+        """Fixed probe set (first pairs of the dataset, fixed noise) for
+        pgdpo.train.diagnostics.LikelihoodProbe."""
+        from .data.collate import collate
+        from .diagnostics import LikelihoodProbe
 
         n = min(4, self.dataset.num_pairs)
         batch = collate([self.dataset.read_pair(i) for i in range(n)], dtype=torch.float32)
@@ -432,7 +435,7 @@ class Trainer:
     def _next_batch(self, data_iter) -> dict:
         """The next batch; a damaged shard or a non-finite pair (:class:`DataError` from the loader, which
         verifies each shard's checksum on first read) stops every rank before the step, naming the file."""
-        from ..data.format import DataError
+        from .data.format import DataError
 
         batch, error = None, None
         try:
@@ -752,7 +755,7 @@ def train(config: TrainConfig) -> dict:
 def _with_range_fractions(stats: dict) -> dict:
     """Add per-pair indicators of alpha / gamma inside the paper's ranges (their means are the in-range
     fractions of metrics.jsonl: ``alpha_in_range``, ``gamma_in_range``)."""
-    from ..diagnostics import ALPHA_RANGE, GAMMA_RANGE
+    from .diagnostics import ALPHA_RANGE, GAMMA_RANGE
 
     for name, (lo, hi) in (("alpha", ALPHA_RANGE), ("gamma", GAMMA_RANGE)):
         if name in stats:

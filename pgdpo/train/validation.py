@@ -11,7 +11,7 @@ the UNet.
 Under FSDP2 / DDP every rank runs the same sampling (the sharded forwards are collective) and rank 0
 writes. Decoding: with the VAE of ``validation.vae`` (a local diffusers folder: ``AutoencoderKLWan`` for
 Wan, ``AutoencoderKL`` per frame for the UNet), else the linear latent-to-RGB preview of
-:mod:`pgdpo.preview`. Written:
+:mod:`pgdpo.train.preview`. Written:
 
 - ``<output_dir>/samples/step-XXXXXX/prompt-NN.gif`` (frames upscaled ``validation.scale`` times);
 - ``<output_dir>/samples/before_after.png`` at the end: per prompt a row of frames at the first sampled
@@ -57,8 +57,8 @@ class Validator:
     """Samples, decodes, writes and logs validation videos (collective: every rank builds and runs one)."""
 
     def __init__(self, trainer):
-        from ..data.collate import collate
-        from ..data.dataset import PreferenceDataset
+        from .data.collate import collate
+        from .data.dataset import PreferenceDataset
 
         cfg = trainer.cfg.validation
         self.trainer, self.cfg = trainer, cfg
@@ -149,7 +149,7 @@ class Validator:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[N, C, F, H, W]`` latents -> ``[N, F, H, W, 3]`` float RGB in ``[0, 1]`` on the CPU."""
         if self.vae is None:
-            from ..preview import latent_to_rgb
+            from .preview import latent_to_rgb
 
             return latent_to_rgb(latents)
         vae = self.vae
@@ -216,7 +216,7 @@ class Validator:
         for i in range(self.first.shape[0]):
             row = [self.first[i], self.last[i]]
             if self.vae is None:
-                from ..preview import latent_to_rgb
+                from .preview import latent_to_rgb
 
                 row.append(latent_to_rgb(self.chosen[i]))
             rows.append(row)

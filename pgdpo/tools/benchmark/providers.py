@@ -3,7 +3,7 @@
 - ``fused``: the device's fused op through the public API: ``pgdpo_loss(backend="triton")`` on CUDA,
   ``pgdpo_loss(backend="cpu")`` (the C++ op of ``csrc/``) on the CPU.
 - ``eager``: ``pgdpo_loss(backend="torch")``, the eager reference in plain PyTorch.
-- ``compile``: ``torch.compile(pgdpo.reference.pgdpo_loss_reference, dynamic=False, fullgraph=True)``
+- ``compile``: ``torch.compile(pgdpo.loss.reference.pgdpo_loss_reference, dynamic=False, fullgraph=True)``
   (Inductor). Compiled afresh for every case (``torch._dynamo.reset()``); the compile time is the
   wall time of the first forward + backward and is reported apart from the timings.
 
@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 
 from pgdpo import pgdpo_loss
-from pgdpo.options import STAT_NAMES, LossOptions
-from pgdpo.reference import pgdpo_loss_reference
+from pgdpo.loss.options import STAT_NAMES, LossOptions
+from pgdpo.loss.reference import pgdpo_loss_reference
 
 from .machine import portable_path
 
@@ -82,13 +82,13 @@ class Fused(Provider):
         check = api.triton_unavailable_reason if self.backend == "triton" else api.cpu_unavailable_reason
         try:
             return check(self.device.type)
-        except Exception as exc:  # e.g. pgdpo.cpu_op missing or failing to build
+        except Exception as exc:  # e.g. pgdpo.loss.cpu_op missing or failing to build
             return f"{type(exc).__name__}: {exc}"
 
     def describe(self) -> dict:
         try:
             if self.backend == "cpu":
-                from pgdpo import cpu_op
+                from pgdpo.loss import cpu_op
 
                 return {"build": cpu_op.build_info().strip(), "library": portable_path(cpu_op.library_path())}
             import triton

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from pgdpo.options import LossOptions
+from pgdpo.loss.options import LossOptions
 
 from . import machine
 from .cases import Case, make_inputs, rotation_sets

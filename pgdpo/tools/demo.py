@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .tools.benchmark.cases import DTYPES, SHAPES, make_cases
-from .tools.benchmark.machine import resolve_device
+from .benchmark.cases import DTYPES, SHAPES, make_cases
+from .benchmark.machine import resolve_device
 
 #: per device: a small video latent and an image latent on the CPU; a Wan2.1 480p latent on CUDA
 DEFAULT_SHAPES = {"cpu": ("cpu-target", "sdxl"), "cuda": ("wan480", "cpu-target")}
@@ -78,7 +78,7 @@ def _csv(text: str) -> list[str]:
 
 def build_config(args):
     """The suite's :class:`~pgdpo.tools.benchmark.suite.Config` for the demo's arguments."""
-    from .tools.benchmark.suite import Config
+    from .benchmark.suite import Config
 
     device = resolve_device(args.device)
     cases = make_cases(_csv(args.shapes) if args.shapes else DEFAULT_SHAPES[device.type], _csv(args.dtypes))
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
         print(f"pgdpo demo: error: {exc}", file=sys.stderr)
         return 2
 
-    from .tools.benchmark import report
-    from .tools.benchmark.suite import run_suite
+    from .benchmark import report
+    from .benchmark.suite import run_suite
 
     print(f"pgdpo demo: {len(cfg.cases)} cases x {', '.join(cfg.providers)}, forward + backward, on "
           f"{cfg.device} ({torch.get_num_threads()} threads)", file=sys.stderr)

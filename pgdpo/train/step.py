@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import set_attention_backend
+from ..loss import PGDPOLoss, loss_with_options
+from ..loss.options import LossOptions
 from .diffusion import DDPMSchedule, FlowMatchingSchedule, NoisyPairs, make_schedule
-from .loss import PGDPOLoss, loss_with_options
 from .models import adapter_for, cast_weights, compile_blocks, enable_checkpointing, unwrap_model
 from .models import disable_dropout as _disable_dropout  # the name of PreferenceStep's switch too
-from .options import LossOptions
+from .models.attention import set_attention_backend
 
 
 @dataclass
@@ -106,7 +106,7 @@ class DiffusionStep:
     """What every training step on a diffusion model shares; :class:`PreferenceStep` and
     :class:`pgdpo.train.sft.SFTStep` are built on it.
 
-    The batch check (:func:`pgdpo.data.compat.check_batch`), the autocast context, the noising of a pair
+    The batch check (:func:`pgdpo.train.data.compat.check_batch`), the autocast context, the noising of a pair
     (:meth:`noise_inputs`: one noise draw and one timestep per pair from ``generator``), the policy's
     prediction (:meth:`policy_prediction`), the per-pair sample weights and the per-sample forward FLOP
     count (cached per batch shape). Subclasses build the policy's speed switches and define ``__call__``.
@@ -198,15 +198,17 @@ class PreferenceStep(DiffusionStep):
         reference: a frozen reference model (made ``requires_grad=False`` and eval here); ``"copy"``
             for a frozen deep copy of ``policy`` taken now; or None to use ``policy`` with its adapters
             disabled (requires adapters).
-        schedule: ``"flow"`` (Wan), ``"ddpm-eps"``, ``"ddpm-v"``, or a schedule from ``pgdpo.diffusion``.
+        schedule: ``"flow"`` (Wan), ``"ddpm-eps"``, ``"ddpm-v"``, or a schedule from
+        ``pgdpo.train.diffusion``.
         loss: a :class:`PGDPOLoss` (its options and backend are used; statistics are always returned),
             or None for ``PGDPOLoss()`` (method "pgdpo", paper defaults, backend "auto").
         sample_weight_fn: optional ``fn(timesteps [B]) -> [B]`` per-pair weights (timestep-aware
-            weighting, e.g. ``pgdpo.diffusion.flow_loss_weight("cosmap")``); passed as the loss's
+            weighting, e.g. ``pgdpo.train.diffusion.flow_loss_weight("cosmap")``); passed as the loss's
             ``sample_weight``.
         schedule_options: keyword options of the schedule when ``schedule`` is a name (e.g. ``shift``).
         attention_backend: diffusers dispatcher backend for policy and reference: ``"native"``,
-            ``"_native_flash"``, ``"flash"``, ``"xformers"``, ... (see ``pgdpo.attention``); None keeps
+            ``"_native_flash"``, ``"flash"``, ``"xformers"``, ... (see ``pgdpo.train.models.attention``);
+            None keeps
             the model's current one.
         checkpointing: activation checkpointing of the policy: None / 0 off, ``"every"`` or 1 every
             block, ``k`` every k-th block.
@@ -218,7 +220,7 @@ class PreferenceStep(DiffusionStep):
         disable_dropout: set every dropout probability of policy and reference to 0 (default, as TRL's
             DPO trainer does): the policy runs in train mode and the reference in eval mode, so active
             dropout would bias ``d_w`` / ``d_l`` and make the loss random (see
-            :func:`pgdpo.models.disable_dropout`). ``False`` keeps the models' dropout.
+            :func:`pgdpo.train.models.disable_dropout`). ``False`` keeps the models' dropout.
 
     A step is :meth:`noise_inputs`, :meth:`reference_prediction`, :meth:`policy_prediction` and
     :meth:`loss_on`; :mod:`pgdpo.train.gamma` reuses the same pieces.

@@ -138,7 +138,8 @@ class Encoders:
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Latent ``(C, F', H', W')`` this VAE makes of a ``frames x height x width`` video
-        (:func:`pgdpo.models.latent_shape`, strict: a size it cannot encode exactly is a ``ValueError``)."""
+        (:func:`pgdpo.train.models.latent_shape`, strict: a size it cannot encode exactly is a
+        ``ValueError``)."""
         from ..models import latent_shape
 
         return latent_shape(frames, height, width, channels=self.latent_channels,
@@ -278,7 +279,8 @@ def encode_dataset(pairs_file: str | os.PathLike, out: str | os.PathLike, encode
         latents = encoders.encode_video(torch.stack(videos))
         if tuple(latents.shape[1:]) != expected:  # the VAE and the shared latent-shape formula disagree
             raise RuntimeError(f"{type(encoders.vae).__name__} encoded {list(shape)} [3, F, H, W] to "
-                               f"{list(latents.shape[1:])}; pgdpo.models.latent_shape says {list(expected)}")
+                               f"{list(latents.shape[1:])}; pgdpo.train.models.latent_shape says "
+                               f"{list(expected)}")
         text = encoders.encode_prompts([pair["prompt"]], text_len)[0]
         tensors = {"chosen": latents[0], "rejected": latents[1], "encoder_hidden_states": text}
         if task == "i2v":

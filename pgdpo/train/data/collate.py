@@ -1,6 +1,6 @@
 """Stack per-pair tensors into the batch format ``PreferenceStep`` consumes.
 
-Batch format (shared with :class:`pgdpo.step.PreferenceStep`)::
+Batch format (shared with :class:`pgdpo.train.step.PreferenceStep`)::
 
     {"chosen": [B, C, F, H, W], "rejected": [B, C, F, H, W], "encoder_hidden_states": [B, L, D]}
     # image-to-video adds

@@ -1,9 +1,9 @@
-"""Write a preference dataset (format in :mod:`pgdpo.data.format`), one shard at a time.
+"""Write a preference dataset (format in :mod:`pgdpo.train.data.format`), one shard at a time.
 
 Pairs are buffered until a shard is full, then written with ``safetensors`` to a temporary name and
 renamed, so a crash never leaves a half-written shard under a final name. ``index.jsonl`` and, last,
 ``dataset.json`` are written by :meth:`DatasetWriter.close`: a folder without ``dataset.json`` is an
-unfinished dataset and every reader refuses it. Each shard's checksum (:mod:`pgdpo.integrity`) is taken
+unfinished dataset and every reader refuses it. Each shard's checksum (:mod:`pgdpo.train.integrity`) is taken
 from the bytes on disk before the rename and recorded in ``dataset.json``, so later damage is detected.
 """
 

@@ -15,8 +15,8 @@ A dataset is a folder::
      "dtype": "bfloat16", "num_pairs": N, "num_shards": S, "index": "index.jsonl", "source": {...},
      "checksums": {"shard-00000.safetensors": "blake2b:<hex>", ...}}
 
-``checksums`` (written by :class:`~pgdpo.data.writer.DatasetWriter` since pgdpo 0.1; absent in older
-datasets, which still load with a warning) holds each shard file's checksum (:mod:`pgdpo.integrity`):
+``checksums`` (written by :class:`~pgdpo.train.data.writer.DatasetWriter` since pgdpo 0.1; absent in older
+datasets, which still load with a warning) holds each shard file's checksum (:mod:`pgdpo.train.integrity`):
 ``pgdpo data check`` verifies every shard, and training verifies each shard the first time it opens it,
 so flipped bytes inside a tensor payload (with the safetensors header intact) are refused by name.
 
@@ -115,7 +115,7 @@ class DatasetMeta:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     index: str = INDEX_FILE
-    #: shard file name -> ``"blake2b:<hex>"`` (:mod:`pgdpo.integrity`); None in datasets written before
+    #: shard file name -> ``"blake2b:<hex>"`` (:mod:`pgdpo.train.integrity`); None in datasets written before
     #: checksums existed
     checksums: dict[str, str] | None = None
 
@@ -385,7 +385,7 @@ def verify_shard(root: str | os.PathLike, shard: str, meta: DatasetMeta) -> bool
     """Check ``shard``'s bytes against the checksum in ``dataset.json``; :class:`DataError` naming it if not.
 
     Returns False (nothing checked) for a dataset without checksums, True when the shard matched. Reads the
-    whole file once (a stream; see :mod:`pgdpo.integrity` for the cost).
+    whole file once (a stream; see :mod:`pgdpo.train.integrity` for the cost).
     """
     from ..integrity import checksum_matches
 

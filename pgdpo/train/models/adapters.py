@@ -54,13 +54,14 @@ class ModelAdapter:
 
     @property
     def vae_factors(self) -> tuple[int, int]:
-        """``(temporal, spatial)`` compression of the family's VAE (:data:`pgdpo.models.VAE_FACTORS`)."""
+        """``(temporal, spatial)`` compression of the family's VAE
+        (:data:`pgdpo.train.models.VAE_FACTORS`)."""
         return VAE_FACTORS[self.config["_class_name"]]
 
     def latent_shape(self, frames: int, height: int, width: int, *,
                      strict: bool = False) -> tuple[int, int, int, int]:
         """Latent ``(C, F', H', W')`` of a ``frames x height x width`` video for this model
-        (:func:`pgdpo.models.latent_shape` with ``C = out_channels`` and the family's VAE factors)."""
+        (:func:`pgdpo.train.models.latent_shape` with ``C = out_channels`` and the family's VAE factors)."""
         temporal, spatial = self.vae_factors
         return latent_shape(frames, height, width, channels=self.latent_channels, temporal_factor=temporal,
                             spatial_factor=spatial, strict=strict)

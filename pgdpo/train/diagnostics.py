@@ -73,9 +73,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..loss import pgdpo_loss
+from ..loss.options import METHODS
 from .diffusion import draw_noise, flow_matching_noising
-from .loss import pgdpo_loss
-from .options import METHODS
 
 __all__ = [
     "ProbeBatch", "make_probe_batch", "flow_matching_noising", "default_predict", "logp_proxy",
@@ -147,7 +147,7 @@ Noising = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 def make_probe_batch(x0_w: Tensor, x0_l: Tensor, timesteps: Tensor, noising: Noising = flow_matching_noising,
                      *, generator: torch.Generator | None = None, cond: Any = None) -> ProbeBatch:
     """Noise a set of pairs once, with one noise draw and one timestep shared by the two samples of a
-    pair (as in the training step, ``pgdpo.step``), and return the fixed :class:`ProbeBatch`.
+    pair (as in the training step, ``pgdpo.train.step``), and return the fixed :class:`ProbeBatch`.
 
     ``x0_w``, ``x0_l``: ``[B, *S]`` clean chosen / rejected samples (latents). ``timesteps``: ``[B]``.
     ``noising(x0, noise, timesteps) -> (x_t, target)``: the schedule, e.g. :func:`flow_matching_noising`
@@ -159,7 +159,8 @@ def make_probe_batch(x0_w: Tensor, x0_l: Tensor, timesteps: Tensor, noising: Noi
         raise ValueError(f"x0_w has shape {tuple(x0_w.shape)} but x0_l has {tuple(x0_l.shape)}")
     if timesteps.shape != (x0_w.shape[0],):
         raise ValueError(f"timesteps must have shape [{x0_w.shape[0]}], got {tuple(timesteps.shape)}")
-    # float32 noise as the training step draws it (pgdpo.diffusion.draw_noise: same seed, same noise for any
+    # float32 noise as the training step draws it (pgdpo.train.diffusion.draw_noise: same seed, same noise
+    # for any
     # latent dtype), at the latents' precision when that is higher (fp64 probes stay fp64)
     noise = draw_noise(x0_w.shape, x0_w, generator).to(torch.promote_types(x0_w.dtype, torch.float32))
     both = lambda a, b: torch.cat([a, b], 0)

@@ -4,7 +4,7 @@ Two kinds; per pair ``i`` the generator is seeded with ``(seed, i)``, so pair ``
 many pairs are made.
 
 ``kind="motion"`` (the demo's: a preference a model can learn and a person can see): a coloured blob
-(a Gaussian in space, whose channel vector previews as orange through :mod:`pgdpo.preview`) on a faint
+(a Gaussian in space, whose channel vector previews as orange through :mod:`pgdpo.train.preview`) on a faint
 noise background, moving over the latent frames. The prompt names a direction (right, left, down, up:
 a fixed random "word" embedding per direction on the first token rows, plus per-pair noise). In
 ``chosen`` the blob moves smoothly in the prompt's direction along a path centred on the frame (so it
@@ -181,7 +181,7 @@ def synth_dataset(out: str | os.PathLike, *, pairs: int, task: str = "t2v", late
 
 
 def motion_reward(videos: torch.Tensor, prompts: list) -> torch.Tensor:
-    """A reward for the ``kind="motion"`` demo (``validation.reward: pgdpo.data.synth:motion_reward``).
+    """A reward for the ``kind="motion"`` demo (``validation.reward: pgdpo.train.data.synth:motion_reward``).
 
     ``videos`` ``[N, F, H, W, 3]`` in ``[0, 1]`` (latent previews or decoded), ``prompts`` their prompt
     strings ("... moving right"). Per video: the blob's centre per frame (circular mean of the orange-ness

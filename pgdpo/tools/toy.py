@@ -14,7 +14,7 @@ What it does (all on CPU, a few minutes with the defaults):
 3. From the same reference and the same data stream (pairs, noise, timesteps) aligns a copy with each
    of ``dpo``, ``ars``, ``ipr``, ``pgdpo`` (``pgdpo_loss``, eager backend; plain SGD by default, so the
    paper's Gamma, defined for SGD, is exactly the first-order effect of the step that was taken).
-   Tracked with :mod:`pgdpo.diagnostics`: the chosen / rejected log-likelihood proxies
+   Tracked with :mod:`pgdpo.train.diagnostics`: the chosen / rejected log-likelihood proxies
    (``-mean (pred - target)^2``, appendix A.5.2) of a fixed probe set (the first ``--probe-pairs``
    training pairs, ``--probe-noise`` fixed noise / timestep draws each); Gamma (Eq. 10) of every
    ``--gamma-every``-th training step against DPO, and each method's own first-order change of the
@@ -69,7 +69,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .diagnostics import (
+from ..loss import pgdpo_loss
+from ..train.diagnostics import (
     ALPHA_RANGE,
     GAMMA_RANGE,
     GammaMeter,
@@ -82,7 +83,6 @@ from .diagnostics import (
     make_probe_batch,
     pair_grad_norms,
 )
-from .loss import pgdpo_loss
 
 METHOD_ORDER = ("dpo", "ars", "ipr", "pgdpo")
 PAIR_SETS = {
@@ -606,10 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
             "set (paper Fig. 2), the Γ statistic of Eq. 10 (PG-DPO's first-order chosen-likelihood gain\n"
             "over DPO per step), α / γ ranges and the gradient norm against the reward margin (Fig. 1a)."),
         epilog=(
-            "Writes OUT/summary.json (schema in the module docstring: python -c 'import pgdpo.toy; "
-            "help(pgdpo.toy)')\nand OUT/*.png. The findings (plain sentences computed from the numbers) are "
-            "printed and stored\nunder 'findings' / 'verdict'. Defaults take about five minutes on 2 CPU "
-            "cores; --quick (< 30 s) is for CI."))
+            "Writes OUT/summary.json (schema in the module docstring: python -c 'import pgdpo.tools.toy; "
+            "help(pgdpo.tools.toy)')\nand OUT/*.png. The findings (plain sentences computed from the "
+            "numbers) are printed and stored\nunder 'findings' / 'verdict'. Defaults take about five minutes "
+            "on 2 CPU cores; --quick (< 30 s) is for CI."))
     p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings for CI: 1 seed, 40 steps, small model and probe (< 30 s)")
@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-sets", help="comma-separated pair sets: near, far (default near,far)")
     p.add_argument("--methods", help="comma-separated methods among dpo,ars,ipr,pgdpo (default all four)")
     p.add_argument("--controller", action="store_true",
-                   help="also run 'pgdpo_ctl': PG-DPO with the K1/K2 controller of pgdpo.diagnostics")
+                   help="also run 'pgdpo_ctl': PG-DPO with the K1/K2 controller of pgdpo.train.diagnostics")
     p.add_argument("--probe-every", type=int,
                    help=f"steps between probe measurements (default {d.probe_every})")
     p.add_argument("--gamma-every", type=int,

@@ -4,7 +4,7 @@
 - :func:`collate` -- per-pair tensors -> the ``PreferenceStep`` batch format;
 - :func:`check_compatible` -- dataset meta vs model config, before training;
 - :class:`DatasetWriter`, :func:`read_meta`, :func:`read_index`, :func:`validate_dataset` -- the format
-  (:mod:`pgdpo.data.format` documents the files);
+  (:mod:`pgdpo.train.data.format` documents the files);
 - :func:`make_pairs` (``pgdpo data pairs``), :func:`encode_dataset` (``pgdpo data encode``),
   :func:`synth_dataset` (``pgdpo data synth``).
 """
@@ -29,4 +29,4 @@ def __getattr__(name):  # encode pulls in diffusers/transformers: import it only
         from . import encode
 
         return getattr(encode, name)
-    raise AttributeError(f"module 'pgdpo.data' has no attribute {name!r}")
+    raise AttributeError(f"module 'pgdpo.train.data' has no attribute {name!r}")

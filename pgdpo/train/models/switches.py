@@ -1,7 +1,7 @@
 """Switches applied to a built model: weight dtype, activation checkpointing, regional compile, dropout.
 
 Each one changes how a model runs, never what it computes (dropout aside, which is why it is switched
-off); all see through peft / DDP wrappers (:func:`pgdpo.models.unwrap_model`).
+off); all see through peft / DDP wrappers (:func:`pgdpo.train.models.unwrap_model`).
 """
 
 from __future__ import annotations

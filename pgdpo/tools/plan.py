@@ -6,7 +6,8 @@
 
 What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every number is an estimate):
 
-- **Parameters** are counted exactly on the meta device (``pgdpo.models.build_model(name, device="meta")``).
+- **Parameters** are counted exactly on the meta device (``pgdpo.train.models.build_model(name,
+  device="meta")``).
 - **Policy, gradients, optimizer, reference** are laid out as the trainer lays them out
   (:func:`static_memory`, from the parameter table of the model ``pgdpo.train.loading.meta_model``
   builds): FSDP2 gives each of the N ranks ``ceil(rows / N)`` rows of every parameter (rank 0, the largest
@@ -40,7 +41,7 @@ What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every numb
   a backward workspace of half a block's activations and the model's embeddings/head (``16 d`` bytes/token).
 - **Overhead**: a fixed ``overhead_gib`` (CUDA context, NCCL buffers, cuBLAS workspaces; default 4 GiB),
   and the plan asks for ``margin`` (default 8%) of the GPU's memory to stay free (allocator fragmentation).
-- **Step time**: forward FLOPs per video from ``pgdpo.models`` (``~2 params T + 4 layers T^2 d``);
+- **Step time**: forward FLOPs per video from ``pgdpo.train.models`` (``~2 params T + 4 layers T^2 d``);
   backward 2x forward (LoRA: the linear layers' weight gradients are skipped), + the recompute of the
   checkpointed blocks, +1 reference forward; divided by ``gpus x peak bf16 x mfu``. ``mfu`` (default 0.40)
   is the assumed fraction of the dense bf16 peak achieved on all executed FLOPs, recompute included.
@@ -154,7 +155,7 @@ class PlanSettings:
             raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
         if self.reference == "lora" and self.lora_rank == 0:
             raise ValueError("reference 'lora' (the policy with its adapters disabled) needs lora_rank > 0")
-        from pgdpo.models import adapter_for
+        from pgdpo.train.models import adapter_for
 
         adapter = adapter_for(self.model)
         adapter.latent_shape(self.frames, self.height, self.width, strict=True)  # Wan: 4k+1 frames, H, W / 8
@@ -169,9 +170,10 @@ class PlanSettings:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        """Latent ``(C, F', H', W')`` of the video for the model (``pgdpo.models.ModelAdapter.latent_shape``:
+        """Latent ``(C, F', H', W')`` of the video for the model
+        (``pgdpo.train.models.ModelAdapter.latent_shape``:
         ``C`` from its config, the Wan VAE's 4x in time and 8x in space)."""
-        from pgdpo.models import adapter_for
+        from pgdpo.train.models import adapter_for
 
         return adapter_for(self.model).latent_shape(self.frames, self.height, self.width)
 
@@ -225,7 +227,7 @@ def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> di
     """Exact parameter counts of a named model on the meta device (no memory), and its Wan shape."""
     from torch import nn
 
-    from pgdpo.models import adapter_for, build_model, count_parameters
+    from pgdpo.train.models import adapter_for, build_model, count_parameters
 
     model = build_model(name, device="meta")
     adapter = adapter_for(model)
@@ -253,8 +255,8 @@ def parameter_table(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> 
     """``(numel, rows, fp32_kept, lora)`` of every parameter of the policy the trainer builds
     (``pgdpo.train.loading.meta_model``, on meta): ``rows`` is dim 0, which FSDP2 shards; ``fp32_kept``
     parameters (``_keep_in_fp32_modules``) are left out of the sharding (replicated, fp32)."""
-    from pgdpo.models import keep_fp32_names, resolve_config
     from pgdpo.train.loading import meta_model
+    from pgdpo.train.models import keep_fp32_names, resolve_config
 
     lora = None
     if lora_rank:
@@ -324,7 +326,7 @@ def block_activation_bytes(dim: int, ffn_dim: int, tokens: int, text_len: int,
 
 def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib: float, margin: float,
               inter_node_gbps: float) -> dict:
-    from pgdpo.models import adapter_for, wan_forward_flops
+    from pgdpo.train.models import adapter_for, wan_forward_flops
 
     m = model_summary(s.model, s.lora_rank, tuple(s.lora_targets))
     adapter = adapter_for(s.model)
@@ -664,7 +666,8 @@ examples:
 GPUs (dense bf16 peak):
 {gpus}
 
-The estimate (see `python -c "import pgdpo.plan; help(pgdpo.plan)"`): FSDP2 shards fp32 master weights,
+The estimate (see `python -c "import pgdpo.tools.plan; help(pgdpo.tools.plan)"`): FSDP2 shards fp32 master
+weights,
 fp32 gradients and AdamW states (16 B/param) over the GPUs; the reference is a bf16 sharded copy (or
 LoRA adapters disabled: no copy); activations are measured per Wan block (72 d + 4 ffn bytes/token in
 bf16); step time = executed FLOPs / (GPUs x peak x MFU). Values from --config are overridden by flags.
@@ -680,7 +683,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="training config (pgdpo train's YAML); flags override it")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h20", help="GPU type (default h20)")
-    p.add_argument("--model", help="model name of pgdpo.models.MODEL_CONFIGS (default wan2.1-t2v-14b)")
+    p.add_argument("--model", help="model name of pgdpo.train.models.MODEL_CONFIGS (default wan2.1-t2v-14b)")
     p.add_argument("--frames", type=int, help="video frames (4k+1; default 81)")
     p.add_argument("--height", type=int, help="video height in pixels (default 480)")
     p.add_argument("--width", type=int, help="video width in pixels (default 832)")

@@ -55,7 +55,8 @@ def check_compatible(meta, model_config) -> None:
 
     Args:
         meta: a :class:`DatasetMeta`, a ``dataset.json`` dict, or a dataset folder.
-        model_config: a model name of ``pgdpo.models.MODEL_CONFIGS``, a config dict with ``_class_name``,
+        model_config: a model name of ``pgdpo.train.models.MODEL_CONFIGS``, a config dict with
+        ``_class_name``,
             or a diffusers model (peft-wrapped or not).
 
     Checked: task (t2v data for a text-to-video model, i2v data for an image-to-video one), latent
@@ -63,7 +64,7 @@ def check_compatible(meta, model_config) -> None:
     image-condition channels (model ``in_channels - out_channels``) and CLIP width (``image_dim``), and
     that the latent's grid fits the model (:func:`latent_grid_problem`).
     """
-    from pgdpo.models import adapter_for
+    from pgdpo.train.models import adapter_for
 
     meta = _as_meta(meta)
     adapter = adapter_for(model_config)

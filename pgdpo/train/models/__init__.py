@@ -1,16 +1,18 @@
 """Video diffusion backbones for training: Wan2.1 (``WanTransformer3DModel``) and UNet3D, one module per job.
 
-- :mod:`~pgdpo.models.registry` -- the named configs (``MODEL_CONFIGS``) and :func:`resolve_config`.
-- :mod:`~pgdpo.models.build` -- :func:`build_model` (random init), :func:`load_model` (local folders) and
+- :mod:`~pgdpo.train.models.registry` -- the named configs (``MODEL_CONFIGS``) and :func:`resolve_config`.
+- :mod:`~pgdpo.train.models.build` -- :func:`build_model` (random init), :func:`load_model` (local folders)
+  and
   model-folder discovery (:func:`find_model_folder`).
-- :mod:`~pgdpo.models.adapters` -- :class:`ModelAdapter` / :func:`adapter_for`: how each family is called.
-- :mod:`~pgdpo.models.latents` -- the latent shape of a video (:func:`latent_shape`, ``VAE_FACTORS``).
-- :mod:`~pgdpo.models.flops` -- FLOPs of one forward (MFU, planner).
-- :mod:`~pgdpo.models.switches` -- weight dtype, activation checkpointing, regional compile, dropout.
-- :mod:`~pgdpo.models.attention` -- the attention backend of training (diffusers' dispatcher).
-- :mod:`~pgdpo.models.wrappers` -- :func:`unwrap_model`, the model inside DDP / peft wrappers.
+- :mod:`~pgdpo.train.models.adapters` -- :class:`ModelAdapter` / :func:`adapter_for`: how each family is
+  called.
+- :mod:`~pgdpo.train.models.latents` -- the latent shape of a video (:func:`latent_shape`, ``VAE_FACTORS``).
+- :mod:`~pgdpo.train.models.flops` -- FLOPs of one forward (MFU, planner).
+- :mod:`~pgdpo.train.models.switches` -- weight dtype, activation checkpointing, regional compile, dropout.
+- :mod:`~pgdpo.train.models.attention` -- the attention backend of training (diffusers' dispatcher).
+- :mod:`~pgdpo.train.models.wrappers` -- :func:`unwrap_model`, the model inside DDP / peft wrappers.
 
-Every name is importable from ``pgdpo.models`` itself, as before the split. Importing this package needs
+Every name is importable from ``pgdpo.train.models`` itself, as before the split. Importing this package needs
 torch only; diffusers is imported when a model is built or a config is resolved against its class.
 """
 
