@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .benchmark.cases import DTYPES, SHAPES, make_cases
+from .benchmark.cases import DEFAULT_DTYPES, DTYPES, SHAPES, make_cases
 from .benchmark.machine import resolve_device
 
 #: per device: a small video latent and an image latent on the CPU; a Wan2.1 480p latent on CUDA
 DEFAULT_SHAPES = {"cpu": ("cpu-target", "sdxl"), "cuda": ("wan480", "cpu-target")}
-DEFAULT_DTYPES = ("fp32", "bf16")
 #: bytes copied to measure the bandwidth behind the floor column (small: the demo is quick)
 BANDWIDTH_MIB = {"cpu": 32, "cuda": 256}
 

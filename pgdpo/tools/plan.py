@@ -69,6 +69,9 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ..train.config import PRECISIONS, STRATEGIES
+from ..train.config import REFERENCES as TRAIN_REFERENCES
+
 GIB = 1024 ** 3
 
 
@@ -91,11 +94,11 @@ GPUS: dict[str, GPU] = {
     "a100": GPU("NVIDIA A100 SXM 80 GB", 80.0, 312e12, 300e9),
 }
 
-REFERENCES = ("copy", "lora", "ema", "none")
-PRECISIONS = ("bf16", "fp32")
+#: the reference kinds the memory model knows: the trainer's `method.reference` values and the two that
+#: other keys imply, "ema" (a copy with method.ref_ema_every > 0: kept in fp32) and "none" (sft)
+REFERENCES = (*TRAIN_REFERENCES, "ema", "none")
 #: optimizer-state bytes per trained parameter: the trainer's AdamW keeps two fp32 moments
 OPTIMIZERS = {"adamw": 8}
-STRATEGIES = ("auto", "fsdp", "ddp", "none")
 
 #: activation bytes saved by one Wan block per token, as (x d, x ffn), by compute precision
 ACT_PER_TOKEN = {"bf16": (72, 4), "fp32": (92, 8)}

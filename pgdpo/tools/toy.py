@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from ..loss import pgdpo_loss
+from ..loss.options import MARGINS
 from ..train.diagnostics import (
     ALPHA_RANGE,
     GAMMA_RANGE,
@@ -622,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, help=f"DPO temperature β (default {d.beta:g}, the paper's)")
     p.add_argument("--k1", type=float, help=f"ARS sharpness K1 (default {d.k1:g})")
     p.add_argument("--k2", type=float, help=f"IPR sharpness K2 (default {d.k2:g})")
-    p.add_argument("--margin", choices=("signed", "abs"),
+    p.add_argument("--margin", choices=MARGINS,
                    help="normalised margin: 'signed' = the paper's printed Eq. 7, (d_w - d_l)/(d_l + eps) "
                         "(default); 'abs' = (d_l - d_w)/(|d_l| + eps), the sign of the reward margin")
     p.add_argument("--eps-rel", type=float,

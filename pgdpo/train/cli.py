@@ -9,6 +9,7 @@ import os
 import sys
 import typing
 
+from ..loss.options import METHODS as LOSS_METHODS
 from .config import ConfigError, TrainConfig, load_config, parse_value
 
 DESCRIPTION = """\
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a previous run in --output-dir (its checkpoints are deleted when the first "
                         "new one is written); without it a previous run is moved to previous-<n>/ (config: "
                         "checkpoint.overwrite)")
-    p.add_argument("--compare", metavar="METHOD", choices=("pgdpo", "dpo", "ars", "ipr"),
+    p.add_argument("--compare", metavar="METHOD", choices=tuple(LOSS_METHODS),
                    help="after the run, train the same config with method METHOD (e.g. dpo) into "
                         "<output-dir>/compare-METHOD/ and print both side by side: accuracy, reward margin, "
                         "chosen/rejected MSE vs the reference (likelihood displacement)")

@@ -26,8 +26,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("pgdpo", "dpo", "ars", "ipr", "sft")
-SCHEDULES = ("flow", "ddpm-eps", "ddpm-v")
+from ..loss.options import BACKENDS as LOSS_BACKENDS
+from ..loss.options import IPR_TARGETS, MARGINS, WEIGHTINGS
+from ..loss.options import METHODS as LOSS_METHODS
+from .diffusion import SCHEDULES
+
+#: what `method.name` trains: the loss's methods (pgdpo.loss.options.METHODS) and the SFT baseline
+METHODS = (*LOSS_METHODS, "sft")
+#: `method.reference`: a frozen copy of the policy, or the LoRA policy with its adapters disabled
 REFERENCES = ("copy", "lora")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
@@ -36,7 +42,6 @@ DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 TIMESTEP_WEIGHTINGS = ("none", "inverse-std")
 TRACKERS = ("tensorboard", "wandb")
-LOSS_BACKENDS = ("auto", "triton", "cpu", "torch")
 
 
 class ConfigError(ValueError):
@@ -112,10 +117,10 @@ class MethodConfig:
     k2: float = field(default=10.0, metadata={"min": 0, **LOSS})
     #: margin denominator guard; 0 would make the margin 0/0 at initialisation (policy == reference)
     eps: float = field(default=1e-6, metadata={"gt": 0, **LOSS})
-    ipr_target: str = field(default="anchor", metadata={**_choice("anchor", "reward"), **LOSS})
-    weighting: str = field(default="sample", metadata={**_choice("sample", "element"), **LOSS})
+    ipr_target: str = field(default="anchor", metadata={**_choice(*IPR_TARGETS), **LOSS})
+    weighting: str = field(default="sample", metadata={**_choice(*WEIGHTINGS), **LOSS})
     #: normalised margin: signed (the paper's Eq. 7) | abs (the reward-margin sign); docs/margin.md
-    margin: str = field(default="signed", metadata={**_choice("signed", "abs"), **LOSS})
+    margin: str = field(default="signed", metadata={**_choice(*MARGINS), **LOSS})
     #: relative guard of the margin's denominator, eps + eps_rel * MSE_ref (0 = the paper's); docs/margin.md
     eps_rel: float = field(default=0.0, metadata={"min": 0, **LOSS})
     #: adapt K1 / K2 each step to keep alpha / gamma in the paper's ranges

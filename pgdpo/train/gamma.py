@@ -31,12 +31,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ..loss.options import METHODS
 from .diagnostics import logp_proxy
 from .distributed import DistState, is_sharded, sync_replicated_grads
 
 #: methods whose Gamma is measured: they have a DPO baseline to differ from (for dpo Gamma is 0 by
 #: definition, for sft it is not defined)
-GAMMA_METHODS = ("pgdpo", "ars", "ipr")
+GAMMA_METHODS = tuple(m for m, (ars, ipr) in METHODS.items() if ars or ipr)  # those that differ from dpo
 
 
 def _zero_grads(params: list[Tensor]) -> None:

@@ -33,14 +33,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-
-#: safetensors dtype names (the format's header) -> torch dtypes
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
+from .data.format import SAFETENSORS_DTYPES
 
 #: diffusers' weight file names (``save_pretrained``: one file, or shards listed in the index)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

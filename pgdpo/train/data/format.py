@@ -62,8 +62,15 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-#: safetensors header dtype names -> our names
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+#: safetensors dtype names (the format's header) -> torch dtypes (also what pgdpo.train.loading reads)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+#: safetensors header dtype names -> the names of DTYPES (the floating dtypes a dataset may hold)
+_SAFETENSORS_DTYPES = {key: name for key, dt in SAFETENSORS_DTYPES.items() for name, ours in DTYPES.items()
+                       if dt == ours}
 
 
 class DataError(ValueError):
