@@ -1,6 +1,7 @@
 """Installed layout: every library package is listed for setuptools, and kernels/ installs as pgdpo.kernels."""
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -130,3 +131,41 @@ def test_constraints_pin_every_dependency():
     names = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower()) for req in wanted}
     missing = sorted(names - set(pinned))
     assert not missing, f"not pinned in constraints.txt: {missing}"
+
+
+def _layout_rows() -> dict[str, str]:
+    """The README's layout table: path cell -> description cell."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Layout"):]
+    rows = {}
+    for line in section.splitlines()[1:]:
+        if line.startswith("## "):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_readme_layout_table_describes_the_tree():
+    """Each folder of the package has a row naming every one of its modules and subfolders, and every name
+    the table gives exists."""
+    rows = _layout_rows()
+    for folder in sorted({p.parent for p in (ROOT / "pgdpo").rglob("*.py")} - {ROOT / "pgdpo"}):
+        rel = folder.relative_to(ROOT).as_posix() + "/"
+        cell = rows.get(f"`{rel}`")
+        assert cell is not None, f"README layout table has no row for {rel}"
+        named = set(re.findall(r"`([\w]+(?:\.py|/))`", cell))
+        on_disk = {p.name for p in folder.glob("*.py") if not p.name.startswith("_")}
+        on_disk |= {p.name + "/" for p in folder.iterdir() if (p / "__init__.py").exists()}
+        assert named == on_disk, f"{rel}: the table names {sorted(named - on_disk)} that do not exist and " \
+                                 f"misses {sorted(on_disk - named)}"
+
+
+def test_every_module_says_its_job():
+    """Every module of the package opens with a docstring."""
+    import ast
+
+    for path in sorted((ROOT / "pgdpo").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and len(doc.split()) >= 3, f"{path.relative_to(ROOT)} has no opening docstring"

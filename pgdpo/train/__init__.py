@@ -1,11 +1,16 @@
-"""``pgdpo train``: preference training of video diffusion models (FSDP2 / DDP, atomic DCP checkpoints).
+"""The training stack (needs the ``train`` extra: diffusers, peft, accelerate): models, schedules, the
+preference step, diagnostics, datasets, and ``pgdpo train`` (FSDP2 / DDP, atomic DCP checkpoints).
 
-``config`` (typed YAML config, validated once), ``distributed`` (process group, FSDP2 / DDP wrapping),
+Pieces, one job each: ``models/`` (configs, building and loading, per-family adapters, latent shape, FLOPs,
+switches), ``data/`` (the dataset format, writer, loader, tools), ``diffusion`` (schedules and noising),
+``step`` (``DiffusionStep``, ``PreferenceStep``), ``sft`` (the SFT step), ``diagnostics`` (likelihood probe,
+Gamma, weight ranges, K1/K2 controller), ``gamma`` (Gamma under DDP / FSDP2), ``config`` (typed YAML config,
+validated once), ``distributed`` (process group, FSDP2 / DDP wrapping), ``parallel`` (sequence parallel),
 ``loading`` (meta init, sharding, per-rank sliced safetensors reads), ``export`` (``final/`` and ``pgdpo
-export``: diffusers layout or LoRA weights), ``checkpoint`` (atomic sharded checkpoints, ``--resume
-latest``), ``metrics`` (metrics.jsonl, trackers), ``plots``,
-``sft`` (the SFT baseline step), ``ema`` (moving reference), ``weighting`` (timestep-aware weights),
-``trainer`` (the loop), ``cli`` (the command).
+export``), ``checkpoint`` (atomic sharded checkpoints, ``--resume latest``), ``metrics`` (metrics.jsonl,
+trackers), ``plots``, ``validation`` (samples), ``compare``, ``ema`` (moving reference), ``weighting``
+(timestep-aware weights), ``integrity`` (checksums), ``preview`` (latent-to-RGB), ``trainer`` (the loop),
+``cli`` (the command).
 """
 
 from .config import ConfigError, TrainConfig, from_dict, load_config
