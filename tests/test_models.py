@@ -280,7 +280,6 @@ def test_unwrap_model_sees_through_ddp_and_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
     from torch.nn.parallel import DistributedDataParallel
 
-    from pgdpo.train.distributed import unwrap
     from pgdpo.train.models import unwrap_model
 
     base = build_model("tiny-unet3d")
@@ -290,7 +289,7 @@ def test_unwrap_model_sees_through_ddp_and_peft(tmp_path):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         wrapped = DistributedDataParallel(peft_model)
-        assert unwrap_model(wrapped) is base and unwrap(wrapped) is base
+        assert unwrap_model(wrapped) is base
         assert unwrap_model(DistributedDataParallel(build_model("tiny-wan-t2v"))).__class__.__name__ == \
             "WanTransformer3DModel"
         assert adapter_for(wrapped).family == "unet3d"  # no get_base_model grafted onto the wrapper

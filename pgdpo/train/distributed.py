@@ -266,15 +266,6 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     return float(total)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / peft wrappers: :func:`pgdpo.train.models.unwrap_model` (the one unwrap
-    helper; this
-    name stays for existing imports)."""
-    from .models import unwrap_model
-
-    return unwrap_model(model)
-
-
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (no-op without a process group); ``op``: sum, min, max.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import unwrap
+from .models import unwrap_model
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -24,8 +24,8 @@ def ema_update_(reference: nn.Module, policy: nn.Module, rate: float) -> None:
     """Move every reference parameter toward the policy's: ``ref += rate (policy - ref)``."""
     if not 0 < rate <= 1:
         raise ValueError(f"EMA rate must be in (0, 1], got {rate}")
-    ref = dict(unwrap(reference).named_parameters())
-    pol = dict(unwrap(policy).named_parameters())
+    ref = dict(unwrap_model(reference).named_parameters())
+    pol = dict(unwrap_model(policy).named_parameters())
     if ref.keys() != pol.keys():
         missing = sorted(set(pol) ^ set(ref))[:5]
         raise ValueError(f"the reference and the policy have different parameters (e.g. {missing}); an EMA "

@@ -132,11 +132,12 @@ class Validator:
         import diffusers
 
         from .config import ConfigError
+        from .models import find_model_folder
 
-        path = os.path.expanduser(path)
-        folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "vae")
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise ConfigError(f"validation.vae: no config.json in {path} (nor in its vae/ subfolder)")
+        try:
+            folder = find_model_folder(os.path.expanduser(path), what="validation.vae", subfolders=("vae",))
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
         with open(os.path.join(folder, "config.json")) as f:
             name = json.load(f).get("_class_name", "")
         if name not in ("AutoencoderKLWan", "AutoencoderKL"):

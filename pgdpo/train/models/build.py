@@ -19,18 +19,20 @@ from .switches import cast_weights
 MODEL_SUBFOLDERS = ("transformer", "unet")
 
 
-def find_model_folder(path: str | os.PathLike, *, what: str = "model folder") -> str:
-    """The folder with the model's ``config.json``: ``path`` itself, or its ``transformer/`` / ``unet/``
-    subfolder (a pipeline folder). Raises ``FileNotFoundError`` naming ``what`` (e.g. ``"model.path"``)
-    and ``path`` when neither has one; nothing is fetched from a hub."""
+def find_model_folder(path: str | os.PathLike, *, what: str = "model folder",
+                      subfolders: tuple[str, ...] = MODEL_SUBFOLDERS) -> str:
+    """The folder with the model's ``config.json``: ``path`` itself, or one of its ``subfolders`` (default
+    ``transformer/`` / ``unet/``: a pipeline folder; ``("vae",)`` for a pipeline's VAE). Raises
+    ``FileNotFoundError`` naming ``what`` (e.g. ``"model.path"``) and ``path`` when none has one; nothing is
+    fetched from a hub."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what}: {path!r} is not a local directory (only local folders are loaded; "
                                 "nothing is fetched from a hub)")
-    for folder in (path, *(os.path.join(path, sub) for sub in MODEL_SUBFOLDERS)):
+    for folder in (path, *(os.path.join(path, sub) for sub in subfolders)):
         if os.path.isfile(os.path.join(folder, "config.json")):
             return folder
-    subs = " or ".join(f"{sub}/" for sub in MODEL_SUBFOLDERS)
+    subs = " or ".join(f"{sub}/" for sub in subfolders)
     raise FileNotFoundError(f"{what}: no config.json in {path!r} nor in its {subs} subfolder")
 
 
