@@ -457,7 +457,8 @@ class GammaMeter:
         """Scalars for a logger: the last Gamma and the running fraction positive (empty before any)."""
         if not self.values:
             return {}
-        return {"gamma": self.values[-1], "gamma_positive_fraction": self.positive_fraction}
+        # "Gamma", as in the trainer's metrics.jsonl: "gamma" is the IPR weight's statistic
+        return {"Gamma": self.values[-1], "Gamma_positive_fraction": self.positive_fraction}
 
     def running_positive_fraction(self) -> list[float]:
         out, pos = [], 0
