@@ -15,6 +15,16 @@ import pytest  # noqa: E402
 from ._parity import ALL, FUSED, require  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
+    training tests' models are tiny, and OpenMP spin-waits cost more than they give on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=ALL)
 def backend(request):
     """Every backend on CPU tensors (skipped, with the reason, where one is unavailable)."""

@@ -12,7 +12,6 @@ import struct
 import warnings
 
 import pytest
-import torch
 
 from pgdpo.train.checkpoint import MANIFEST, CheckpointError, resolve_resume, verify_checkpoint
 from pgdpo.train.cli import main as train_main
@@ -24,13 +23,7 @@ from pgdpo.train.integrity import checksum_matches, file_checksum
 
 from .test_train import args, metrics
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

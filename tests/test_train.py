@@ -18,20 +18,13 @@ from pgdpo.train.cli import main, parse_overrides
 from pgdpo.train.config import ConfigError, from_dict, load_config
 from pgdpo.train.data.synth import synth_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 REQUIRED = ("step", "loss", "loss_dpo", "loss_ipr", "alpha_mean", "alpha_min", "alpha_max", "gamma_mean",
             "gamma_min", "gamma_max", "reward_margin", "accuracy", "mse_policy_chosen", "mse_policy_rejected",
             "mse_ref_chosen", "mse_ref_rejected", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one intra-op thread avoids OpenMP spin-waits on a busy 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

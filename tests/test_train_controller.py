@@ -8,7 +8,9 @@ import pytest
 from pgdpo.train.cli import main
 from pgdpo.train.config import ConfigError, from_dict
 
-from .test_train import TIMING, args, data, metrics, one_thread  # noqa: F401  (fixtures)
+from .test_train import TIMING, args, data, metrics  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTS = ("--method.k_controller", "true", "--method.margin", "abs", "--optim.lr", "1e-3")
 

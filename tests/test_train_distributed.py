@@ -4,25 +4,18 @@ Each test launches real processes (``torchrun --standalone``: a free port, so co
 machine do not meet) on the demo config with the tiny Wan-shaped model, a few steps each.
 """
 
-import json
 import math
 import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from pgdpo.train.data.synth import synth_dataset
 
-pytestmark = pytest.mark.distributed
+from ._launch import DEMO, kill_when, records, run, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs" / "demo.yaml")
-TIMEOUT = 300
+pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +26,10 @@ def data(tmp_path_factory):
 
 
 def command(out, data, steps, *extra):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "pgdpo", "train", "--config", DEMO, "--output-dir", str(out), "--data.path", data,
+    return torchrun(2, "-m", "pgdpo", "train", "--config", DEMO, "--output-dir", str(out), "--data.path", data,
             "--max-steps", str(steps), "--logging.progress", "false", "--logging.plots", "false",
             "--logging.trackers", "[]", "--train.batch_size", "4", "--train.micro_batch_size", "1",
-            "--validation.every", "0", *extra]
-
-
-def run(cmd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def records(out):
-    with open(Path(out) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+            "--validation.every", "0", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +57,11 @@ def test_fsdp_kill_and_resume_matches_uninterrupted_run(tmp_path, data, pretrain
     assert {"rank-0.pt", "rank-1.pt", ".metadata"} <= set(os.listdir(ck))
     assert sum(name.endswith(".distcp") for name in os.listdir(ck)) == 2  # one shard file per rank
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    victim = subprocess.Popen(command(killed, data, steps, "--save-every", "3", "--model.path", pretrained),
-                              cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        # After checkpoint-3 is complete, kill as soon as checkpoint-6 is being written (or, if that moment
-        # is missed, written): the kill lands mid-save or just after it.
-        while not ((killed / "checkpoint-3").is_dir() and any(killed.glob("checkpoint-6*"))):
-            assert victim.poll() is None, "the run ended before its second checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.005)
-    finally:
-        os.kill(victim.pid, signal.SIGKILL)  # the launcher: its workers die with it (PR_SET_PDEATHSIG)
-        victim.wait()
+    # After checkpoint-3 is complete, kill as soon as checkpoint-6 is being written (or, if that moment
+    # is missed, written): the kill lands mid-save or just after it.
+    kill_when(command(killed, data, steps, "--save-every", "3", "--model.path", pretrained),
+              lambda: (killed / "checkpoint-3").is_dir() and any(killed.glob("checkpoint-6*")),
+              what="its second checkpoint")
     size = (killed / "metrics.jsonl").stat().st_size
     time.sleep(1.0)
     assert (killed / "metrics.jsonl").stat().st_size == size, "a worker outlived its launcher"
@@ -151,9 +121,7 @@ def test_fsdp_validation_samples_and_a_damaged_shard(tmp_path):
     data = bytearray(shard.read_bytes())
     data[-200] ^= 0xFF  # inside the payload, the header intact
     shard.write_bytes(bytes(data))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command(tmp_path / "badrun", str(bad), 2, "--save-every", "1"), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = run(command(tmp_path / "badrun", str(bad), 2, "--save-every", "1"), check=False)
     assert proc.returncode != 0
     assert "shard-00000.safetensors: shard is corrupt" in proc.stderr
     assert not list((tmp_path / "badrun").glob("checkpoint-*"))

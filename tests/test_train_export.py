@@ -6,8 +6,6 @@ exported folder is loaded back with diffusers (``from_pretrained``, or the base 
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,8 @@ from safetensors.torch import load_file
 
 from pgdpo.train.data.synth import synth_dataset
 from pgdpo.train.models import adapter_for, build_model, load_model
+
+from ._launch import DEMO, run, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -40,15 +40,12 @@ def data(tmp_path_factory):
 
 
 def train(out, base, data, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "_train_worker.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+    cmd = torchrun(2, str(ROOT / "tests" / "_train_worker.py"), "--config", DEMO,
            "--output-dir", str(out), "--data.path", data, "--model.path", base, "--max-steps", "3",
            "--save-every", "3", "--logging.progress", "false", "--logging.plots", "false",
            "--logging.trackers", "[]", "--train.batch_size", "2", "--train.micro_batch_size", "1",
-           "--optim.warmup_steps", "0", "--optim.lr", "1e-2", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+           "--optim.warmup_steps", "0", "--optim.lr", "1e-2", *extra)
+    proc = run(cmd)
     assert "final model" in proc.stdout
     return load_file(Path(out) / "probe.safetensors")
 

@@ -11,9 +11,6 @@ agree. The FSDP2 launch then trains a few steps with diagnostics on: metrics.jso
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,11 +20,10 @@ from safetensors.torch import load_file
 from pgdpo.train.data.synth import synth_dataset
 from pgdpo.train.diffusion import NoisyPairs
 
+from ._launch import DEMO, ROOT, run, torchrun
+
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs" / "demo.yaml")
-TIMEOUT = 300
 #: float32 model and gradients (the dot products in float64). The two sides sum the same per-sample
 #: gradients in different orders (FSDP2's reduce-scatter / DDP's all-reduce of two rank-local gradients vs
 #: one backward over the [2B] batch): each gradient entry differs by a few float32 ulps (~1e-7
@@ -52,11 +48,7 @@ def run_args(out, data, *extra):
 
 
 def launch(out, data, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "_gamma_worker.py"), *run_args(out, data, *extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run(torchrun(2, str(ROOT / "tests" / "_gamma_worker.py"), *run_args(out, data, *extra)))
     return [load_file(str(Path(out) / f"gamma-rank{r}.safetensors")) for r in (0, 1)]
 
 

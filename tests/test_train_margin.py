@@ -7,7 +7,9 @@ import pytest
 from pgdpo.train.cli import main
 from pgdpo.train.config import ConfigError, from_dict
 
-from .test_train import args, data, metrics, one_thread  # noqa: F401  (fixtures)
+from .test_train import args, data, metrics  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_config_fields_and_errors():

@@ -13,9 +13,6 @@ instead of ``lr * sign(g)``, which would turn float-rounding differences of near
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,11 +22,10 @@ from safetensors.torch import load_file
 
 from pgdpo.train.data.synth import synth_dataset
 
+from ._launch import DEMO, ROOT, kill_when, records, run, torchrun
+
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs" / "demo.yaml")
-TIMEOUT = 300
 STEPS = 3
 
 
@@ -51,22 +47,7 @@ def train_args(out, data, model, steps=STEPS, *extra):
 
 
 def launch(nproc, args):
-    if nproc == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            *args]
-
-
-def run(cmd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def records(out):
-    with open(Path(out) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+    return torchrun(nproc, *args)
 
 
 def final_weights(out):
@@ -138,18 +119,9 @@ def test_sp_kill_and_resume_matches_uninterrupted_run(tmp_path, datasets):
                                           "--save-every", "2", *extra)
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(launch(2, args(full)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    victim = subprocess.Popen(launch(2, args(killed)), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not ((killed / "checkpoint-2").is_dir() and any(killed.glob("checkpoint-4*"))):
-            assert victim.poll() is None, "the run ended before its second checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.005)
-    finally:
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
+    kill_when(launch(2, args(killed)),
+              lambda: (killed / "checkpoint-2").is_dir() and any(killed.glob("checkpoint-4*")),
+              what="its second checkpoint")
     time.sleep(1.0)
     assert not (killed / f"checkpoint-{steps}").exists(), "killed too late: the run had finished"
     proc = run(launch(2, args(killed, "--resume", "latest")))
@@ -185,18 +157,9 @@ def test_async_save_killed_mid_write_never_leaves_a_loadable_partial_checkpoint(
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(launch(2, args(full)))
     assert [s for s, _ in list_checkpoints(full)] == list(range(1, steps + 1))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    victim = subprocess.Popen(launch(2, args(killed)), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not ((killed / "checkpoint-2").is_dir() and list(killed.glob("checkpoint-*.tmp"))):
-            assert victim.poll() is None, "the run ended before an async save could be interrupted"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.002)
-    finally:
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
+    kill_when(launch(2, args(killed)),
+              lambda: (killed / "checkpoint-2").is_dir() and bool(list(killed.glob("checkpoint-*.tmp"))),
+              what="an async save in flight", poll_s=0.002)
     time.sleep(1.0)
     assert not (killed / f"checkpoint-{steps}").exists(), "killed too late: the run had finished"
     for _, path in list_checkpoints(killed):  # what `latest` may load: every part present
@@ -224,8 +187,7 @@ def test_planner_static_figures_are_the_trainers(tmp_path, datasets, extra):
 
     out = tmp_path / "run"
     args = train_args(out, datasets["i2v"], "tiny-wan-i2v", STEPS, *extra)[3:]  # after "-m pgdpo train"
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "_plan_worker.py"), *args])
+    run(torchrun(2, str(ROOT / "tests" / "_plan_worker.py"), *args))
     measured = json.loads((out / "static.json").read_text())
     cfg, _ = resolve(args)
     planned = plan(settings_from_train_config(cfg), gpus=2, suggest=False)["static_bytes_per_rank"]

@@ -18,15 +18,9 @@ from pgdpo.train.preview import latent_to_rgb, rgb_to_latent
 
 from .test_train import args, metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SCALE = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gif_frames(path) -> list[np.ndarray]:

@@ -206,9 +206,10 @@ def register_triton(interpret: bool) -> None:
 
 def op_for(backend: str, device_type: str) -> torch._ops.OpOverload:
     """The ``fused_loss`` op that runs ``backend`` ("triton" / "cpu", already resolved) on
-    ``device_type`` tensors."""
-    namespace = INTERPRET_NAMESPACE if backend == "triton" and device_type == "cpu" else NAMESPACE
-    return getattr(torch.ops, namespace).fused_loss.default
+    ``device_type`` tensors: ``pgdpo::``, or ``pgdpo_interpret::`` for Triton on CPU tensors."""
+    if backend == "triton" and device_type == "cpu":
+        return torch.ops.pgdpo_interpret.fused_loss.default
+    return fused_loss
 
 
 fused_loss = torch.ops.pgdpo.fused_loss.default

@@ -1,0 +1,59 @@
+"""Helpers of the multi-process tests: torchrun command lines (CPU processes, gloo), running them, reading a
+run's metrics.jsonl, and killing a run (SIGKILL) at a chosen moment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+TIMEOUT = 300
+#: the models are tiny: one intra-op thread per process avoids OpenMP spin-waits on a 2-core machine
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N ARGS`` (plain ``python ARGS``
+    for one process). ``args`` is a script path or ``-m module``, then its arguments."""
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            *args]
+
+
+def run(cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository root; with ``check``, fail the test with the output's tail unless it
+    succeeds (``check=False`` for a run that is meant to fail)."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def records(out) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    with open(Path(out) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def kill_when(cmd: list[str], ready: Callable[[], bool], *, what: str, poll_s: float = 0.005) -> None:
+    """Start ``cmd`` and SIGKILL its launcher as soon as ``ready()`` holds (torchrun's workers die with it:
+    PR_SET_PDEATHSIG). Fails if the run ends first or ``ready`` does not come within the timeout."""
+    victim = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not ready():
+            assert victim.poll() is None, f"the run ended before {what}"
+            assert time.monotonic() < deadline, f"no {what} in time"
+            time.sleep(poll_s)
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
