@@ -1,4 +1,6 @@
-"""Installed layout: every library package is listed for setuptools, and kernels/ installs as pgdpo.kernels."""
+"""Installed layout: every library package is listed for setuptools; the source folders kernels/ (Triton) and
+csrc/ (C++) are seen by Python only as pgdpo.kernels / pgdpo.csrc (links inside the package), never as
+top-level packages that would shadow installed ones."""
 
 import os
 import re
@@ -16,8 +18,13 @@ def test_every_subpackage_is_installed():
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "pgdpo").rglob("__init__.py")}
     missing = on_disk - listed
     assert not missing, f"packages missing from pyproject.toml [tool.setuptools] packages: {sorted(missing)}"
-    assert config["package-dir"]["pgdpo.kernels"] == "kernels"
-    assert (ROOT / "kernels" / "__init__.py").exists()
+    for source in ("kernels", "csrc"):
+        assert f"pgdpo.{source}" in listed
+        # A source folder, not a package: with an __init__.py a top-level `kernels` (or `csrc`) of ours would
+        # shadow the installed distribution of that name whenever the repository root is on sys.path.
+        assert not (ROOT / source / "__init__.py").exists(), f"{source}/__init__.py makes {source} importable"
+        link = ROOT / "pgdpo" / source
+        assert link.is_symlink() and link.resolve() == (ROOT / source).resolve()
 
 
 def test_kernels_import_as_pgdpo_kernels_not_top_level(tmp_path):
