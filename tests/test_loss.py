@@ -391,3 +391,46 @@ def test_cuda_graph_capture_replays_the_fused_loss():
     want_loss, _, want_grad = run(FUSED_CASES[-1], *new)
     torch.testing.assert_close(loss.detach().cpu(), want_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(p.grad.cpu(), want_grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "triton"])
+@pytest.mark.parametrize("weighting", ["sample", "element"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_meta_tensors_give_meta_outputs_of_the_real_shapes_and_dtypes(backend, weighting, reduction, dtype):
+    """Meta tensors (a model built on the meta device, shape inference): every backend answers with meta
+    outputs shaped and typed as a real CPU call's, loss, stats and gradient, without running a kernel."""
+    shape = (4, 3, 2, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    real = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
+    real[2] = real[2].float()  # an fp32 target, as in training
+    real[0].requires_grad_(True)
+    meta = [x.detach().to("meta").requires_grad_(x.requires_grad) for x in real]
+    kwargs = dict(weighting=weighting, reduction=reduction, return_stats=True)
+    loss, stats = pgdpo_loss(*real, backend="torch", **kwargs)
+    loss.sum().backward()
+    meta_loss, meta_stats = pgdpo_loss(*meta, backend=backend, **kwargs)
+    meta_loss.sum().backward()
+    assert meta_loss.device.type == "meta" and meta[0].grad.device.type == "meta"
+    assert (meta_loss.shape, meta_loss.dtype) == (loss.shape, loss.dtype)
+    assert (meta[0].grad.shape, meta[0].grad.dtype) == (real[0].grad.shape, real[0].grad.dtype)
+    assert meta_stats.keys() == stats.keys()
+    for name in stats:
+        assert (meta_stats[name].shape, meta_stats[name].dtype) == (stats[name].shape, stats[name].dtype), name
+
+
+def test_fp32_input_range_of_docs(case):
+    """docs/loss.md's fp32 input range: inside ``X <= sqrt(FLT_MAX / (8 N))`` every backend's loss is finite
+    and agrees with float64 (to the summation bound ``N eps``, with room for the margin's division and the
+    log-sigmoid); far outside (1e20) the per-element terms overflow and the loss is not finite."""
+    shape = (4, 2, 3, 4)
+    n = math.prod(shape[1:])
+    inside = math.sqrt(torch.finfo(torch.float32).max / (8 * n)) / 2
+    gen = torch.Generator().manual_seed(0)
+    unit = [torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(3)]
+    want = pgdpo_loss(*(u * inside for u in unit), backend="torch")
+    got = pgdpo_loss(*((u * inside).float().to(case.device) for u in unit), backend=case.backend)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=64 * n * torch.finfo(torch.float32).eps, atol=0)
+    beyond = pgdpo_loss(*((u * 1e20).float().to(case.device) for u in unit), backend=case.backend)
+    assert not torch.isfinite(beyond)

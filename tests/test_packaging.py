@@ -42,6 +42,54 @@ def test_kernels_import_as_pgdpo_kernels_not_top_level(tmp_path):
     assert top_level != str((ROOT / "kernels").resolve())
 
 
+_THEIRS = ("kernels", "csrc", "bench")
+
+
+def test_installed_packages_named_like_our_folders_stay_theirs(tmp_path):
+    """Packages named like the repository's top-level folders (Hugging Face's ``kernels``, which transformers
+    imports; a ``csrc``; a ``bench``) first on sys.path, everything run from the repository root, where
+    ``python -m`` / ``torchrun -m`` put the root on sys.path: ``python -m pgdpo --help`` and a tiny training
+    run work, pgdpo's kernels and C++ sources are ours (pgdpo.kernels, pgdpo.csrc), and ``import kernels`` /
+    ``import csrc`` give theirs. (``bench`` is ours from the root by design, a development folder run as
+    ``python -m bench``, so the library must never import it: checked too.)"""
+    site = tmp_path / "site"
+    for name in _THEIRS:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"WHO = 'theirs'\nNAME = {name!r}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+    help_run = subprocess.run([sys.executable, "-m", "pgdpo", "--help"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert help_run.returncode == 0, help_run.stderr[-3000:]
+    out = tmp_path / "run"
+    code = f"""
+import runpy, sys
+sys.argv = ["pgdpo", "train", "--config", "configs/demo.yaml", "--output-dir", {str(out)!r}, "--max-steps", "2",
+            "--logging.progress", "false", "--logging.trackers", "[]", "--logging.plots", "false",
+            "--train.batch_size", "2", "--train.micro_batch_size", "1", "--validation.every", "0",
+            "--data.synth_pairs", "4"]
+try:
+    runpy.run_module("pgdpo", run_name="__main__")
+except SystemExit as exc:
+    assert not exc.code, exc.code
+import pgdpo.kernels, pgdpo.csrc
+print("OURS", pgdpo.kernels.__path__[0], pgdpo.csrc.__path__[0])
+print("BENCH_IMPORTED", "bench" in sys.modules)
+import csrc, kernels
+print("THEIRS", kernels.WHO, csrc.WHO)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "done: 2 steps" in proc.stdout
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ")[0].isupper())
+    ours_kernels, ours_csrc = lines["OURS"].split()
+    assert Path(ours_kernels).resolve() == (ROOT / "kernels").resolve()
+    assert Path(ours_csrc).resolve() == (ROOT / "csrc").resolve()
+    assert lines["BENCH_IMPORTED"] == "False", "the library imported the development folder bench/"
+    assert lines["THEIRS"] == "theirs theirs"
+
+
 def _blocking(*packages: str) -> str:
     """Code for a finder placed first on sys.meta_path that makes importing ``packages`` fail, as on a
     machine where they are not installed."""

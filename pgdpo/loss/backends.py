@@ -58,9 +58,15 @@ def cpu_unavailable_reason(device_type: str) -> str | None:
 
 @torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device_type: str) -> str:
-    """Map the ``backend`` argument to the backend that will run: "triton", "cpu" or "torch"."""
+    """Map the ``backend`` argument to the backend that will run: "triton", "cpu" or "torch"; "meta" for
+    meta tensors (the op's fake kernels: shapes and dtypes only)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if device_type == "meta":
+        # Shape inference (a model built on the meta device, a planner, FakeTensor tracing): every backend
+        # computes the same outputs, and the op's fake kernels give their shapes and dtypes, and through
+        # its autograd formula the gradient's. No kernel runs, so none has to be available.
+        return "meta"
     if backend == "torch":
         return "torch"
     if backend in ("triton", "cpu"):

@@ -205,8 +205,9 @@ def register_triton(interpret: bool) -> None:
 
 
 def op_for(backend: str, device_type: str) -> torch._ops.OpOverload:
-    """The ``fused_loss`` op that runs ``backend`` ("triton" / "cpu", already resolved) on
-    ``device_type`` tensors: ``pgdpo::``, or ``pgdpo_interpret::`` for Triton on CPU tensors."""
+    """The ``fused_loss`` op that runs ``backend`` ("triton" / "cpu" / "meta", already resolved) on
+    ``device_type`` tensors: ``pgdpo::`` (on meta tensors its fake kernels), or ``pgdpo_interpret::`` for
+    Triton on CPU tensors."""
     if backend == "triton" and device_type == "cpu":
         return torch.ops.pgdpo_interpret.fused_loss.default
     return fused_loss

@@ -74,8 +74,14 @@ class DistState:
         dist.all_reduce(flag)
         return int(flag.item()) == 0
 
-    def shutdown(self) -> None:
+    def shutdown(self, synchronize: bool = False) -> None:
+        """Destroy the process group this run created. ``synchronize``: first wait for every rank (after a
+        normal finish), so that no rank tears down its gloo connections while a peer still uses them (rank 0
+        writing plots and the summary): that race aborted a worker at exit ("terminate called without an
+        active exception"). After an error no barrier: a peer may never arrive."""
         if self.initialized_here and self.distributed:
+            if synchronize:
+                self.barrier()
             dist.destroy_process_group()
 
 

@@ -204,6 +204,7 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     # the weights do not depend on how the run split its sequences: export runs with any process count
     cfg.distributed.sp_degree = 1
     dist = init_distributed(cfg.distributed, "cpu" if not torch.cuda.is_available() else cfg.device)
+    finished = False
     try:
         arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
         # Full fine-tuning: the checkpoint holds every parameter (DCP raises for one it lacks), so the
@@ -220,9 +221,11 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
             raise CheckpointError(f"{path}: the trained weights cannot be loaded into the model of its "
                                   f"config.yaml ({type(exc).__name__}: {exc})") from exc
         set_model_state_dict(model, state["model"], options=options)
-        return export_model(model, out, dist=dist, dtype=dtype, max_shard_size=max_shard_size)
+        written = export_model(model, out, dist=dist, dtype=dtype, max_shard_size=max_shard_size)
+        finished = True
+        return written
     finally:
-        dist.shutdown()
+        dist.shutdown(synchronize=finished)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -655,11 +655,13 @@ class Trainer:
             out["peak_mem_gb"] = max((r.get("peak_mem_gb") or 0.0) for r in records)
         return out
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Close the metrics and the process group; ``finished``: the run ended normally, so every rank
+        reaches this point and may wait for the others."""
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
-        self.dist.shutdown()
+        self.dist.shutdown(synchronize=finished)
 
 
 class _StopRequest:
@@ -746,10 +748,13 @@ def format_summary(s: dict) -> str:
 def train(config: TrainConfig) -> dict:
     """Build a :class:`Trainer` and run it (collective under torchrun); returns the summary."""
     trainer = Trainer(config)
+    finished = False
     try:
-        return trainer.train()
+        summary = trainer.train()
+        finished = True
+        return summary
     finally:
-        trainer.close()
+        trainer.close(finished)
 
 
 def _with_range_fractions(stats: dict) -> dict:
