@@ -170,6 +170,16 @@ def test_ci_runs_the_readme_test_command_from_the_constraints():
     assert "pytest" in command
 
 
+def test_ci_reruns_the_numerics_files_under_other_instruction_sets():
+    """.ci/run runs .ci/numerics under two settings other than the machine's own (an instruction set with 2
+    threads, the portable kernels with 1), and every file .ci/numerics names exists."""
+    run = (ROOT / ".ci" / "run").read_text()
+    settings = re.findall(r"^ATEN_CPU_CAPABILITY=(\w+) OMP_NUM_THREADS=(\d) bash \.ci/numerics$", run, re.M)
+    assert len(set(settings)) >= 2 and {t for _, t in settings} == {"1", "2"}, settings
+    files = re.findall(r"tests/test_\w+\.py", (ROOT / ".ci" / "numerics").read_text())
+    assert files and all((ROOT / f).is_file() for f in files), [f for f in files if not (ROOT / f).is_file()]
+
+
 def test_constraints_pin_every_dependency():
     """Every requirement of the package and of its dev extra is pinned with == in constraints.txt."""
     import re
