@@ -358,7 +358,9 @@ def generate(*, pipeline: str | os.PathLike, prompts: str | os.PathLike, out: st
         else:
             skipped = len(mine)
         ranks.barrier()
-        summary = {"generated": generated, "skipped": skipped, "videos": len(jobs), "rank": ranks.rank}
+        summary = {"generated": generated, "skipped": skipped, "videos": len(jobs), "rank": ranks.rank,
+                   "world_size": ranks.world_size,
+                   "prompts": sorted({i for i, _ in jobs if i % ranks.world_size == ranks.rank})}
         if ranks.is_main:
             records = [job for _, job in jobs]
             absent = [r["video"] for r in records if not (out / r["video"]).exists()]
@@ -430,6 +432,10 @@ def run(args) -> int:
                        text_len=args.text_len, video_format=args.video_format,
                        dtype=default_dtype(args.dtype, args.device), device=args.device,
                        overwrite=args.overwrite, progress=args.progress)
+    if summary["world_size"] > 1:
+        print(f"pgdpo data generate: rank {summary['rank']}/{summary['world_size']}: prompts "
+              f"{summary['prompts']}, {summary['generated']} video(s) generated, {summary['skipped']} "
+              "already there", flush=True)
     if "manifest" in summary:
         print(f"pgdpo data generate: {summary['videos']} videos ({summary['generated']} generated here, "
               f"{summary['skipped']} already there); wrote {summary['manifest']}")
