@@ -325,3 +325,112 @@ def test_score_resumes_after_a_crash_and_checks_hooks(pipe_dir, tmp_path, capsys
     assert main(["data", "score", "--in", str(gen / "generations.jsonl"), "--out", str(tmp_path / "y.jsonl"),
                  "--reward", "tests._rewards:nothing"]) == 1
     assert "--reward 'tests._rewards:nothing'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- LoRA, I2V
+
+
+def _pipeline_video(pipe_dir, prompt, seed, transformer=None, **kw) -> np.ndarray:
+    """A video made by diffusers' own pipeline class, called directly, as uint8."""
+    import diffusers
+
+    extra = {"transformer": transformer} if transformer is not None else {}
+    name = json.loads((Path(pipe_dir) / "model_index.json").read_text())["_class_name"]
+    pipe = getattr(diffusers, name).from_pretrained(str(pipe_dir), local_files_only=True, **extra)
+    frames = pipe(prompt=prompt, height=32, width=32, num_frames=5, num_inference_steps=2, max_sequence_length=16,
+                  generator=torch.Generator().manual_seed(seed), output_type="np", **kw).frames[0]
+    return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+
+
+def test_eval_of_lora_weights_matches_the_merged_adapters(pipe_dir, tmp_path):
+    from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
+
+    from pgdpo.train.cli import main as train_main
+    from pgdpo.train.data.synth import synth_dataset
+
+    data = tmp_path / "data"
+    synth_dataset(data, pairs=4, latent_shape=(16, 2, 4, 4), text_len=16, text_dim=32, progress=False)
+    run_dir = tmp_path / "run"
+    assert train_main(["--config", str(ROOT / "configs" / "demo.yaml"), "--output-dir", str(run_dir),
+                       "--data.path", str(data), "--model.path", str(pipe_dir), "--model.lora_rank", "2",
+                       "--max-steps", "2", "--train.batch_size", "2", "--train.micro_batch_size", "1",
+                       "--validation.every", "0", "--logging.progress", "false", "--logging.trackers", "[]",
+                       "--logging.plots", "false", "--optim.warmup_steps", "0", "--optim.lr", "3e-2"]) == 0
+    lora = run_dir / "final" / "pytorch_lora_weights.safetensors"
+    ev = tmp_path / "eval"
+    assert main(["eval", "--pipeline", str(pipe_dir), "--trained", str(run_dir), "--prompts",
+                 str(_prompts(tmp_path / "p.txt", 1)), "--out", str(ev), "--seeds", "5", "--steps", "2",
+                 "--no-progress", "--video-format", "npy", *SIZE]) == 0
+    report = json.loads((ev / "eval.json").read_text())
+    assert report["settings"]["trained_kind"] == "lora"
+    assert report["metrics"]["temporal_flickering"]["difference_std_over_seeds"] is None  # one seed
+    assert "| n/a |" in (ev / "eval.md").read_text()
+    # independently: W + (alpha / r) B A merged into the base transformer by hand
+    transformer = WanTransformer3DModel.from_pretrained(str(pipe_dir / "transformer"))
+    params = dict(transformer.named_parameters())
+    with safe_open(str(lora), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
+        keys = [k for k in f.keys() if k.endswith("lora_A.weight")]
+        assert keys
+        with torch.no_grad():
+            for key in keys:
+                a, b = f.get_tensor(key), f.get_tensor(key.replace("lora_A", "lora_B"))
+                assert b.abs().max() > 0  # trained
+                params[key.removeprefix("transformer.").replace("lora_A.weight", "weight")] += scale * b @ a
+    want = _pipeline_video(pipe_dir, PROMPTS[0], 5, transformer=transformer)
+    got = np.load(ev / "trained" / "videos" / "00000_s5.npy")
+    assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1
+    assert not np.array_equal(got, np.load(ev / "base" / "videos" / "00000_s5.npy"))
+
+
+def test_i2v_generate_with_an_image_per_prompt_then_encode(pipe_dir, tmp_path, capsys):
+    pytest.importorskip("ftfy", reason="diffusers' WanImageToVideoPipeline needs ftfy (pgdpo's dev/train extra)")
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from pgdpo.train.models import build_model
+
+    base = WanPipeline.from_pretrained(str(pipe_dir), local_files_only=True)
+    torch.manual_seed(0)
+    i2v = tmp_path / "pipe_i2v"
+    WanImageToVideoPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+        image_encoder=CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                                       num_attention_heads=2, image_size=32, patch_size=8)),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        transformer=build_model("tiny-wan-i2v", seed=1)).save_pretrained(i2v)
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{name}.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0], "prompt_id": "cat", "image": "img/a.png"}) + "\n"
+                       + json.dumps({"prompt": PROMPTS[1], "prompt_id": "dog", "image": "img/b.png"}) + "\n")
+    gen = tmp_path / "gen"
+    _generate(i2v, prompts, gen, "--video-format", "npy")
+    records = _manifest(gen)
+    assert [(r["prompt_id"], r["seed"], Path(r["image"]).name) for r in records] == [
+        ("cat", 0, "a.png"), ("cat", 1, "a.png"), ("dog", 2, "b.png"), ("dog", 3, "b.png")]
+    with Image.open(tmp_path / "img" / "b.png") as image:
+        want = _pipeline_video(i2v, PROMPTS[1], 3, image=image.convert("RGB"))
+    got = np.load(gen / records[3]["video"])
+    assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1
+    assert main(["data", "score", "--in", str(gen / "generations.jsonl"), "--out", str(gen / "scored.jsonl"),
+                 "--reward", "tests._rewards:brightness", "--no-progress"]) == 0
+    assert main(["data", "pairs", "--scores", str(gen / "scored.jsonl"), "--out", str(gen / "pairs.jsonl")]) == 0
+    assert all("image" in json.loads(line) for line in (gen / "pairs.jsonl").read_text().splitlines())
+    assert main(["data", "encode", "--pairs", str(gen / "pairs.jsonl"), "--pipeline", str(i2v), "--task", "i2v",
+                 "--out", str(tmp_path / "data"), "--text-len", "16", "--dtype", "float32"]) == 0
+    meta = validate_dataset(tmp_path / "data", deep=True)
+    assert meta.task == "i2v" and meta.num_pairs == 2
+    check_compatible(meta, "tiny-wan-i2v")
+    # a prompt without its image is named
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0], "prompt_id": "cat", "image": "img/a.png"}) + "\n"
+                       + json.dumps({"prompt": PROMPTS[1], "prompt_id": "dog"}) + "\n")
+    capsys.readouterr()
+    assert main(["data", "generate", "--pipeline", str(i2v), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "x")]) == 1
+    assert "prompt 'dog' has none" in capsys.readouterr().err

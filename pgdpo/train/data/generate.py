@@ -136,6 +136,12 @@ def pipeline_task(folder: str | os.PathLike) -> tuple[str, str]:
                                     "model_index.json)")
         if required_file and not (sub / required_file).is_file():
             raise FileNotFoundError(f"--pipeline {str(folder)!r}: part {part}/ has no {required_file}")
+    if task == "i2v":
+        import importlib.util
+
+        if importlib.util.find_spec("ftfy") is None:  # diffusers' Wan I2V prompt cleaning calls it unguarded
+            raise ValueError(f"--pipeline {str(folder)!r}: diffusers' {name} needs the ftfy package to clean "
+                             "prompts (pip install ftfy; it is in pgdpo's train extra)")
     return name, task
 
 
