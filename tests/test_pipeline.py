@@ -434,3 +434,21 @@ def test_i2v_generate_with_an_image_per_prompt_then_encode(pipe_dir, tmp_path, c
     assert main(["data", "generate", "--pipeline", str(i2v), "--prompts", str(prompts), "--out",
                  str(tmp_path / "x")]) == 1
     assert "prompt 'dog' has none" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_eval_on_two_processes_equals_one(pipe_dir, tmp_path):
+    """Prompts split over 2 processes (gloo, CPU); the trained model here is a transformer folder in
+    save_pretrained layout (what `pgdpo export` writes), swapped into the pipeline."""
+    from pgdpo.train.models import build_model
+
+    build_model("tiny-wan-t2v", seed=2).save_pretrained(tmp_path / "exported")
+    args = ["eval", "--pipeline", str(pipe_dir), "--trained", str(tmp_path / "exported"), "--prompts",
+            str(_prompts(tmp_path / "p.txt", 3)), "--seeds", "0,1", "--steps", "2", "--no-progress",
+            "--reward", "tests._rewards:brightness", "--video-format", "npy", *SIZE]
+    run([*torchrun(2, "-m", "pgdpo", *args), "--out", str(tmp_path / "two")])
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert one["settings"]["trained_kind"] == "full" and len(one["videos"]) == 2 * 3 * 2
+    assert one["videos"] == two["videos"] and one["metrics"] == two["metrics"]
+    assert (tmp_path / "two" / "contact_sheet.png").is_file()

@@ -271,7 +271,9 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
                 pipe = load_model_pipeline(model, pipeline, trained_model, dtype, ranks.device(device))
                 gen.run_jobs(pipe, jobs[model], folder, settings, progress=progress and ranks.is_main,
                              desc=f"{model}: generating")
-                del pipe
+                del pipe  # one pipeline in memory at a time
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         ranks.barrier()
         if not ranks.is_main:
             return None
