@@ -19,7 +19,8 @@ Metrics, per video:
 Written into ``--out``: ``videos`` of both models (``base/``, ``trained/``; a rerun reuses them),
 ``eval.json`` (settings, per-video scores, the table), ``eval.md`` (per metric: base mean, trained mean,
 the difference trained - base and its standard deviation over seeds, the fraction of prompt x seed where
-trained > base), ``contact_sheet.png`` (per prompt, first seed: base and trained frames side by side).
+trained > base), ``contact_sheet.png`` (the first ``--sheet-prompts`` prompts, first seed: base and
+trained frames side by side).
 Under ``torchrun`` the prompts are split over the ranks (one pipeline per GPU); rank 0 scores and writes.
 """
 
@@ -217,11 +218,13 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
              height: int = 480, width: int = 832, steps: int = 50, guidance: float = 5.0,
              negative_prompt: str | None = None, text_len: int = 512, video_format: str = "png",
              dtype: torch.dtype = torch.bfloat16, device: str = "auto", batch_size: int = 8,
-             progress: bool = True) -> dict | None:
+             sheet_prompts: int = 8, progress: bool = True) -> dict | None:
     """``pgdpo eval`` (module docstring). Returns the table on rank 0 (None on the others)."""
     from pgdpo.train.data import generate as gen
     from pgdpo.train.data.score import call_hook, load_hooks, video_for_hooks
 
+    if sheet_prompts < 1 or batch_size < 1:
+        raise ValueError(f"--sheet-prompts and --batch-size must be >= 1, got {sheet_prompts}, {batch_size}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct integers, got {seeds}")
     items = gen.read_prompts(prompts)
@@ -244,18 +247,24 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
                 "negative_prompt": negative_prompt, "text_len": text_len, "video_format": video_format,
                 "dtype": str(dtype).removeprefix("torch."), "prompts_sha256": gen._digest(items),
                 "num_prompts": len(items)}
+    def video_name(index: int, seed: int) -> str:
+        return f"{gen.VIDEOS}/{index:05d}_s{seed}" + (".npy" if video_format == "npy" else "")
+
+    def model_settings(model: str) -> dict:  # the base videos do not depend on the trained model
+        drop = ("trained", "trained_kind") if model == "base" else ()
+        return {**{k: v for k, v in settings.items() if k not in drop}, "model": model}
+
     ranks = gen.Ranks()
     try:
         for model in MODELS:
-            gen.check_settings(out / model, {**settings, "model": model})
+            gen.check_settings(out / model, model_settings(model))
         ranks.barrier()
         jobs = {model: [] for model in MODELS}
         for item in items:
             for seed in seeds:
                 for model in MODELS:
                     job = {"prompt_id": item["prompt_id"], "prompt": item["prompt"], "seed": seed,
-                           "video": f"{gen.VIDEOS}/{item['index']:05d}_s{seed}"
-                           + (".npy" if video_format == "npy" else "")}
+                           "video": video_name(item["index"], seed)}
                     for key in ("image", "negative_prompt"):
                         if key in item:
                             job[key] = item[key]
@@ -265,7 +274,7 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
             folder = out / model
             if ranks.is_main:
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / gen.SETTINGS).write_text(json.dumps({**settings, "model": model}, indent=2) + "\n")
+                (folder / gen.SETTINGS).write_text(json.dumps(model_settings(model), indent=2) + "\n")
             ranks.barrier()
             if any(not (folder / job["video"]).exists() for job in jobs[model]):
                 pipe = load_model_pipeline(model, pipeline, trained_model, dtype, ranks.device(device))
@@ -290,10 +299,10 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
             chunk = all_jobs[start:start + batch_size]
             batch = []
             for model, item, seed in chunk:
-                rel = f"{gen.VIDEOS}/{item['index']:05d}_s{seed}" + (".npy" if video_format == "npy" else "")
+                rel = video_name(item["index"], seed)
                 path = out / model / rel
                 video = video_for_hooks(path)
-                if seed == seeds[0]:  # the contact sheet's frames only: whole videos are large
+                if seed == seeds[0] and item["index"] < sheet_prompts:  # frames only: videos are large
                     videos[(model, item["prompt_id"], seed)] = video[spaced_frames(video.shape[0])]
                 record = {"model": model, "prompt_id": item["prompt_id"], "prompt": item["prompt"],
                           "seed": seed, "video": f"{model}/{rel}", FLICKER: temporal_flickering(video)}
@@ -314,7 +323,7 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
         result = {"settings": settings, "metrics": table, "videos": records}
         _write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
         _write_text(out / "eval.md", markdown(table, settings))
-        contact_sheet(str(out / "contact_sheet.png"), videos, items, seeds[0])
+        contact_sheet(str(out / "contact_sheet.png"), videos, items[:sheet_prompts], seeds[0])
         return table
     finally:
         ranks.close()
@@ -380,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="videos per hook call (default 8)")
+    p.add_argument("--sheet-prompts", type=int, default=8, metavar="N",
+                   help="prompts (rows) in contact_sheet.png, the first N (default 8)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from pgdpo.train.data.format import DataError
@@ -391,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                          guidance=args.guidance, negative_prompt=args.negative_prompt,
                          text_len=args.text_len, video_format=args.video_format,
                          dtype=default_dtype(args.dtype, args.device), device=args.device,
-                         batch_size=args.batch_size, progress=args.progress)
+                         batch_size=args.batch_size, sheet_prompts=args.sheet_prompts,
+                         progress=args.progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"pgdpo eval: error: {exc}", file=sys.stderr)
         return 1
