@@ -11,7 +11,8 @@ COMMANDS = {
     "train": ("pgdpo.train.cli", "preference training from a YAML config (torchrun / accelerate aware)"),
     "export": ("pgdpo.train.export", "a checkpoint as a model diffusers loads (save_pretrained / LoRA)"),
     "plan": ("pgdpo.tools.plan", "will a config fit? memory per GPU and step time, before you start"),
-    "data": ("pgdpo.train.data.cli", "datasets: `pairs` from scored generations, `encode` videos, `synth`"),
+    "data": ("pgdpo.train.data.cli", "datasets: `generate` candidates, `score`, `pairs`, `encode`, `synth`"),
+    "eval": ("pgdpo.tools.evaluate", "base vs trained model on held-out prompts: rewards, flickering, CLIP"),
     "toy": ("pgdpo.tools.toy", "the likelihood-displacement lab: DPO vs ARS vs IPR vs PG-DPO on a toy model"),
 }
 

@@ -36,20 +36,21 @@ import torch
 SAMPLES_DIR = "samples"
 
 
-def load_reward(spec: str):
-    """The callable named by ``"module:function"`` (an error naming ``validation.reward`` otherwise)."""
+def load_reward(spec: str, what: str = "validation.reward"):
+    """The callable named by ``"module:function"`` (an error naming ``what`` otherwise; ``pgdpo data
+    score`` and ``pgdpo eval`` load their ``--reward`` hooks with it too)."""
     from .config import ConfigError
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"validation.reward must be 'module:function', got {spec!r}")
+        raise ConfigError(f"{what} must be 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"validation.reward {spec!r}: cannot import {module_name!r} ({exc})") from None
+        raise ConfigError(f"{what} {spec!r}: cannot import {module_name!r} ({exc})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"validation.reward {spec!r}: {module_name} has no callable {attr!r}")
+        raise ConfigError(f"{what} {spec!r}: {module_name} has no callable {attr!r}")
     return fn
 
 

@@ -6,7 +6,8 @@
 - :class:`DatasetWriter`, :func:`read_meta`, :func:`read_index`, :func:`validate_dataset` -- the format
   (:mod:`pgdpo.train.data.format` documents the files);
 - :func:`make_pairs` (``pgdpo data pairs``), :func:`encode_dataset` (``pgdpo data encode``),
-  :func:`synth_dataset` (``pgdpo data synth``).
+  :func:`synth_dataset` (``pgdpo data synth``); :mod:`.generate` (``pgdpo data generate``: candidates from
+  a base pipeline) and :mod:`.score` (``pgdpo data score``: reward hooks) come before them.
 """
 
 from .collate import collate

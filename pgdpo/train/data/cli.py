@@ -1,5 +1,7 @@
 """``pgdpo data``: make preference datasets.
 
+    pgdpo data generate --pipeline WAN_DIR --prompts prompts.txt --per-prompt 4 --out GEN
+    pgdpo data score  --in GEN/generations.jsonl --out scored.jsonl --reward module:function
     pgdpo data pairs  --scores gens.jsonl --out pairs.jsonl [--min-margin 0.1] [--score-key scores.Overall]
     pgdpo data encode --pairs pairs.jsonl --pipeline WAN_DIR --out DATASET [--task i2v] [--frames 81 ...]
     pgdpo data synth  --out DATASET --pairs 64 --latent-shape 16,21,60,104 --text-len 512 --text-dim 4096
@@ -13,10 +15,13 @@ import json
 import sys
 
 _EPILOG = """\
-pipeline: generate several videos per prompt, score them (e.g. VideoAlign), then
-  1. pgdpo data pairs  : scored generations (JSONL) -> best-vs-worst pairs (JSONL)
-  2. pgdpo data encode : pairs + videos -> latent dataset (VAE latents, text embeddings; safetensors shards)
-  3. pgdpo train       : reads the dataset folder
+pipeline (docs/pipeline.md):
+  1. pgdpo data generate : K videos per prompt from the base model (local diffusers Wan pipeline)
+  2. pgdpo data score    : reward hooks (e.g. VideoAlign) -> scored generations (JSONL)
+  3. pgdpo data pairs    : scored generations (JSONL) -> best-vs-worst pairs (JSONL)
+  4. pgdpo data encode   : pairs + videos -> latent dataset (VAE latents, text embeddings; shards)
+  5. pgdpo train         : reads the dataset folder
+  6. pgdpo eval          : base vs trained on held-out prompts (rewards, flickering, CLIP score)
 `pgdpo data synth` makes a synthetic dataset in the same format; `pgdpo data check` validates one.
 Run `pgdpo data COMMAND --help` for each command's options and file formats.
 """
@@ -47,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Preference datasets for PG-DPO training.",
                                      epilog=_EPILOG, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import generate, score
+
+    generate.add_parser(sub, raw)
+    score.add_parser(sub, raw)
 
     p = sub.add_parser("pairs", help="scored generations -> best-vs-worst preference pairs",
                        formatter_class=raw,
@@ -152,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.command in ("generate", "score"):
+        from importlib import import_module
+
+        return import_module(f".{args.command}", __package__).run(args)
     if args.command == "pairs":
         from .pairs import make_pairs, read_scores, write_pairs
 
