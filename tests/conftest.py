@@ -7,6 +7,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's on-disk cache, one folder per instruction set and thread count (and inherited by the tests'
+# subprocesses): .ci/run runs the numerics files again under other ATEN_CPU_CAPABILITY settings, and a cache
+# filled under one setting serves wrong kernels under another (pgdpo.train.models.switches).
+from pgdpo.train.models.switches import inductor_cache_for_this_cpu  # noqa: E402
+
+inductor_cache_for_this_cpu()
+
 
 # The loss backends on CPU tensors, for the test files that take a backend name (tests/_parity.py);
 # tests/test_loss.py has its own (backend, device) cases; its `fused` overrides the one here.

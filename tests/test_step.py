@@ -1,6 +1,7 @@
 """PreferenceStep on tiny real diffusers models (CPU): loss at init, gradients, LoRA reference, switches."""
 
 import copy
+import os
 import math
 import warnings
 
@@ -444,3 +445,48 @@ def test_regional_compile_matches_eager():
     for (n, p), q, r in zip(eager.policy.named_parameters(), compiled.policy.parameters(),
                             exact.policy.parameters()):
         assert_float32_orders_agree(q.grad, p.grad, r.grad, n, bound)
+
+
+_COMPILE_ONE_BLOCK = """
+import sys, torch
+from pgdpo.train.models import build_model, compile_blocks
+from pgdpo.train.models.switches import inductor_cache_for_this_cpu
+model = build_model("tiny-wan-t2v", seed=0)
+folder = inductor_cache_for_this_cpu()
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 16, 2, 4, 4, generator=g)
+t = torch.tensor([100.0, 700.0])
+text = torch.randn(2, 5, model.config.text_dim, generator=g)
+with torch.no_grad():
+    eager = model(x, t, text, return_dict=False)[0]
+    compile_blocks(model)
+    compiled = model(x, t, text, return_dict=False)[0]
+err = float((compiled.double() - eager.double()).norm() / eager.double().norm())
+print("RESULT", torch.backends.cpu.get_cpu_capability(), folder, err)
+"""
+
+
+def test_regional_compile_survives_another_instruction_set(tmp_path):
+    """A compiled block run under one CPU instruction set and then, with the same temporary folder, under
+    another (as .ci/run does, and a user with a shared home folder on mixed machines) computes what eager
+    does in both: the Inductor cache is one folder per setting. Without that, torch 2.13 served the first
+    setting's kernels to the second (NaN under avx2 after AVX-512; a C++ compile error under default)."""
+    import subprocess
+    import sys
+
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    other = "avx2" if native == "avx512" else "default"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env.update(TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    folders = set()
+    for capability in (native, other):
+        proc = subprocess.run([sys.executable, "-c", _COMPILE_ONE_BLOCK], env={**env, "ATEN_CPU_CAPABILITY": capability},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+        _, isa, folder, err = line.split()
+        assert isa.lower() == capability and folder.startswith(str(tmp_path))
+        bound = network_bound(build_model("tiny-wan-t2v", seed=0), tokens=2 * 2 * 4 * 4)
+        assert float(err) <= bound, f"compiled under {capability}: relative error {err} against eager"
+        folders.add(folder)
+    assert len(folders) == 2

@@ -125,6 +125,32 @@ def disable_dropout(model: nn.Module) -> int:
     return active
 
 
+def inductor_cache_for_this_cpu() -> str | None:
+    """Give Inductor's on-disk cache a folder per CPU instruction set and thread count, unless the user
+    chose one (``TORCHINDUCTOR_CACHE_DIR``); returns the folder set, or None.
+
+    Inductor's FX graph cache keys a compiled CPU graph without the instruction set its C++ was generated
+    for (``ATEN_CPU_CAPABILITY``) and, before torch 2.14, without the thread count it was specialised to.
+    A cache filled under one setting and read under another returned kernels of the wrong vector width:
+    NaN from a compiled Wan block (AVX-512 cache read under ``avx2``, torch 2.13) or a C++ compile error
+    (under ``default``); with a fresh folder each setting is correct. Reproduced in
+    ``tests/test_step.py::test_regional_compile_survives_another_instruction_set``.
+    """
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # importing torch._dynamo already wrote the default folder into the environment: not a user's choice
+    if chosen and os.path.abspath(chosen) != default:
+        return None
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    folder = os.path.join(default, f"cpu-{isa}-threads{torch.get_num_threads()}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """Regional ``torch.compile``: compile each repeated block in place, not the whole model.
 
@@ -134,6 +160,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """
     base = unwrap_model(model)
     blocks = _blocks(model)
+    if any(p.device.type == "cpu" for p in base.parameters()):
+        inductor_cache_for_this_cpu()
     if getattr(base, "_repeated_blocks", None):
         base.compile_repeated_blocks(**compile_kwargs)
     else:
