@@ -1,8 +1,8 @@
 """PreferenceStep on tiny real diffusers models (CPU): loss at init, gradients, LoRA reference, switches."""
 
 import copy
-import os
 import math
+import os
 import warnings
 
 import pytest
