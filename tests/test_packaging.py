@@ -45,17 +45,34 @@ def test_kernels_import_as_pgdpo_kernels_not_top_level(tmp_path):
 _THEIRS = ("kernels", "csrc", "bench")
 
 
+def _installed_elsewhere(name: str) -> str | None:
+    """Where an installed top-level package ``name`` lives (looked up from outside the repository), or None."""
+    code = (f"import importlib.util; s = importlib.util.find_spec({name!r}); "
+            "print(s.origin if s and s.origin else (list(s.submodule_search_locations)[0] if s else ''))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True,
+                         timeout=120).stdout.strip()
+    return out or None
+
+
 def test_installed_packages_named_like_our_folders_stay_theirs(tmp_path):
-    """Packages named like the repository's top-level folders (Hugging Face's ``kernels``, which transformers
-    imports; a ``csrc``; a ``bench``) first on sys.path, everything run from the repository root, where
-    ``python -m`` / ``torchrun -m`` put the root on sys.path: ``python -m pgdpo --help`` and a tiny training
-    run work, pgdpo's kernels and C++ sources are ours (pgdpo.kernels, pgdpo.csrc), and ``import kernels`` /
-    ``import csrc`` give theirs. (``bench`` is ours from the root by design, a development folder run as
-    ``python -m bench``, so the library must never import it: checked too.)"""
+    """Packages named like the repository's top-level folders (Hugging Face's ``kernels``, which the newest
+    transformers imports; a ``csrc``; a ``bench``), everything run from the repository root, where
+    ``python -m`` / ``torchrun -m`` put the root first on sys.path: ``python -m pgdpo --help`` and a tiny
+    training run work, pgdpo's kernels and C++ sources are ours (pgdpo.kernels, pgdpo.csrc), and
+    ``import kernels`` / ``import csrc`` give theirs: the installed one where there is one (transformers
+    then really imports it), else a stand-in package first on PYTHONPATH. (``bench`` is ours from the root
+    by design, a development folder run as ``python -m bench``, so the library must never import it.)"""
     site = tmp_path / "site"
+    theirs = {}
     for name in _THEIRS:
+        installed = _installed_elsewhere(name)
+        if installed is not None and name != "bench":
+            theirs[name] = Path(installed).resolve()
+            continue
         (site / name).mkdir(parents=True)
-        (site / name / "__init__.py").write_text(f"WHO = 'theirs'\nNAME = {name!r}\n")
+        (site / name / "__init__.py").write_text(f"NAME = {name!r}\n")
+        theirs[name] = (site / name / "__init__.py").resolve()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1")
     help_run = subprocess.run([sys.executable, "-m", "pgdpo", "--help"], cwd=ROOT, env=env,
@@ -76,7 +93,7 @@ import pgdpo.kernels, pgdpo.csrc
 print("OURS", pgdpo.kernels.__path__[0], pgdpo.csrc.__path__[0])
 print("BENCH_IMPORTED", "bench" in sys.modules)
 import csrc, kernels
-print("THEIRS", kernels.WHO, csrc.WHO)
+print("THEIRS", kernels.__file__, csrc.__file__)
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -87,7 +104,8 @@ print("THEIRS", kernels.WHO, csrc.WHO)
     assert Path(ours_kernels).resolve() == (ROOT / "kernels").resolve()
     assert Path(ours_csrc).resolve() == (ROOT / "csrc").resolve()
     assert lines["BENCH_IMPORTED"] == "False", "the library imported the development folder bench/"
-    assert lines["THEIRS"] == "theirs theirs"
+    got_kernels, got_csrc = (Path(f).resolve() for f in lines["THEIRS"].split())
+    assert (got_kernels, got_csrc) == (theirs["kernels"], theirs["csrc"])
 
 
 def _blocking(*packages: str) -> str:
