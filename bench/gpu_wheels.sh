@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 DIFFUSERS_VERSION="${DIFFUSERS_VERSION:-$(python -c 'import diffusers; print(diffusers.__version__)')}"
 mkdir -p .whl
 python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
-    -d .whl "diffusers==${DIFFUSERS_VERSION}" importlib_metadata
+    -d .whl "diffusers==${DIFFUSERS_VERSION}" "importlib_metadata==8.7.0"  # 9+ needs lazy-importer
 ls -l .whl
