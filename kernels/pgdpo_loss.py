@@ -711,7 +711,9 @@ def forward(pred, ref_pred, target, sample_weight, scalars, flags):
                 partials, sample_weight if has_weight else partials, loss, stats, saved, b, split, *flat,
                 **flags, REDUCTION=int(reduction), ACC=acc_tl, NSTATS=NUM_STATS,
                 NSTATS_P2=triton.next_power_of_2(NUM_STATS), BLOCK_B=block_b,
-                BLOCK_P=block_p, num_warps=4, **_COMPILE)
+                # 8 warps: with 4, ptxas parked a value in local memory for some tiles (H20, 8 pairs:
+                # BLOCK_P = 64); one program, so the registers per thread cost no occupancy
+                BLOCK_P=block_p, num_warps=8, **_COMPILE)
         return loss, stats, saved
 
     # N not divisible by 16: rows start unaligned, so loads are per element whatever the block, and
