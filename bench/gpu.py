@@ -324,6 +324,8 @@ def _train_args(run: Run, lora_rank: int, frames: int, folder: Path) -> list[str
             "--train.micro_batch_size", "1", "--logging.trackers", "[]", "--logging.plots", "false",
             "--logging.progress", "false", "--checkpoint.save_every", "0", "--validation.every", "0",
             "--model.lora_rank", str(lora_rank), "--data.frames", str(frames)]
+    if lora_rank:  # reference = the policy with its adapters off (no second copy), as `pgdpo plan` assumes
+        args += ["--method.reference", "lora"]
     if run.dry_run:  # the 2-block slice on a tiny video, fp32 compute path of the CPU
         args += ["--model.name", SLICE, "--data.height", "32", "--data.width", "32", "--data.text_len", "8",
                  "--model.attention", "null", "--device", "cpu"]
@@ -340,7 +342,38 @@ def train_step_main(argv: list[str]) -> int:
     from pgdpo.train.models import MODEL_CONFIGS
 
     MODEL_CONFIGS[SLICE] = {**MODEL_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": 2}
-    return pgdpo_main(["train", *argv])
+    times = _time_reference_forward()
+    try:
+        return pgdpo_main(["train", *argv])
+    finally:
+        out = argv[argv.index("--output-dir") + 1]
+        (Path(out) / "reference_times.json").write_text(json.dumps(times) + "\n")
+
+
+def _time_reference_forward() -> list[float]:
+    """Seconds of each reference forward (``PreferenceStep.reference_prediction``), synchronised: its share
+    of the step is sum / (step_time_s of metrics.jsonl)."""
+    import torch
+
+    from pgdpo.train.step import PreferenceStep
+
+    times: list[float] = []
+    inner = PreferenceStep.reference_prediction
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def timed(self, *args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = inner(self, *args, **kwargs)
+        sync()
+        times.append(time.perf_counter() - start)
+        return out
+
+    PreferenceStep.reference_prediction = timed
+    return times
 
 
 def train_section(run: Run):
@@ -371,7 +404,13 @@ def train_section(run: Run):
                 tflops = sorted(r.get("tflops_per_device", 0.0) for r in timed)[len(timed) // 2]
                 peak = None if run.dry_run else next(
                     (v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() == gpu), None)
+                ref = []
+                if (folder / "reference_times.json").exists():
+                    ref = json.loads((folder / "reference_times.json").read_text())
+                # one reference forward per micro-batch, micro-batches = steps here (batch 1)
+                ref_share = (sorted(ref[1:] or ref)[len(ref[1:] or ref) // 2] / med) if ref else None
                 out[label] = dict(frames=frames, step_time_s=med, tflops_per_device=tflops,
+                                  reference_share=round(ref_share, 3) if ref_share else None,
                                   mfu=round(tflops / peak, 3) if peak and tflops else None,
                                   peak_mem_gb=max(r.get("peak_mem_gb", 0) for r in timed), steps=len(steps))
                 break
@@ -384,12 +423,16 @@ def train_section(run: Run):
         if rank:
             plan += ["--lora-rank", str(rank)]
         if run.dry_run:
-            plan += ["--height", "32", "--width", "32"]
+            plan += ["--height", "32", "--width", "32", "--text-len", "8"]
         run.command(f"plan-{label}", plan, 60)
         try:
             text = (run.out / f"plan-{label}.log").read_text()
-            out[label]["plan"] = json.loads(text[text.index("{"):])
-        except (ValueError, OSError):
+            plan = out[label]["plan"] = json.loads(text[text.index("{"):])
+            per_video = plan["flops"]["per_video"]
+            out[label].update(plan_step_s=plan["time"]["step_s"], plan_total_gib=round(plan["total_gib"], 2),
+                              plan_reference_share=round(per_video["reference forward"]
+                                                         / sum(per_video.values()), 3))
+        except (ValueError, OSError, KeyError, TypeError):
             out[label]["plan"] = "unreadable (see the log)"
         (run.out / "train.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     return {k: {kk: vv for kk, vv in v.items() if kk != "plan"} for k, v in out.items()}
