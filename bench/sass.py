@@ -16,10 +16,11 @@ and GPU: occupancy (by registers, warps, shared memory) and waves of the grid. F
 - error: a spill inside a loop on sm_90; an element load of the streaming kernels narrower than the
   layout allows (``min(128, elements per thread * element bits)``) where ``N`` is 16-aligned.
 - warning: a spill outside every loop (a value parked once per thread; ptxas's trade for a step of
-  occupancy); occupancy below 50%; a last wave under half full (grids of more than one wave); element loads
-  at element width because ``N`` is not 16-aligned (row starts then are not 16-byte aligned).
+  occupancy); occupancy below 50%; a last wave under half full where that idles over 10% of the
+  waves; element loads at element width because ``N`` is not 16-aligned (row starts then are not
+  16-byte aligned).
 
-``--model`` (on by default) adds the time model of ``bench/NOTES.md``: per shape, dtype and weighting,
+The audit also writes the time model of ``bench/NOTES.md``: per shape, dtype and weighting,
 bytes / achievable bandwidth with the wave tail and one launch gap per kernel, for H100, H200 and H20,
 next to the one-pass floor. Results: ``bench/results/sass/sass.{md,json}``.
 """
@@ -463,8 +464,11 @@ def judge(row) -> list[dict]:
         if row["occupancy"] < 0.5:
             add("warning", f"occupancy {row['occupancy']:.2f} (limited by {row['limiter']}, "
                            f"{row['registers']} registers)")
-        if row["waves"] > 1 and row["last_wave_fill"] < 0.5:
-            add("warning", f"{row['waves']:.2f} waves: last wave {row['last_wave_fill']:.0%} full")
+        # a last wave under half full, where it costs more than 10% of the kernel's waves
+        tail_cost = (1 - row["last_wave_fill"]) / math.ceil(row["waves"]) if row["waves"] > 1 else 0.0
+        if row["last_wave_fill"] < 0.5 and tail_cost > 0.1:
+            add("warning", f"{row['waves']:.2f} waves: last wave {row['last_wave_fill']:.0%} full "
+                           f"({tail_cost:.0%} of the waves idle)")
     return out
 
 
