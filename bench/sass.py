@@ -561,6 +561,18 @@ def run(archs=(90, 80), shapes=None, dtypes=None, weightings=None, options=None,
     return result
 
 
+def _json_lines(result: dict) -> str:
+    """JSON with one list item per line (~4000 launch rows: indented, the file would be 2.6 MB)."""
+    parts = []
+    for key, value in result.items():
+        if isinstance(value, list):
+            items = ",\n".join(json.dumps(v, separators=(",", ":"), default=str) for v in value)
+            parts.append(f"{json.dumps(key)}: [\n{items}\n]")
+        else:
+            parts.append(f"{json.dumps(key)}: {json.dumps(value, default=str)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -600,7 +612,12 @@ def main(argv=None) -> int:
     json_path = args.json or RESULTS / "sass.json"
     md_path = args.markdown or json_path.with_suffix(".md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    # launch rows without what their compiled variant (``kernels``, by ``variant`` id) already says
+    per_variant = {"arch", "block", "num_warps", "registers", "spill_stores", "spill_loads", "spill_bytes",
+                   "spill_loop_bytes", "stack", "shared"}
+    rows = [{k: v for k, v in r.items() if k not in per_variant and not k.startswith("element_")}
+            for r in result["rows"]]
+    json_path.write_text(_json_lines({**result, "rows": rows}))
     md_path.write_text(markdown(result))
     errors = [f for f in result["findings"] if f["level"] == "error"]
     print(f"{len(result['kernels'])} kernel variants compiled in {result['meta']['seconds']} s; "
