@@ -202,6 +202,12 @@ def _reduce_partials(ptr, rows, row_mask, P, ACC: tl.constexpr, BLOCK_B: tl.cons
 
 
 @triton.jit
+def _put_stat(tile, cols, col: tl.constexpr, value):
+    """``tile[:, col] = value`` (a selection: the value's bits are stored unchanged)."""
+    return tl.where(cols[None, :] == col, value[:, None], tile)
+
+
+@triton.jit
 def _store_stat(stats_ptr, pairs, mask, col: tl.constexpr, value, NSTATS: tl.constexpr):
     tl.store(stats_ptr + pairs * NSTATS + col, value, mask=mask)
 
@@ -254,7 +260,7 @@ def _sample_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, saved_ptr
                             HAS_WEIGHT: tl.constexpr, ARS: tl.constexpr, IPR: tl.constexpr,
                             SAME_K: tl.constexpr, ANCHOR: tl.constexpr, DETACH: tl.constexpr,
                             ABS: tl.constexpr, REL: tl.constexpr, REDUCTION: tl.constexpr,
-                            ACC: tl.constexpr, NSTATS: tl.constexpr,
+                            ACC: tl.constexpr, NSTATS: tl.constexpr, NSTATS_P2: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program: per pair, reduce ``part[4, 2B, P]``, evaluate Eq. 7-9, write ``stats[B, NSTATS]``,
     ``saved[2B, 2] = (c_t, c_r)`` and ``loss`` (``[B]`` for none, else the fixed-order sum over B)."""
@@ -299,20 +305,26 @@ def _sample_epilogue_kernel(part_ptr, weight_ptr, loss_ptr, stats_ptr, saved_ptr
         tl.store(saved_ptr + 2 * rej, coef * g_dl, mask=mask)
         tl.store(saved_ptr + 2 * rej + 1, tl.zeros([BLOCK_B], ACC), mask=mask)
 
-        _store_stat(stats_ptr, pairs, mask, 0, d_w, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 1, d_l, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 2, m, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 3, alpha, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 4, gamma, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 5, loss_dpo, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 6, loss_ipr, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 7, loss, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 8, mse_pw, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 9, mse_pl, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 10, mse_rw, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 11, mse_rl, NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 12, -0.5 * beta * (d_w - d_l), NSTATS)
-        _store_stat(stats_ptr, pairs, mask, 13, tl.where(d_w < d_l, 1.0, 0.0).to(ACC), NSTATS)
+        # The 14 columns as one [BLOCK_B, NSTATS_P2] tile and one masked store: 14 separate stores kept 14
+        # address pairs live and made ptxas spill one on sm_90 (bench/NOTES.md, SASS audit).
+        cols = tl.arange(0, NSTATS_P2)
+        tile = tl.zeros([BLOCK_B, NSTATS_P2], ACC)
+        tile = _put_stat(tile, cols, 0, d_w)
+        tile = _put_stat(tile, cols, 1, d_l)
+        tile = _put_stat(tile, cols, 2, m)
+        tile = _put_stat(tile, cols, 3, alpha)
+        tile = _put_stat(tile, cols, 4, gamma)
+        tile = _put_stat(tile, cols, 5, loss_dpo)
+        tile = _put_stat(tile, cols, 6, loss_ipr)
+        tile = _put_stat(tile, cols, 7, loss)
+        tile = _put_stat(tile, cols, 8, mse_pw)
+        tile = _put_stat(tile, cols, 9, mse_pl)
+        tile = _put_stat(tile, cols, 10, mse_rw)
+        tile = _put_stat(tile, cols, 11, mse_rl)
+        tile = _put_stat(tile, cols, 12, -0.5 * beta * (d_w - d_l))
+        tile = _put_stat(tile, cols, 13, tl.where(d_w < d_l, 1.0, 0.0).to(ACC))
+        tl.store(stats_ptr + pairs[:, None] * NSTATS + cols[None, :], tile,
+                 mask=mask[:, None] & (cols < NSTATS)[None, :])
     if REDUCTION != 0:
         tl.store(loss_ptr + tl.arange(0, 1), tl.sum(total, axis=0) * scale)
 
@@ -549,8 +561,14 @@ def launch_config(*, block: int | None = None, split: int | None = None, backwar
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
+def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (the one seam ``bench.sass`` replaces to replay the launcher's
+    configuration for a GPU it does not have)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _forward_config(n: int, programs_per_split: int, device: torch.device, default_block: int):
@@ -564,7 +582,7 @@ def _forward_config(n: int, programs_per_split: int, device: torch.device, defau
         block = default_block
         # Memory-bound streaming: ~8 resident programs per SM so a batch of a few huge samples
         # (B = 1 video pair) still spreads over the whole GPU.
-        target = 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target = 8 * _sm_count(device)
         split = max(1, -(-target // programs_per_split))
     block = _OVERRIDE.get("block", block)
     split = _OVERRIDE.get("split", split)
@@ -691,11 +709,18 @@ def forward(pred, ref_pred, target, sample_weight, scalars, flags):
                 ACC=acc_tl, BLOCK=block, num_warps=8, **_COMPILE)
             _sample_epilogue_kernel[(1,)](
                 partials, sample_weight if has_weight else partials, loss, stats, saved, b, split, *flat,
-                **flags, REDUCTION=int(reduction), ACC=acc_tl, NSTATS=NUM_STATS, BLOCK_B=block_b,
-                BLOCK_P=block_p, num_warps=4, **_COMPILE)
+                **flags, REDUCTION=int(reduction), ACC=acc_tl, NSTATS=NUM_STATS,
+                NSTATS_P2=triton.next_power_of_2(NUM_STATS), BLOCK_B=block_b,
+                # 8 warps: with 4, ptxas parked a value in local memory for some tiles (H20, 8 pairs:
+                # BLOCK_P = 64); one program, so the registers per thread cost no occupancy
+                BLOCK_P=block_p, num_warps=8, **_COMPILE)
         return loss, stats, saved
 
-    block, split, chunk = _forward_config(n, b, pred.device, default_block=1024)
+    # N not divisible by 16: rows start unaligned, so loads are per element whatever the block, and
+    # 1024 elements per 256 threads kept 24 scalar addresses live per thread (128 registers, a spill on
+    # sm_90 with the margin options); 512 halves that (64 registers, twice the occupancy). SASS audit,
+    # bench/NOTES.md.
+    block, split, chunk = _forward_config(n, b, pred.device, default_block=1024 if n % 16 == 0 else 512)
     partials = torch.empty((_NUM_ELEMENT_PARTIALS, b, split), dtype=acc, device=pred.device)
     saved = torch.empty((two_b, n) if need_grad else (0,), dtype=saved_dtype(pred.dtype), device=pred.device)
     block_b, block_p = _epilogue_blocks(b, split)

@@ -28,10 +28,11 @@ def torchrun(nproc: int, *args: str) -> list[str]:
             *args]
 
 
-def run(cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], *, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` from the repository root; with ``check``, fail the test with the output's tail unless it
-    succeeds (``check=False`` for a run that is meant to fail)."""
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    succeeds (``check=False`` for a run that is meant to fail). ``env``: variables added to :data:`ENV`."""
+    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc

@@ -182,9 +182,16 @@ def _init_single_process_group(dev: torch.device) -> None:
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
 
 
+#: Environment switch that runs ``model.precision: bf16`` on CPU too (bf16 compute, fp32 master weights and
+#: reduction, as on GPU): slow on most CPUs, so off by default; the tests use it to run the GPU's
+#: precision path (tests/test_train_bf16.py).
+CPU_BF16_ENV = "PGDPO_CPU_BF16"
+
+
 def mixed_precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Compute dtype for ``precision``: bf16 on GPU; None (fp32 everywhere) on CPU or for fp32."""
-    if precision == "bf16" and device.type == "cuda":
+    """Compute dtype for ``precision``: bf16 on GPU (on CPU too with ``PGDPO_CPU_BF16=1``); None (fp32
+    everywhere) on CPU otherwise, or for fp32."""
+    if precision == "bf16" and (device.type == "cuda" or os.environ.get(CPU_BF16_ENV) == "1"):
         return torch.bfloat16
     return None
 

@@ -231,7 +231,10 @@ class Trainer:
         m, meth = self.cfg.model, self.cfg.method
         compute = mixed_precision_dtype(m.precision, self.dist.device)
         if m.precision == "bf16" and compute is None:
-            self.info("model.precision bf16 runs in fp32 on CPU")
+            self.info("model.precision bf16 runs in fp32 on CPU (PGDPO_CPU_BF16=1 runs it in bf16)")
+        elif compute is not None:
+            name = str(compute).removeprefix("torch.")
+            self.info(f"compute dtype {name} (fp32 master weights and reduction)")
         autocast = compute if self.dist.strategy != "fsdp" else None  # FSDP2: MixedPrecisionPolicy
 
         with_reference = meth.name != "sft" and meth.reference == "copy"
