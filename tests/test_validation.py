@@ -138,3 +138,60 @@ def test_validation_decodes_with_a_local_vae(tmp_path):
     assert np.stack(frames).astype(float).std() > 1
     assert main(args(tmp_path / "bad", str(data), 1, "--validation.every", "1",
                      "--validation.vae", str(tmp_path / "nowhere"))) == 2
+
+
+def test_motion_mix_and_held_out_indices(tmp_path):
+    """kind="motion-mix": each pair is the motion pair of the same index, chosen and rejected swapped in
+    about half; first_index: pairs I.. of the same sequence (a held-out set is a later slice)."""
+    from pgdpo.train.data.dataset import PreferenceDataset
+
+    kw = dict(latent_shape=(16, 3, 8, 8), text_len=8, text_dim=32, progress=False)
+    synth_dataset(tmp_path / "motion", pairs=12, kind="motion", **kw)
+    synth_dataset(tmp_path / "mix", pairs=12, kind="motion-mix", **kw)
+    synth_dataset(tmp_path / "late", pairs=4, kind="motion", first_index=8, **kw)
+    motion, mix, late = (PreferenceDataset(str(tmp_path / n), batch_size=1, shuffle=False)
+                         for n in ("motion", "mix", "late"))
+    swapped = 0
+    for i in range(12):
+        m, x = motion.read_pair(i), mix.read_pair(i)
+        torch.testing.assert_close(m["encoder_hidden_states"], x["encoder_hidden_states"], rtol=0, atol=0)
+        if torch.equal(m["chosen"], x["chosen"]):
+            torch.testing.assert_close(m["rejected"], x["rejected"], rtol=0, atol=0)
+        else:
+            swapped += 1
+            torch.testing.assert_close(m["chosen"], x["rejected"], rtol=0, atol=0)
+            torch.testing.assert_close(m["rejected"], x["chosen"], rtol=0, atol=0)
+    assert 2 <= swapped <= 10  # a fair coin per pair (12 draws)
+    for j in range(4):
+        torch.testing.assert_close(late.read_pair(j)["chosen"], motion.read_pair(8 + j)["chosen"], rtol=0,
+                                   atol=0)
+    assert [e.prompt for e in late.entries] == [e.prompt for e in motion.entries[8:]]
+
+
+def test_held_out_prompts_seeds_and_compare_grid(tmp_path, capsys):
+    """validation.data "{output_dir}/..." with data.synthesize: held-out prompts written there (pairs past
+    any training set); validation.num_seeds: the reward over several noise seeds; --compare: the second
+    run's last samples become a column of the first run's before/after grid, and both runs' validation
+    rewards are in the table."""
+    from pgdpo.train.validation import HELD_OUT_FIRST_INDEX
+
+    out = tmp_path / "run"
+    argv = args(out, None, 2, "--data.synth_pairs", "4", "--validation.every", "2", "--validation.steps", "2",
+                "--validation.num_prompts", "2", "--validation.num_seeds", "3", "--validation.scale", "1",
+                "--validation.data", "{output_dir}/heldout", "--save-every", "0", "--compare", "dpo")
+    assert main(argv) == 0
+    captured = capsys.readouterr().out
+    assert "validation reward" in captured and "val. reward" in captured
+    held = json.loads((out / "heldout" / "dataset.json").read_text())
+    assert held["num_pairs"] == 2 and held["source"]["first_index"] == HELD_OUT_FIRST_INDEX
+    records = [json.loads(line) for line in (out / "samples" / "validation.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["seeds"] == [0, 1, 2] and len(r["reward"]) == 6 and len(r["reward_by_seed"]) == 3
+        assert r["reward_mean"] == pytest.approx(sum(r["reward_by_seed"]) / 3)
+    recipe = json.loads((out / "samples" / "before_after.json").read_text())
+    labels = [c["label"] for c in recipe["columns"]]
+    assert labels == ["step 0: initial model", "step 2: pgdpo",
+                      "step 2: dpo"]
+    assert recipe["columns"][2]["videos"].startswith(str(out / "compare-dpo"))
+    grid = np.asarray(Image.open(out / "samples" / "before_after.png").convert("RGB"))
+    assert grid.shape[1] > grid.shape[0]  # four columns side by side
