@@ -6,6 +6,7 @@ steps and at the end, a before/after grid, a reward hook's scores; the 2-process
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from pgdpo.train.cli import main
 from pgdpo.train.data.synth import motion_pair, motion_reward, synth_dataset
 from pgdpo.train.preview import latent_to_rgb, rgb_to_latent
 
-from .test_train import args, metrics
+from .test_train import ROOT, args, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,3 +196,42 @@ def test_held_out_prompts_seeds_and_compare_grid(tmp_path, capsys):
     assert recipe["columns"][2]["videos"].startswith(str(out / "compare-dpo"))
     grid = np.asarray(Image.open(out / "samples" / "before_after.png").convert("RGB"))
     assert grid.shape[1] > grid.shape[0]  # four columns side by side
+
+
+def test_demo_main_job_starts_from_the_shipped_base_model(tmp_path, capsys):
+    """The README's main job as shipped (configs/demo.yaml: models/demo-base, held-out prompts, 3 noise
+    seeds), shortened, with --compare dpo: both runs start from the base model (the same step-0 samples and
+    reward), the grid has base / PG-DPO / DPO / data columns, and the base model's samples are blobs (a
+    concentrated orange mass per frame, not noise)."""
+    from safetensors.torch import load_file
+
+    from pgdpo.train.validation import VIDEOS_FILE
+
+    base = ROOT / "models" / "demo-base"
+    weights = base / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 1_000_000 and (base / "config.json").is_file()
+    out = tmp_path / "demo"
+    argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--output-dir", str(out), "--max-steps", "4",
+            "--validation.every", "4", "--validation.scale", "1", "--logging.progress", "false",
+            "--logging.trackers", "[]", "--logging.plots", "false", "--save-every", "0", "--compare", "dpo"]
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # model.path is relative to the working directory, as in the README
+    try:
+        assert main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    printed = capsys.readouterr().out
+    assert "of pgdpo on models/demo-base" in printed and "of dpo on models/demo-base" in printed
+    main_runs = [json.loads(x) for x in (out / "samples" / "validation.jsonl").read_text().splitlines()]
+    dpo_runs = [json.loads(x) for x in (out / "compare-dpo" / "samples" / "validation.jsonl").read_text()
+                .splitlines()]
+    assert [r["step"] for r in main_runs] == [0, 4] and main_runs[0]["seeds"] == [0, 1, 2]
+    assert main_runs[0]["reward"] == dpo_runs[0]["reward"]  # same base, prompts and seeds
+    recipe = json.loads((out / "samples" / "before_after.json").read_text())
+    assert [c["label"] for c in recipe["columns"]] == ["step 0: base model", "step 4: pgdpo", "step 4: dpo"]
+    assert recipe["data"]
+    videos = load_file(str(out / "samples" / "step-000000" / VIDEOS_FILE))["videos"]  # [N, F, H, W, 3]
+    orange = (videos[..., 0] - videos[..., 2]).clamp(min=0)  # the blob's orange-ness
+    peak = orange.flatten(2).amax(-1)
+    typical = orange.flatten(2).median(-1).values
+    assert (peak > typical + 0.3).float().mean() > 0.8, "the base model's samples show no blob"

@@ -95,7 +95,9 @@ class DataConfig:
     #: chosen, another way or jittering in rejected: a preference to learn; pgdpo.train.data.synth)
     #: motion-mix: the first clip of half the pairs moves, of the others jitters (SFT data of the demo's
     #: base model, which then does both)
-    synth_kind: str = field(default="random", metadata=_choice("random", "motion", "motion-mix"))
+    #: motion-wrong: rejected moves another way instead of jittering
+    synth_kind: str = field(default="random", metadata=_choice("random", "motion", "motion-wrong",
+                                                                "motion-mix"))
     #: pairs in the synthetic dataset
     synth_pairs: int = field(default=64, metadata={"min": 1})
     #: synthetic rejected = sqrt(1 - d^2) chosen + d noise (d in [0, 1])

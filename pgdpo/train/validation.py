@@ -269,7 +269,7 @@ def synthesize_held_out(trainer, folder: str) -> None:
     from .data.synth import synth_dataset
 
     cfg, a = trainer.cfg, trainer.adapter
-    kind = "motion" if cfg.data.synth_kind == "motion-mix" else cfg.data.synth_kind  # chosen = the prompt's
+    kind = "motion" if cfg.data.synth_kind == "motion-mix" else cfg.data.synth_kind  # chosen: prompt's way
     print(f"pgdpo train: writing {cfg.validation.num_prompts} held-out synthetic {kind} prompts (pairs "
           f"{HELD_OUT_FIRST_INDEX}+) to {folder}", file=trainer.log_file, flush=True)
     extra = {}

@@ -37,9 +37,12 @@ import torch
 from .format import MASK_CHANNELS, DatasetMeta
 from .writer import DatasetWriter
 
-KINDS = ("random", "motion", "motion-mix")
+KINDS = ("random", "motion", "motion-wrong", "motion-mix")
 #: the motion dataset's prompt directions: name -> (dy, dx) per latent frame, in latent pixels
 DIRECTIONS = {"right": (0.0, 1.0), "left": (0.0, -1.0), "down": (1.0, 0.0), "up": (-1.0, 0.0)}
+#: the kinds of blob clips: ``motion`` (rejected jitters), ``motion-wrong`` (rejected moves another way),
+#: ``motion-mix`` (``motion`` with chosen and rejected swapped in a fraction of the pairs)
+MOTION_KINDS = ("motion", "motion-wrong", "motion-mix")
 #: ``kind="motion-mix"`` (the demo base model's SFT data): the fraction of clips in which the blob jitters
 MIX_JITTER_FRACTION = 0.5
 #: RGB (in [0, 1]) of the blob's centre in the latent preview
@@ -158,7 +161,7 @@ def synth_dataset(out: str | os.PathLike, *, pairs: int, task: str = "t2v", late
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     source = {"kind": "synthetic", "seed": seed, "difference": difference}
-    if kind in ("motion", "motion-mix"):
+    if kind in MOTION_KINDS:
         source = {"kind": f"synthetic-{kind}", "seed": seed, "directions": list(DIRECTIONS),
                   "first_index": first_index}
     with DatasetWriter(out, task=task, latent_shape=latent_shape, text_len=text_len, text_dim=text_dim,
@@ -166,9 +169,9 @@ def synth_dataset(out: str | os.PathLike, *, pairs: int, task: str = "t2v", late
                        shard_size=shard_size, source=source, overwrite=overwrite) as writer:
         for i in tqdm(range(first_index, first_index + pairs), desc="synth pairs", unit="pair",
                       disable=not progress):
-            if kind in ("motion", "motion-mix"):
+            if kind in MOTION_KINDS:
                 pair = motion_pair(i, latent_shape=latent_shape, text_len=text_len, text_dim=text_dim,
-                                   seed=seed)
+                                   seed=seed, wrong_fraction=1.0 if kind == "motion-wrong" else 0.0)
                 pair.pop("rejected_motion")
                 if kind == "motion-mix" and _mix_swapped(i, seed):  # this pair's clip jitters
                     pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
