@@ -191,7 +191,7 @@ def test_held_out_prompts_seeds_and_compare_grid(tmp_path, capsys):
         assert r["reward_mean"] == pytest.approx(sum(r["reward_by_seed"]) / 3)
     recipe = json.loads((out / "samples" / "before_after.json").read_text())
     labels = [c["label"] for c in recipe["columns"]]
-    assert labels == ["step 0: initial model", "step 2: pgdpo",
+    assert labels == ["step 0: tiny-wan-t2v (random init)", "step 2: pgdpo",
                       "step 2: dpo"]
     assert recipe["columns"][2]["videos"].startswith(str(out / "compare-dpo"))
     grid = np.asarray(Image.open(out / "samples" / "before_after.png").convert("RGB"))
@@ -228,7 +228,7 @@ def test_demo_main_job_starts_from_the_shipped_base_model(tmp_path, capsys):
     assert [r["step"] for r in main_runs] == [0, 4] and main_runs[0]["seeds"] == [0, 1, 2]
     assert main_runs[0]["reward"] == dpo_runs[0]["reward"]  # same base, prompts and seeds
     recipe = json.loads((out / "samples" / "before_after.json").read_text())
-    assert [c["label"] for c in recipe["columns"]] == ["step 0: base model", "step 4: pgdpo", "step 4: dpo"]
+    assert [c["label"] for c in recipe["columns"]] == ["step 0: demo-base", "step 4: pgdpo", "step 4: dpo"]
     assert recipe["data"]
     videos = load_file(str(out / "samples" / "step-000000" / VIDEOS_FILE))["videos"]  # [N, F, H, W, 3]
     orange = (videos[..., 0] - videos[..., 2]).clamp(min=0)  # the blob's orange-ness

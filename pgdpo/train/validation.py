@@ -237,7 +237,10 @@ class Validator:
         from safetensors.torch import save_file
 
         t = self.trainer
-        start = "base model" if t.cfg.model.path else "initial model"
+        model = t.cfg.model
+        start = f"{model.name} (random init)"
+        if model.path:
+            start = os.path.basename(os.path.normpath(model.path))
         columns = [{"label": f"step {self.first_step}: {start}", "step": self.first_step,
                     "reward": self.first_reward},
                    {"label": f"step {self.last_step}: {t.cfg.method.name}", "step": self.last_step,
