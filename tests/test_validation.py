@@ -230,8 +230,13 @@ def test_demo_main_job_starts_from_the_shipped_base_model(tmp_path, capsys):
     recipe = json.loads((out / "samples" / "before_after.json").read_text())
     assert [c["label"] for c in recipe["columns"]] == ["step 0: demo-base", "step 4: pgdpo", "step 4: dpo"]
     assert recipe["data"]
-    videos = load_file(str(out / "samples" / "step-000000" / VIDEOS_FILE))["videos"]  # [N, F, H, W, 3]
-    orange = (videos[..., 0] - videos[..., 2]).clamp(min=0)  # the blob's orange-ness
-    peak = orange.flatten(2).amax(-1)
-    typical = orange.flatten(2).median(-1).values
-    assert (peak > typical + 0.3).float().mean() > 0.8, "the base model's samples show no blob"
+    # the base model's samples are pictures, not noise: neighbouring pixels of the preview differ about as
+    # little as in the data's clips, far less than in the preview of noise latents
+    def roughness(v):  # [N, F, H, W, 3]
+        return float(((v[:, :, 1:] - v[:, :, :-1]).abs().mean() + (v[:, :, :, 1:] - v[:, :, :, :-1]).abs().mean())
+                     / 2)
+
+    base_samples = load_file(str(out / "samples" / "step-000000" / VIDEOS_FILE))["videos"]
+    data = load_file(recipe["data"])["videos"]
+    noise = latent_to_rgb(torch.randn(8, 16, 5, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert roughness(base_samples) < 2 * roughness(data) < roughness(noise)

@@ -349,8 +349,11 @@ def write_grid(path: str, rows: list[list[torch.Tensor]], labels: list[str], pro
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(labels[j], fontsize=9)
-            if j == 0:
-                ax.set_ylabel((prompts[i] or f"prompt {i}")[:40], fontsize=7)
+            if j == 0:  # horizontal and wrapped: a rotated label is longer than a row of frame strips
+                import textwrap
+
+                ax.set_ylabel(textwrap.fill((prompts[i] or f"prompt {i}")[:60], 18), fontsize=7, rotation=0,
+                              ha="right", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
