@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the SFT run's output folder (checkpoints, metrics, samples)")
     parser.add_argument("--seed", type=int, default=0, help="init and training seed")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    from ..train.cli import parse_overrides
+
     overrides = [("train.max_steps", args.max_steps)] if args.max_steps else []
+    overrides += parse_overrides(extra)  # any other --section.key value of configs/demo-base.yaml
     record = build(args.out, args.run_dir, seed=args.seed, overrides=overrides)
     print(f"wrote {args.out}: {record['steps']} SFT steps, final loss {record['final_loss_tail_mean']:.4f}, "
           f"validation reward {record['validation_reward']}")

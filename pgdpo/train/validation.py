@@ -13,11 +13,18 @@ writes. Decoding: with the VAE of ``validation.vae`` (a local diffusers folder: 
 Wan, ``AutoencoderKL`` per frame for the UNet), else the linear latent-to-RGB preview of
 :mod:`pgdpo.train.preview`. Written:
 
-- ``<output_dir>/samples/step-XXXXXX/prompt-NN.gif`` (frames upscaled ``validation.scale`` times);
+- ``<output_dir>/samples/step-XXXXXX/prompt-NN.gif`` (frames upscaled ``validation.scale`` times) and
+  ``videos.safetensors`` (the RGB samples, for comparison grids);
 - ``<output_dir>/samples/before_after.png`` at the end: per prompt a row of frames at the first sampled
-  step, at the last, and of the dataset's chosen video;
-- ``<output_dir>/samples/validation.jsonl``: per validation step the optional reward's scores;
+  step, at the last, and of the dataset's chosen video (recipe in ``before_after.json``; ``pgdpo train
+  --compare`` adds the second run's last samples as a column);
+- ``<output_dir>/samples/validation.jsonl``: per validation step the optional reward's scores, over
+  ``validation.num_seeds`` noise seeds (the GIFs are of the first);
 - TensorBoard / W&B: one frame strip per prompt (``validation/prompt-NN``) and ``validation/reward``.
+
+Held-out prompts: ``validation.data: "{output_dir}/heldout"`` with ``data.synthesize`` writes
+``num_prompts`` synthetic pairs from index :data:`HELD_OUT_FIRST_INDEX` there (same prompt "words", pairs
+no training set holds), as ``configs/demo.yaml`` does.
 
 The optional reward hook ``validation.reward = "module:function"`` is called as
 ``function(videos, prompts)`` with ``videos`` ``[N, F, H, W, 3]`` float in ``[0, 1]`` (decoded or
