@@ -92,7 +92,7 @@ def markdown(record: dict) -> str:
              f"{record['diffusers']}, python {record['python']}; OMP_NUM_THREADS={record['threads']}; "
              f"load average at the start {record['load_start']}, at the end {record['load_end']}", "",
              f"    {record['result']['command']}", "",
-             "Process wall time (both runs, data, validation, plots): "
+             "Process wall time (the run(s), data, validation, plots): "
              f"{record['result']['process_wall_s']} s",
              "", "| run | val. reward base | final | change | per seed (final) | MSE chosen vs ref | "
              "MSE rejected vs ref | accuracy | roughness base -> final (data) | train-loop s |",

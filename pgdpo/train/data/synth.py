@@ -15,6 +15,11 @@ randomly initialised tiny model this is learnt in about 100 steps; with the path
 the direction (only the prompt telling it), it was not learnt in 250 steps (implicit accuracy stayed
 below 0.5): the tiny model is slow to learn the text conditioning.
 
+``kind="motion-wrong"``: the same, the rejected blob moving another way instead of jittering.
+``kind="motion-mix"`` (the SFT data of the demo's base model, ``models/demo-base``): the motion pairs with
+chosen and rejected swapped in :data:`MIX_JITTER_FRACTION` of them, so the first clips move the prompt's
+way or jitter. ``first_index`` writes a later slice of the same sequence (held-out prompts).
+
 ``kind="random"``:
 
 - ``chosen`` ~ N(0, 1) of ``[C, F, H, W]`` (unit variance, like normalised Wan latents);
