@@ -39,10 +39,13 @@ TIMING = ("step_time_s", "tokens_per_s", "pairs_per_s", "tflops_per_device", "pe
 
 
 def args(out, data=None, steps=3, *extra):
-    argv = ["--config", DEMO, "--output-dir", str(out), "--max-steps", str(steps),
+    """The demo config with the random-init tiny model (``--model.path null``: fast; the shipped base model
+    ``models/demo-base`` is tested in tests/test_validation.py), short and quiet."""
+    argv = ["--config", DEMO, "--output-dir", str(out), "--max-steps", str(steps), "--model.path", "null",
             "--logging.progress", "false", "--logging.trackers", "[]", "--logging.plots", "false",
             "--train.batch_size", "2", "--train.micro_batch_size", "1", "--optim.warmup_steps", "0",
-            "--validation.every", "0"]
+            "--validation.every", "0", "--validation.data", "null", "--validation.num_seeds", "1",
+            "--validation.num_prompts", "4"]
     if data is not None:
         argv += ["--data.path", data]
     return argv + list(extra)

@@ -42,6 +42,7 @@ def data(tmp_path_factory):
 
 def run_args(out, data, *extra):
     return ["--config", DEMO, "--output-dir", str(out), "--data.path", data, "--max-steps", "3",
+            "--model.path", "null",  # the random-init tiny model (the demo's default is models/demo-base)
             "--logging.progress", "false", "--logging.trackers", "[]", "--validation.every", "0",
             "--train.batch_size", "4", "--train.micro_batch_size", "2", "--optim.warmup_steps", "0",
             "--logging.diagnostics_every", "1", *extra]

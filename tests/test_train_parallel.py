@@ -40,7 +40,7 @@ def datasets(tmp_path_factory):
 
 def train_args(out, data, model, steps=STEPS, *extra):
     return ["-m", "pgdpo", "train", "--config", DEMO, "--output-dir", str(out), "--data.path", data,
-            "--model.name", model, "--max-steps", str(steps), "--logging.progress", "false",
+            "--model.name", model, "--model.path", "null", "--max-steps", str(steps), "--logging.progress", "false",
             "--logging.plots", "false", "--logging.trackers", "[]", "--train.batch_size", "2",
             "--train.micro_batch_size", "1", "--optim.warmup_steps", "0", "--optim.scheduler", "constant",
             "--optim.lr", "0.1", "--optim.eps", "1.0", *extra]

@@ -6,6 +6,7 @@ steps and at the end, a before/after grid, a reward hook's scores; the 2-process
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from pgdpo.train.cli import main
 from pgdpo.train.data.synth import motion_pair, motion_reward, synth_dataset
 from pgdpo.train.preview import latent_to_rgb, rgb_to_latent
 
-from .test_train import args, metrics
+from .test_train import ROOT, args, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,3 +139,104 @@ def test_validation_decodes_with_a_local_vae(tmp_path):
     assert np.stack(frames).astype(float).std() > 1
     assert main(args(tmp_path / "bad", str(data), 1, "--validation.every", "1",
                      "--validation.vae", str(tmp_path / "nowhere"))) == 2
+
+
+def test_motion_mix_and_held_out_indices(tmp_path):
+    """kind="motion-mix": each pair is the motion pair of the same index, chosen and rejected swapped in
+    about half; first_index: pairs I.. of the same sequence (a held-out set is a later slice)."""
+    from pgdpo.train.data.dataset import PreferenceDataset
+
+    kw = dict(latent_shape=(16, 3, 8, 8), text_len=8, text_dim=32, progress=False)
+    synth_dataset(tmp_path / "motion", pairs=12, kind="motion", **kw)
+    synth_dataset(tmp_path / "mix", pairs=12, kind="motion-mix", **kw)
+    synth_dataset(tmp_path / "late", pairs=4, kind="motion", first_index=8, **kw)
+    motion, mix, late = (PreferenceDataset(str(tmp_path / n), batch_size=1, shuffle=False)
+                         for n in ("motion", "mix", "late"))
+    swapped = 0
+    for i in range(12):
+        m, x = motion.read_pair(i), mix.read_pair(i)
+        torch.testing.assert_close(m["encoder_hidden_states"], x["encoder_hidden_states"], rtol=0, atol=0)
+        if torch.equal(m["chosen"], x["chosen"]):
+            torch.testing.assert_close(m["rejected"], x["rejected"], rtol=0, atol=0)
+        else:
+            swapped += 1
+            torch.testing.assert_close(m["chosen"], x["rejected"], rtol=0, atol=0)
+            torch.testing.assert_close(m["rejected"], x["chosen"], rtol=0, atol=0)
+    assert 2 <= swapped <= 10  # a fair coin per pair (12 draws)
+    for j in range(4):
+        torch.testing.assert_close(late.read_pair(j)["chosen"], motion.read_pair(8 + j)["chosen"], rtol=0,
+                                   atol=0)
+    assert [e.prompt for e in late.entries] == [e.prompt for e in motion.entries[8:]]
+
+
+def test_held_out_prompts_seeds_and_compare_grid(tmp_path, capsys):
+    """validation.data "{output_dir}/..." with data.synthesize: held-out prompts written there (pairs past
+    any training set); validation.num_seeds: the reward over several noise seeds; --compare: the second
+    run's last samples become a column of the first run's before/after grid, and both runs' validation
+    rewards are in the table."""
+    from pgdpo.train.validation import HELD_OUT_FIRST_INDEX
+
+    out = tmp_path / "run"
+    argv = args(out, None, 2, "--data.synth_pairs", "4", "--validation.every", "2", "--validation.steps", "2",
+                "--validation.num_prompts", "2", "--validation.num_seeds", "3", "--validation.scale", "1",
+                "--validation.data", "{output_dir}/heldout", "--save-every", "0", "--compare", "dpo")
+    assert main(argv) == 0
+    captured = capsys.readouterr().out
+    assert "validation reward" in captured and "val. reward" in captured
+    held = json.loads((out / "heldout" / "dataset.json").read_text())
+    assert held["num_pairs"] == 2 and held["source"]["first_index"] == HELD_OUT_FIRST_INDEX
+    records = [json.loads(line) for line in (out / "samples" / "validation.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["seeds"] == [0, 1, 2] and len(r["reward"]) == 6 and len(r["reward_by_seed"]) == 3
+        assert r["reward_mean"] == pytest.approx(sum(r["reward_by_seed"]) / 3)
+    recipe = json.loads((out / "samples" / "before_after.json").read_text())
+    labels = [c["label"] for c in recipe["columns"]]
+    assert labels == ["step 0: tiny-wan-t2v (random init)", "step 2: pgdpo",
+                      "step 2: dpo"]
+    assert recipe["columns"][2]["videos"].startswith(str(out / "compare-dpo"))
+    grid = np.asarray(Image.open(out / "samples" / "before_after.png").convert("RGB"))
+    assert grid.shape[1] > grid.shape[0]  # four columns side by side
+
+
+def test_demo_main_job_starts_from_the_shipped_base_model(tmp_path, capsys):
+    """The README's main job as shipped (configs/demo.yaml: models/demo-base, held-out prompts, 3 noise
+    seeds), shortened, with --compare dpo: both runs start from the base model (the same step-0 samples and
+    reward), the grid has base / PG-DPO / DPO / data columns, and the base model's samples are blobs (a
+    concentrated orange mass per frame, not noise)."""
+    from safetensors.torch import load_file
+
+    from pgdpo.train.validation import VIDEOS_FILE
+
+    base = ROOT / "models" / "demo-base"
+    weights = base / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 1_000_000 and (base / "config.json").is_file()
+    out = tmp_path / "demo"
+    argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--output-dir", str(out), "--max-steps", "4",
+            "--validation.every", "4", "--validation.scale", "1", "--logging.progress", "false",
+            "--logging.trackers", "[]", "--logging.plots", "false", "--save-every", "0", "--compare", "dpo"]
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # model.path is relative to the working directory, as in the README
+    try:
+        assert main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    printed = capsys.readouterr().out
+    assert "of pgdpo on models/demo-base" in printed and "of dpo on models/demo-base" in printed
+    main_runs = [json.loads(x) for x in (out / "samples" / "validation.jsonl").read_text().splitlines()]
+    dpo_runs = [json.loads(x) for x in (out / "compare-dpo" / "samples" / "validation.jsonl").read_text()
+                .splitlines()]
+    assert [r["step"] for r in main_runs] == [0, 4] and main_runs[0]["seeds"] == [0, 1, 2]
+    assert main_runs[0]["reward"] == dpo_runs[0]["reward"]  # same base, prompts and seeds
+    recipe = json.loads((out / "samples" / "before_after.json").read_text())
+    assert [c["label"] for c in recipe["columns"]] == ["step 0: demo-base", "step 4: pgdpo", "step 4: dpo"]
+    assert recipe["data"]
+    # the base model's samples are pictures, not noise: neighbouring pixels of the preview differ about as
+    # little as in the data's clips, far less than in the preview of noise latents
+    def roughness(v):  # [N, F, H, W, 3]
+        return float(((v[:, :, 1:] - v[:, :, :-1]).abs().mean() + (v[:, :, :, 1:] - v[:, :, :, :-1]).abs().mean())
+                     / 2)
+
+    base_samples = load_file(str(out / "samples" / "step-000000" / VIDEOS_FILE))["videos"]
+    data = load_file(recipe["data"])["videos"]
+    noise = latent_to_rgb(torch.randn(8, 16, 5, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert roughness(base_samples) < 2 * roughness(data) < roughness(noise)

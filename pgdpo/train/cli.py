@@ -154,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{other.output_dir}", flush=True)
             summary = train(other)
             if int(os.environ.get("RANK", "0")) == 0:
+                from .compare import merge_samples
+
                 print(format_comparison([(config.method.name, config.output_dir),
                                          (args.compare, other.output_dir)]), flush=True)
+                grid = merge_samples(config.output_dir, other.output_dir)
+                if grid:
+                    print(f"  samples of both: {grid}", flush=True)
     except (ConfigError, DataError, CheckpointError) as exc:
         _report(exc)
         return 2

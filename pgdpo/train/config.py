@@ -93,7 +93,11 @@ class DataConfig:
     synthesize: bool = False
     #: random (noise latents, rejected = noisier chosen) | motion (a blob moving the prompt's way in
     #: chosen, another way or jittering in rejected: a preference to learn; pgdpo.train.data.synth)
-    synth_kind: str = field(default="random", metadata=_choice("random", "motion"))
+    #: motion-mix: the first clip of half the pairs moves, of the others jitters (SFT data of the demo's
+    #: base model, which then does both)
+    #: motion-wrong: rejected moves another way instead of jittering
+    synth_kind: str = field(default="random", metadata=_choice("random", "motion", "motion-wrong",
+                                                                "motion-mix"))
     #: pairs in the synthetic dataset
     synth_pairs: int = field(default=64, metadata={"min": 1})
     #: synthetic rejected = sqrt(1 - d^2) chosen + d noise (d in [0, 1])
@@ -232,12 +236,15 @@ class ValidationConfig:
     every: int = field(default=0, metadata={"min": 0})
     #: how many fixed prompts: the first pairs' conditions of ``data``
     num_prompts: int = field(default=4, metadata={"min": 1})
-    #: dataset folder with the validation prompts' embeddings (None = the training dataset)
+    #: dataset folder with the validation prompts' embeddings (None = the training dataset); "{output_dir}"
+    #: is replaced; with data.synthesize, held-out synthetic prompts are written there when it is missing
     data: str | None = None
     #: sampler steps (flow: Euler; UNet: DDIM)
     steps: int = field(default=20, metadata={"min": 1})
     #: seed of the initial noise (the same at every validation step)
     seed: int = 0
+    #: the reward is the mean over seeds seed .. seed + num_seeds - 1 (the GIFs are of the first)
+    num_seeds: int = field(default=1, metadata={"min": 1})
     #: local diffusers VAE folder to decode with (None = the linear latent-to-RGB preview)
     vae: str | None = None
     #: optional "module:function" scoring the decoded samples: fn(videos [N,F,H,W,3] in [0,1], prompts)

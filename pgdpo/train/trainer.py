@@ -627,6 +627,8 @@ class Trainer:
         summary["signal"] = stop.signal
         if self.validator is not None:
             summary["samples"] = self.validator.finish()
+            if self.validator.first_reward is not None:
+                summary["validation_reward"] = (self.validator.first_reward, self.validator.last_reward)
         if self.is_main and cfg.logging.plots:
             from .plots import write_plots
 
@@ -743,6 +745,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"  final model     {s['final']} (diffusers: from_pretrained / load_lora_adapter)")
     if s.get("plots"):
         lines.append(f"  plots           {', '.join(s['plots'])}")
+    if s.get("validation_reward"):
+        first, last = s["validation_reward"]
+        lines.append(f"  val. reward     {first:+.3f} at the start -> {last:+.3f} at the end (mean over the "
+                     "validation prompts and seeds)")
     if s.get("samples"):
         lines.append(f"  samples         {os.path.dirname(s['samples'])}/step-*/*.gif, {s['samples']}")
     return "\n".join(lines)

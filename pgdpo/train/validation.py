@@ -13,11 +13,18 @@ writes. Decoding: with the VAE of ``validation.vae`` (a local diffusers folder: 
 Wan, ``AutoencoderKL`` per frame for the UNet), else the linear latent-to-RGB preview of
 :mod:`pgdpo.train.preview`. Written:
 
-- ``<output_dir>/samples/step-XXXXXX/prompt-NN.gif`` (frames upscaled ``validation.scale`` times);
+- ``<output_dir>/samples/step-XXXXXX/prompt-NN.gif`` (frames upscaled ``validation.scale`` times) and
+  ``videos.safetensors`` (the RGB samples, for comparison grids);
 - ``<output_dir>/samples/before_after.png`` at the end: per prompt a row of frames at the first sampled
-  step, at the last, and of the dataset's chosen video;
-- ``<output_dir>/samples/validation.jsonl``: per validation step the optional reward's scores;
+  step, at the last, and of the dataset's chosen video (recipe in ``before_after.json``; ``pgdpo train
+  --compare`` adds the second run's last samples as a column);
+- ``<output_dir>/samples/validation.jsonl``: per validation step the optional reward's scores, over
+  ``validation.num_seeds`` noise seeds (the GIFs are of the first);
 - TensorBoard / W&B: one frame strip per prompt (``validation/prompt-NN``) and ``validation/reward``.
+
+Held-out prompts: ``validation.data: "{output_dir}/heldout"`` with ``data.synthesize`` writes
+``num_prompts`` synthetic pairs from index :data:`HELD_OUT_FIRST_INDEX` there (same prompt "words", pairs
+no training set holds), as ``configs/demo.yaml`` does.
 
 The optional reward hook ``validation.reward = "module:function"`` is called as
 ``function(videos, prompts)`` with ``videos`` ``[N, F, H, W, 3]`` float in ``[0, 1]`` (decoded or
@@ -66,8 +73,11 @@ class Validator:
         self.out = os.path.join(trainer.out, SAMPLES_DIR)
         device = trainer.dist.device
         if cfg.data:
-            source = PreferenceDataset(os.path.expanduser(cfg.data), batch_size=1, shuffle=False,
-                                       drop_last=False)
+            folder = os.path.expanduser(cfg.data.replace("{output_dir}", trainer.cfg.output_dir))
+            if trainer.cfg.data.synthesize:  # rank 0 writes the held-out prompts when they are missing
+                trainer._on_rank0(lambda: os.path.isfile(os.path.join(folder, "dataset.json"))
+                                  or synthesize_held_out(trainer, folder))
+            source = PreferenceDataset(folder, batch_size=1, shuffle=False, drop_last=False)
         else:
             source = trainer.dataset
         n = min(cfg.num_prompts, source.num_pairs)
@@ -82,6 +92,8 @@ class Validator:
         self.first: torch.Tensor | None = None  # RGB of the first validation run, for before/after
         self.first_step: int | None = None
         self.last_step: int | None = None
+        self.first_reward: float | None = None
+        self.last_reward: float | None = None
 
     # ------------------------------------------------------------------------------------------ when
 
@@ -102,12 +114,13 @@ class Validator:
         return scheduler
 
     @torch.no_grad()
-    def sample(self) -> torch.Tensor:
-        """``[N, C, F, H, W]`` latents sampled by the current policy from the fixed seed."""
+    def sample(self, seed: int | None = None) -> torch.Tensor:
+        """``[N, C, F, H, W]`` latents sampled by the current policy from the fixed seed (``validation.seed``
+        unless ``seed`` is given)."""
         t = self.trainer
         adapter, model, device = t.adapter, t.model, t.dist.device
         shape = (self.chosen.shape[0], *self.chosen.shape[1:])
-        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed if seed is None else seed)
         latents = torch.randn(shape, generator=gen).to(device)
         scheduler = self._scheduler()
         autocast = t.step_fn.autocast_dtype
@@ -170,11 +183,16 @@ class Validator:
     # ------------------------------------------------------------------------------------------ a run
 
     def run(self, step: int) -> dict | None:
-        """Sample, and on rank 0 write the GIFs, log them and the reward; returns the record (rank 0)."""
-        latents = self.sample()  # every rank: the sharded forwards are collective
+        """Sample, and on rank 0 write the GIFs, log them and the reward; returns the record (rank 0).
+
+        The GIFs are of the first seed (``validation.seed``); the reward is over all ``validation.num_seeds``
+        seeds (``reward``: per prompt and seed, seed-major; ``reward_by_seed``: each seed's mean)."""
+        seeds = [self.cfg.seed + k for k in range(self.cfg.num_seeds)]
+        runs = [self.sample(seed) for seed in seeds]  # every rank: the sharded forwards are collective
         if not self.trainer.is_main:
             return None
-        videos = self.decode(latents)
+        all_videos = [self.decode(latents) for latents in runs]
+        videos = all_videos[0]
         if self.first is None:
             self.first, self.first_step = videos, step
         self.last, self.last_step = videos, step
@@ -182,12 +200,22 @@ class Validator:
         os.makedirs(folder, exist_ok=True)
         paths = [write_gif(os.path.join(folder, f"prompt-{i:02d}.gif"), v, self.cfg.scale, self.cfg.fps)
                  for i, v in enumerate(videos)]
-        record = {"step": step, "samples": paths}
+        from safetensors.torch import save_file
+
+        save_file({"videos": videos.contiguous()}, os.path.join(folder, VIDEOS_FILE))  # for comparison grids
+        record = {"step": step, "samples": paths, "seeds": seeds}
         if self.reward_fn is not None:
-            scores = self.reward_fn(videos, list(self.prompts))
-            scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).reshape(-1)]
+            by_seed = []
+            for v in all_videos:
+                scores = self.reward_fn(v, list(self.prompts))
+                by_seed.append([float(s) for s in torch.as_tensor(scores, dtype=torch.float64).reshape(-1)])
+            scores = [s for run in by_seed for s in run]
             record["reward"] = scores
+            record["reward_by_seed"] = [sum(run) / max(1, len(run)) for run in by_seed]
             record["reward_mean"] = sum(scores) / max(1, len(scores))
+            if self.first_reward is None:
+                self.first_reward = record["reward_mean"]
+            self.last_reward = record["reward_mean"]
         with open(os.path.join(self.out, "validation.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         self._log(step, videos, record)
@@ -211,22 +239,73 @@ class Validator:
                               f"{exc}", stacklevel=2)
 
     def finish(self) -> str | None:
-        """Write ``before_after.png`` (rank 0); returns its path."""
+        """Write ``before_after.png`` and its recipe ``before_after.json`` (rank 0); returns the PNG path."""
         if not self.trainer.is_main or self.first is None:
             return None
-        rows = []
-        for i in range(self.first.shape[0]):
-            row = [self.first[i], self.last[i]]
-            if self.vae is None:
-                from .preview import latent_to_rgb
+        from safetensors.torch import save_file
 
-                row.append(latent_to_rgb(self.chosen[i]))
-            rows.append(row)
-        path = os.path.join(self.out, "before_after.png")
-        labels = [f"step {self.first_step}", f"step {self.last_step}"] + (["data: chosen"] if self.vae is None
-                                                                          else [])
-        write_grid(path, rows, labels, self.prompts, self.cfg.scale)
-        return path
+        t = self.trainer
+        model = t.cfg.model
+        start = f"{model.name} (random init)"
+        if model.path:
+            start = os.path.basename(os.path.normpath(model.path))
+        columns = [{"label": f"step {self.first_step}: {start}", "step": self.first_step,
+                    "reward": self.first_reward},
+                   {"label": f"step {self.last_step}: {t.cfg.method.name}", "step": self.last_step,
+                    "reward": self.last_reward}]
+        for c in columns:
+            c["videos"] = os.path.join(self.out, f"step-{c['step']:06d}", VIDEOS_FILE)
+        data = None
+        if self.vae is None:
+            from .preview import latent_to_rgb
+
+            data = os.path.join(self.out, "data_chosen.safetensors")
+            save_file({"videos": latent_to_rgb(self.chosen).contiguous()}, data)
+        recipe = {"columns": columns, "data": data, "prompts": self.prompts, "scale": self.cfg.scale}
+        with open(os.path.join(self.out, "before_after.json"), "w") as f:
+            json.dump(recipe, f, indent=1)
+        return write_comparison(os.path.join(self.out, "before_after.png"), recipe)
+
+
+#: each validation step's first-seed RGB samples ``[N, F, H, W, 3]`` (safetensors, key ``videos``)
+VIDEOS_FILE = "videos.safetensors"
+#: where the held-out validation prompts of a synthetic dataset start: past the pairs of any synthetic
+#: training set (pair ``i`` depends only on the seed and ``i``), the demo's base model's SFT set included
+HELD_OUT_FIRST_INDEX = 1_000_000
+
+
+def synthesize_held_out(trainer, folder: str) -> None:
+    """Write ``validation.num_prompts`` synthetic pairs of the training data's kind that no training set
+    holds (indices from :data:`HELD_OUT_FIRST_INDEX`), with the same prompt "words" (the data seed)."""
+    from .data.synth import synth_dataset
+
+    cfg, a = trainer.cfg, trainer.adapter
+    kind = "motion" if cfg.data.synth_kind == "motion-mix" else cfg.data.synth_kind  # chosen: prompt's way
+    print(f"pgdpo train: writing {cfg.validation.num_prompts} held-out synthetic {kind} prompts (pairs "
+          f"{HELD_OUT_FIRST_INDEX}+) to {folder}", file=trainer.log_file, flush=True)
+    extra = {}
+    if a.family == "wan-i2v":
+        extra = {"image_len": 257 if a.image_dim >= 1280 else 8, "image_dim": a.image_dim}
+    synth_dataset(folder, pairs=cfg.validation.num_prompts, task="i2v" if a.family == "wan-i2v" else "t2v",
+                  latent_shape=trainer.dataset.meta.latent_shape, text_len=trainer.dataset.meta.text_len,
+                  text_dim=a.text_dim, difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True,
+                  progress=False, kind=kind, first_index=HELD_OUT_FIRST_INDEX, **extra)
+
+
+def write_comparison(path: str, recipe: dict) -> str:
+    """The before/after grid from a ``before_after.json`` recipe: per prompt a row with one frame strip per
+    column (``label``, ``videos`` file, mean validation ``reward`` in the title) and the data's chosen clip
+    (``data``, when there is one)."""
+    from safetensors.torch import load_file
+
+    columns = [load_file(c["videos"])["videos"] for c in recipe["columns"]]
+    labels = [c["label"] if c.get("reward") is None else f"{c['label']}\nreward {c['reward']:+.2f}"
+              for c in recipe["columns"]]
+    if recipe.get("data"):
+        columns.append(load_file(recipe["data"])["videos"])
+        labels.append("data: chosen")
+    rows = [[videos[i] for videos in columns] for i in range(columns[0].shape[0])]
+    return write_grid(path, rows, labels, recipe["prompts"], recipe.get("scale", 1))
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -278,8 +357,11 @@ def write_grid(path: str, rows: list[list[torch.Tensor]], labels: list[str], pro
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(labels[j], fontsize=9)
-            if j == 0:
-                ax.set_ylabel((prompts[i] or f"prompt {i}")[:40], fontsize=7)
+            if j == 0:  # horizontal and wrapped: a rotated label is longer than a row of frame strips
+                import textwrap
+
+                ax.set_ylabel(textwrap.fill((prompts[i] or f"prompt {i}")[:60], 18), fontsize=7, rotation=0,
+                              ha="right", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -127,9 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dim", type=int, default=1280, help="i2v: CLIP width (Wan: 1280)")
     p.add_argument("--difference", type=float, default=0.5, metavar="D",
                    help="chosen/rejected difference in [0, 1] (0: identical; score margin = D)")
-    p.add_argument("--kind", choices=("random", "motion"), default="random",
+    p.add_argument("--kind", choices=("random", "motion", "motion-mix"), default="random",
                    help="random (the above) or motion: an orange blob moving the prompt's way in chosen, "
-                   "jittering in rejected (the demo's learnable preference; --difference is ignored)")
+                   "jittering in rejected (the demo's learnable preference; --difference is ignored); "
+                   "motion-mix: the same pairs with chosen and rejected swapped in half of them (the SFT "
+                   "data of the demo's base model: its first clips move or jitter)")
+    p.add_argument("--first-index", type=int, default=0, metavar="I",
+                   help="write pairs I .. I+N-1 of the seeded sequence (a held-out set: I past the "
+                   "training pairs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=_dtype, default="float32", help="storage dtype (default float32)")
     p.add_argument("--shard-size", type=int, default=64, help="pairs per shard file (default 64)")
@@ -195,7 +200,7 @@ def _run(args) -> int:
                              text_len=args.text_len, text_dim=args.text_dim, difference=args.difference,
                              seed=args.seed, image_len=args.image_len, image_dim=args.image_dim,
                              dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite,
-                             kind=args.kind)
+                             kind=args.kind, first_index=args.first_index)
         print(f"wrote {meta.num_pairs} synthetic {meta.task} pairs in {meta.num_shards} shard(s) "
               f"to {args.out}")
         return 0

@@ -15,6 +15,11 @@ randomly initialised tiny model this is learnt in about 100 steps; with the path
 the direction (only the prompt telling it), it was not learnt in 250 steps (implicit accuracy stayed
 below 0.5): the tiny model is slow to learn the text conditioning.
 
+``kind="motion-wrong"``: the same, the rejected blob moving another way instead of jittering.
+``kind="motion-mix"`` (the SFT data of the demo's base model, ``models/demo-base``): the motion pairs with
+chosen and rejected swapped in :data:`MIX_JITTER_FRACTION` of them, so the first clips move the prompt's
+way or jitter. ``first_index`` writes a later slice of the same sequence (held-out prompts).
+
 ``kind="random"``:
 
 - ``chosen`` ~ N(0, 1) of ``[C, F, H, W]`` (unit variance, like normalised Wan latents);
@@ -37,9 +42,14 @@ import torch
 from .format import MASK_CHANNELS, DatasetMeta
 from .writer import DatasetWriter
 
-KINDS = ("random", "motion")
+KINDS = ("random", "motion", "motion-wrong", "motion-mix")
 #: the motion dataset's prompt directions: name -> (dy, dx) per latent frame, in latent pixels
 DIRECTIONS = {"right": (0.0, 1.0), "left": (0.0, -1.0), "down": (1.0, 0.0), "up": (-1.0, 0.0)}
+#: the kinds of blob clips: ``motion`` (rejected jitters), ``motion-wrong`` (rejected moves another way),
+#: ``motion-mix`` (``motion`` with chosen and rejected swapped in a fraction of the pairs)
+MOTION_KINDS = ("motion", "motion-wrong", "motion-mix")
+#: ``kind="motion-mix"`` (the demo base model's SFT data): the fraction of clips in which the blob jitters
+MIX_JITTER_FRACTION = 0.5
 #: RGB (in [0, 1]) of the blob's centre in the latent preview
 BLOB_RGB = (1.0, 0.55, 0.1)
 
@@ -138,9 +148,12 @@ def synth_dataset(out: str | os.PathLike, *, pairs: int, task: str = "t2v", late
                   text_len: int = 16, text_dim: int = 32, difference: float = 0.5, seed: int = 0,
                   image_len: int = 257, image_dim: int = 1280, dtype: torch.dtype | str = torch.float32,
                   shard_size: int = 64, overwrite: bool = False, progress: bool = True,
-                  kind: str = "random") -> DatasetMeta:
-    """Write ``pairs`` synthetic pairs of ``kind`` ("random" or "motion") to the folder ``out``; returns its
-    meta."""
+                  kind: str = "random", first_index: int = 0) -> DatasetMeta:
+    """Write ``pairs`` synthetic pairs of ``kind`` (:data:`KINDS`) to the folder ``out``; returns its meta.
+
+    ``first_index``: the pairs are ``first_index .. first_index + pairs - 1`` of the kind's sequence (pair
+    ``i`` depends only on ``seed`` and ``i``): a held-out set is the same kind from an index past the
+    training pairs (same prompt "words", new per-pair noise, backgrounds and starts)."""
     from tqdm.auto import tqdm
 
     if pairs < 1:
@@ -153,16 +166,21 @@ def synth_dataset(out: str | os.PathLike, *, pairs: int, task: str = "t2v", late
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     source = {"kind": "synthetic", "seed": seed, "difference": difference}
-    if kind == "motion":
-        source = {"kind": "synthetic-motion", "seed": seed, "directions": list(DIRECTIONS)}
+    if kind in MOTION_KINDS:
+        source = {"kind": f"synthetic-{kind}", "seed": seed, "directions": list(DIRECTIONS),
+                  "first_index": first_index}
     with DatasetWriter(out, task=task, latent_shape=latent_shape, text_len=text_len, text_dim=text_dim,
                        dtype=dtype, image_embed_shape=[image_len, image_dim] if task == "i2v" else None,
                        shard_size=shard_size, source=source, overwrite=overwrite) as writer:
-        for i in tqdm(range(pairs), desc="synth pairs", unit="pair", disable=not progress):
-            if kind == "motion":
+        for i in tqdm(range(first_index, first_index + pairs), desc="synth pairs", unit="pair",
+                      disable=not progress):
+            if kind in MOTION_KINDS:
                 pair = motion_pair(i, latent_shape=latent_shape, text_len=text_len, text_dim=text_dim,
-                                   seed=seed)
+                                   seed=seed, wrong_fraction=1.0 if kind == "motion-wrong" else 0.0)
                 pair.pop("rejected_motion")
+                if kind == "motion-mix" and _mix_swapped(i, seed):  # this pair's clip jitters
+                    pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+                    pair["score_chosen"], pair["score_rejected"] = 0.0, 1.0
                 if task == "i2v":
                     extra = synth_pair(i, task=task, latent_shape=latent_shape, text_len=text_len,
                                        text_dim=text_dim, difference=difference, seed=seed,
@@ -178,6 +196,13 @@ def synth_dataset(out: str | os.PathLike, *, pairs: int, task: str = "t2v", late
                               difference=difference, seed=seed, image_len=image_len, image_dim=image_dim)
             writer.add(prompt_id=f"synth-{i}", prompt=f"synthetic prompt {i}", **pair)
     return writer.meta
+
+
+def _mix_swapped(index: int, seed: int) -> bool:
+    """``kind="motion-mix"``: whether pair ``index``'s first clip is the jittering one (a fair coin per pair,
+    from its own generator, so it does not depend on how many pairs are made)."""
+    gen = torch.Generator().manual_seed((int(seed) * 2_000_029 + 7 * int(index) + 1) % (2 ** 63))
+    return float(torch.rand(1, generator=gen)) < MIX_JITTER_FRACTION
 
 
 def motion_reward(videos: torch.Tensor, prompts: list) -> torch.Tensor:
