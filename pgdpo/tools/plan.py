@@ -162,12 +162,11 @@ class PlanSettings:
 
         adapter = adapter_for(self.model)
         adapter.latent_shape(self.frames, self.height, self.width, strict=True)  # Wan: 4k+1 frames, H, W / 8
-        if adapter.is_wan:  # whole patches: the latent's H', W' divide by the patch size too
-            _, spatial = adapter.vae_factors
-            _, ph, pw = adapter.config["patch_size"]
-            if self.height % (spatial * ph) or self.width % (spatial * pw):
-                raise ValueError(f"height and width must be multiples of {spatial * ph} x {spatial * pw} "
-                                 f"(VAE {spatial}x, patch {ph}x{pw}), got {self.height}x{self.width}")
+        # whole patches (Wan) / whole downsampled grids (UNet): the latent's H', W' divide further
+        mh, mw = adapter.pixel_multiples()
+        if self.height % mh or self.width % mw:
+            raise ValueError(f"height and width must be multiples of {mh} x {mw} for {self.model} "
+                             f"(its VAE and patch / downsampling), got {self.height}x{self.width}")
         self.lora_targets = tuple(self.lora_targets)
         return self
 
@@ -234,7 +233,8 @@ def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> di
 
     model = build_model(name, device="meta")
     adapter = adapter_for(model)
-    if not adapter.is_wan:
+    dims = adapter.transformer_dims()
+    if dims is None:
         raise ValueError(f"pgdpo plan models WanTransformer3DModel (Wan2.1) memory; {name!r} is "
                          f"{type(model).__name__}")
     blocks = adapter.blocks(model)
@@ -249,8 +249,7 @@ def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> di
     return {"name": name, "family": adapter.family, "parameters": count_parameters(model),
             "block_parameters": max(block_params), "layers": len(blocks),
             "outside_parameters": count_parameters(model) - sum(block_params),
-            "lora_parameters": lora, "dim": c["num_attention_heads"] * c["attention_head_dim"],
-            "ffn_dim": c["ffn_dim"], "heads": c["num_attention_heads"], "config": c}
+            "lora_parameters": lora, **dims, "config": c}
 
 
 @functools.lru_cache(maxsize=16)
@@ -367,7 +366,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     videos = 2 * s.micro_batch_size
     latent = s.latent_shape
     tokens = adapter.tokens_per_sample(latent)
-    image_len = s.image_len if adapter.family == "wan-i2v" else 0
+    image_len = s.image_len if adapter.image_dim else 0
 
     # ---- memory (bytes per GPU)
     if tokens % sp:

@@ -39,12 +39,12 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _diffusers_config(model: nn.Module) -> dict:
-    from .models import _CLASSES, unwrap_model
+    from .models import spec_for, unwrap_model
 
     base = unwrap_model(model)
     config = json.loads(base.to_json_string())
     # FSDP2 swaps the class for FSDP<Name>: record the diffusers class from_pretrained must build.
-    config["_class_name"] = next(c.__name__ for c in type(base).__mro__ if c.__name__ in _CLASSES)
+    config["_class_name"] = spec_for(base).class_name
     return config
 
 
@@ -100,7 +100,7 @@ def _write_pretrained(model: nn.Module, tmp: str, is_main: bool, max_shard_size:
 def _write_lora(model: nn.Module, tmp: str, is_main: bool) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    from .models import adapter_for, unwrap_model
+    from .models import spec_for, unwrap_model
 
     base = unwrap_model(model)
     gathered = {}
@@ -113,16 +113,7 @@ def _write_lora(model: nn.Module, tmp: str, is_main: bool) -> None:
         return
     layers = get_peft_model_state_dict(base, state_dict=gathered, adapter_name="default")
     metadata = base.peft_config["default"].to_dict()
-    if adapter_for(base).is_wan:
-        from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
-
-        WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=layers,
-                                             transformer_lora_adapter_metadata=metadata)
-    else:
-        from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
-
-        StableDiffusionLoraLoaderMixin.save_lora_weights(tmp, unet_lora_layers=layers,
-                                                         unet_lora_adapter_metadata=metadata)
+    spec_for(base).save_lora(tmp, layers, metadata)  # the family's diffusers LoRA layout
     with open(os.path.join(tmp, "config.json"), "w") as f:  # the base architecture the adapters fit
         json.dump(_diffusers_config(model), f, indent=2, sort_keys=True)
 

@@ -59,18 +59,19 @@ def gradient_scale(sp_degree: int) -> float:
     return float(sp_degree)
 
 
-def check_divisible(adapter, latent_shape, sp_degree: int) -> None:
-    """Raise a ConfigError unless the heads and the video tokens split evenly over ``sp_degree`` ranks."""
+def check_divisible(spec, latent_shape, sp_degree: int) -> None:
+    """Raise a ConfigError unless the model family (a ``ModelSpec``) supports sequence parallelism and its
+    heads and video tokens split evenly over ``sp_degree`` ranks."""
     if sp_degree == 1:
         return
-    if not adapter.is_wan:
+    if not spec.supports_sequence_parallel:
         raise ConfigError(f"distributed.sp_degree > 1 is implemented for Wan transformers (diffusers' "
-                          f"_cp_plan); this model is {adapter.family}")
-    heads = adapter.config["num_attention_heads"]
+                          f"_cp_plan); this model is {spec.family}")
+    heads = spec.attention_heads
     if heads % sp_degree:
         raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the model's attention heads "
                           f"({heads}): Ulysses gives each rank heads / sp_degree heads")
-    tokens = adapter.tokens_per_sample(latent_shape)
+    tokens = spec.tokens_per_sample(latent_shape)
     if tokens % sp_degree:
         raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the tokens per video ({tokens} "
                           f"for latents {list(latent_shape)}): each rank holds tokens / sp_degree of them")

@@ -212,13 +212,10 @@ class Trainer:
         shape = latent_shape_for(cfg, a)
         print(f"pgdpo train: writing a synthetic {cfg.data.synth_kind} dataset of {cfg.data.synth_pairs} "
               f"pairs, latents {shape}, to {path}", file=self.log_file, flush=True)
-        extra = {}
-        if a.family == "wan-i2v":
-            extra = {"image_len": 257 if a.image_dim >= 1280 else 8, "image_dim": a.image_dim}
-        synth_dataset(path, pairs=cfg.data.synth_pairs, task="i2v" if a.family == "wan-i2v" else "t2v",
+        synth_dataset(path, pairs=cfg.data.synth_pairs, task=a.task,
                       latent_shape=shape, text_len=cfg.data.text_len, text_dim=a.text_dim,
                       difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True, progress=False,
-                      kind=cfg.data.synth_kind, **extra)
+                      kind=cfg.data.synth_kind, **a.synthetic_extras())
 
     def _build_models(self) -> None:
         """Policy and reference on meta, sharded, materialised and filled (:mod:`pgdpo.train.loading`)."""
