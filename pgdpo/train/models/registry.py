@@ -73,7 +73,7 @@ def spec_for(model_or_config: nn.Module | str | dict) -> ModelSpec:
                           type(base).__name__)
         if class_name not in _CLASSES:
             raise TypeError(f"unsupported model class {class_name}; expected one of {list(_CLASSES)}")
-        config = {"_class_name": class_name, **dict(base.config)}
+        config = {**dict(base.config), "_class_name": class_name}  # (FSDP2's config may name its subclass)
     else:
         config = resolve_config(model_or_config)
         class_name = config["_class_name"]
