@@ -177,8 +177,8 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     from .checkpoint import CheckpointError, is_complete, list_checkpoints
     from .config import load_config
     from .distributed import init_distributed
-    from .loading import build_models, pretrained_config
-    from .models import resolve_config
+    from .layout import model_architecture
+    from .loading import build_models
 
     path = os.path.expanduser(checkpoint)
     if not os.path.isdir(path):
@@ -196,7 +196,7 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     cfg.distributed.sp_degree = 1
     dist = init_distributed(cfg.distributed, "cpu" if not torch.cuda.is_available() else cfg.device)
     try:
-        arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
+        arch = model_architecture(cfg)  # as the run resolved it (pgdpo.train.layout)
         # Full fine-tuning: the checkpoint holds every parameter (DCP raises for one it lacks), so the
         # pretrained weights are not read; LoRA: the frozen base comes from model.path as in training.
         full = not cfg.model.lora_rank

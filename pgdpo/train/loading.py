@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import ConfigError
 from .data.format import SAFETENSORS_DTYPES
+from .layout import pretrained_config  # noqa: F401 - the home of model.path's config.json is layout
 
 #: diffusers' weight file names (``save_pretrained``: one file, or shards listed in the index)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -152,16 +153,6 @@ def weights_folder(path: str) -> str:
     try:
         return find_model_folder(path, what="model.path")
     except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def pretrained_config(path: str) -> dict:
-    """The ``config.json`` of the diffusers model at ``path`` (a model or pipeline folder)."""
-    from .models import read_model_config
-
-    try:
-        return read_model_config(path, what="model.path")
-    except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
 
 

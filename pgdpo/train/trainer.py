@@ -45,6 +45,7 @@ from .distributed import (
     sync_replicated_grads,
     wrap_model,
 )
+from .layout import resolve_layout
 from .metrics import MetricsLog, peak_memory_gb, reduce_stats
 
 
@@ -103,7 +104,9 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.grad_accum = cfg.grad_accum(self.dist.dp_size)  # the ranks of a sequence group share a batch
+        # model, reference, mesh, accumulation, checkpointing: resolved once (as `pgdpo plan` resolves them)
+        self.layout = resolve_layout(cfg, self.dist.world_size)
+        self.grad_accum = self.layout.grad_accum  # the ranks of a sequence group share a batch
         self._on_rank0(lambda: os.makedirs(self.out, exist_ok=True))
         self.resume_path, self.stale = self._on_rank0(self._find_resume)
 
@@ -112,11 +115,8 @@ class Trainer:
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
         torch.manual_seed(cfg.seed + self.dist.rank)
 
-        from .loading import pretrained_config
-        from .models import adapter_for, resolve_config
-
-        self.arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
-        self.adapter = adapter_for(self.arch)
+        self.arch = self.layout.arch
+        self.adapter = self.layout.spec
         self._prepare_data()
         self._build_models()
         self._build_optimizer()
@@ -231,8 +231,8 @@ class Trainer:
             self.info("model.precision bf16 runs in fp32 on CPU")
         autocast = compute if self.dist.strategy != "fsdp" else None  # FSDP2: MixedPrecisionPolicy
 
-        with_reference = meth.name != "sft" and meth.reference == "copy"
-        model, reference = build_models(self.cfg, self.dist, self.arch, with_reference=with_reference)
+        model, reference = build_models(self.cfg, self.dist, self.arch,
+                                        with_reference=self.layout.with_reference_copy)
         self.adapter = adapter_for(model)
         model.train()
         if reference is not None and m.lora_rank:
@@ -246,7 +246,7 @@ class Trainer:
         schedule_options = {}
         if meth.schedule == "flow":
             schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
-        checkpointing = m.checkpoint_every if m.gradient_checkpointing else None
+        checkpointing = self.layout.checkpoint_every
 
         if meth.name == "sft":
             step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
