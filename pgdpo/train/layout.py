@@ -95,6 +95,20 @@ class Layout:
         """Whether a second model (a frozen or EMA copy) is built for the reference."""
         return self.reference in ("copy", "ema")
 
+    def resume_problem(self, trainer_state: dict) -> str | None:
+        """Why a checkpoint's ``trainer_state.json`` cannot continue in this layout, or None."""
+        saved_sp = trainer_state.get("sp_degree", 1)
+        if saved_sp != self.sp_degree:
+            return (f"written with distributed.sp_degree {saved_sp}, this run has {self.sp_degree}: the "
+                    "data shards and noise streams follow the data-parallel groups; resume with the same "
+                    "sp_degree")
+        saved_accum = trainer_state.get("grad_accum")
+        if saved_accum != self.grad_accum:
+            return (f"written with {saved_accum} micro-batches per step per rank, this run has "
+                    f"{self.grad_accum} (train.batch_size / micro_batch_size); resume with the same batch "
+                    "settings")
+        return None
+
     def as_dict(self) -> dict:
         """The layout without the architecture dict, for reports and comparisons."""
         out = dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
+from ..loss.controller import K1K2Controller
 from .checkpoint import (
     CheckpointError,
     archive_previous_run,
@@ -276,9 +277,7 @@ class Trainer:
         self.model, self.policy, self.reference, self.step_fn = model, policy, reference, step
         self.controller = None
         if meth.k_controller:
-            from .diagnostics import K1K2Controller
-
-            self.controller = K1K2Controller(meth.k1, meth.k2, enabled=True)
+            self.controller = K1K2Controller(meth.k1, meth.k2, enabled=True, loss=step.loss)
         from .parallel import gradient_scale
 
         self.loss_scale = gradient_scale(self.dist.sp_degree)
@@ -341,31 +340,16 @@ class Trainer:
     def _load(self, path: str) -> None:
         rank_state, trainer_state = load_checkpoint(path, dist_state=self.dist, policy=self.policy,
                                                     optimizer=self.optimizer, reference=self.ema_reference)
-        saved_sp = trainer_state.get("sp_degree", 1)
-        if saved_sp != self.dist.sp_degree:
-            raise CheckpointError(f"{path}: written with distributed.sp_degree {saved_sp}, this run has "
-                                  f"{self.dist.sp_degree}: the data shards and noise streams follow the "
-                                  "data-parallel groups; resume with the same sp_degree")
-        if trainer_state.get("grad_accum") != self.grad_accum:
-            raise CheckpointError(f"{path}: written with {trainer_state.get('grad_accum')} micro-batches per "
-                                  f"step per rank, this run has {self.grad_accum} (train.batch_size / "
-                                  "micro_batch_size); resume with the same batch settings")
-        self.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
-        if self.weighting is not None:
-            if trainer_state.get("weighting") is None:
-                raise CheckpointError(f"{path}: has no timestep-weighting statistics but this run uses "
-                                      "method.timestep_weighting; resume with the checkpoint's config")
-            self.weighting.load_state_dict(trainer_state["weighting"])
-        if self.probe is not None and trainer_state.get("probe"):
-            self.probe.load_state_dict(trainer_state["probe"])
-        if self.gamma_meter is not None and trainer_state.get("gamma"):
-            self.gamma_meter.load_state_dict(trainer_state["gamma"])
-        if self.controller is not None:
-            if trainer_state.get("controller") is None:
-                raise CheckpointError(f"{path}: has no K1/K2 controller state but this run uses "
-                                      "method.k_controller; resume with the checkpoint's config")
-            self.controller.load_state_dict(trainer_state["controller"])
-            self._set_k(self.controller.k1, self.controller.k2)
+        problem = self.layout.resume_problem(trainer_state)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
+        for name, component in self._states().items():  # each checks that the saved state fits it
+            if component is None:
+                continue
+            try:
+                component.load_state_dict(trainer_state.get(name))  # (the controller steers the loss too)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: {name}: {exc}; resume with the checkpoint's config") from None
         try:
             self.dataset.load_state_dict(rank_state["data"])
         except (KeyError, ValueError) as exc:
@@ -374,17 +358,20 @@ class Trainer:
         self.start_step = int(trainer_state["step"])
         self.info(f"resumed from {path} at step {self.start_step}")
 
+    def _states(self) -> dict:
+        """The pieces of training state a checkpoint's ``trainer_state.json`` holds, by their key there
+        (None: this run has no such piece; it is saved as null). Each has ``state_dict`` and a
+        ``load_state_dict`` that checks the saved state fits it: a new piece is one entry here."""
+        return {"lr_scheduler": self.lr_scheduler, "weighting": self.weighting, "probe": self.probe,
+                "controller": self.controller, "gamma": self.gamma_meter}
+
     def save(self, step: int, last_record: dict | None) -> str:
         self.metrics.sync()
         trainer_state = {
             "step": step, "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
-            "sp_degree": self.dist.sp_degree,
-            "lr_scheduler": self.lr_scheduler.state_dict(), "seed": self.cfg.seed,
-            "weighting": self.weighting.state_dict() if self.weighting is not None else None,
+            "sp_degree": self.dist.sp_degree, "seed": self.cfg.seed,
             "has_reference_state": self.ema_reference is not None,
-            "probe": self.probe.state_dict() if self.probe is not None else None,
-            "controller": self.controller.state_dict() if self.controller is not None else None,
-            "gamma": self.gamma_meter.state_dict() if self.gamma_meter is not None else None,
+            **{name: c.state_dict() if c is not None else None for name, c in self._states().items()},
         }
         summary = {"step": step, "world_size": self.dist.world_size, "method": self.cfg.method.name,
                    "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
@@ -549,12 +536,6 @@ class Trainer:
         self.gamma_meter.update(value, step=step)
         return value
 
-    def _set_k(self, k1: float, k2: float) -> None:
-        import dataclasses
-
-        loss = self.step_fn.loss
-        loss.options = dataclasses.replace(loss.options, k1=k1, k2=k2)
-
     def _steer(self, chunks: list[dict]) -> None:
         """K1/K2 controller: one update per optimiser step from the margins of the whole global batch
         (gathered over ranks, so every rank steers identically); the next step uses the new K."""
@@ -564,7 +545,7 @@ class Trainer:
             rows = torch.zeros(world, m.numel(), dtype=torch.float64)
             rows[self.dist.rank] = m
             m = all_reduce_(rows, "sum").reshape(-1)
-        self._set_k(*self.controller.update(m))
+        self.controller.update(m)  # the next step's loss uses the new K1, K2
 
     def train(self) -> dict:
         """Run to ``train.max_steps``; returns the summary (also printed by rank 0)."""
