@@ -47,6 +47,7 @@ from .distributed import (
     wrap_model,
 )
 from .layout import resolve_layout
+from .log import setup_logging
 from .metrics import MetricsLog, peak_memory_gb, reduce_stats
 
 
@@ -75,7 +76,8 @@ class Trainer:
         self.dist: DistState = init_distributed(config.distributed, config.device)
         self.out = config.output_dir
         self.is_main = self.dist.is_main
-        self.log_file = sys.stderr
+        self.log_file = sys.stderr  # the progress bar's stream
+        self.log = setup_logging(self.is_main)  # rank 0 the only writer
         try:
             self._setup()
         except BaseException:
@@ -85,8 +87,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ helpers
 
     def info(self, message: str) -> None:
-        if self.is_main:
-            print(f"pgdpo train: {message}", file=self.log_file, flush=True)
+        self.log.info(message)  # (silent on ranks other than 0)
 
     def _on_rank0(self, fn):
         """Run ``fn`` on rank 0 only; every rank gets its result or raises its error (no hang)."""
@@ -154,27 +155,26 @@ class Trainer:
         ck = self.cfg.checkpoint
         existing = list_checkpoints(self.out)
         path = resolve_resume(ck.resume, self.out,
-                              log=lambda message: print(f"pgdpo train: {message}", file=self.log_file))
+                              log=self.log.info)
         if path is not None:
             step = int(read_summary(path)["step"])
             stale = [p for s, p in existing if s > step]
             if stale:
-                print(f"pgdpo train: resuming from {path} (step {step}); the later checkpoints "
-                      f"{[os.path.basename(p) for p in stale]} belong to the abandoned run and are deleted "
-                      "when the next checkpoint is written", file=self.log_file)
+                self.log.info(f"resuming from {path} (step {step}); the later checkpoints "
+                              f"{[os.path.basename(p) for p in stale]} belong to the abandoned run and are "
+                              "deleted when the next checkpoint is written")
             return path, stale
         if ck.resume == "latest":
-            print(f"pgdpo train: --resume latest: no complete checkpoint in {self.out}; starting from step 0",
-                  file=self.log_file)
+            self.log.info(f"--resume latest: no complete checkpoint in {self.out}; starting from step 0")
         if ck.overwrite:
             if existing:
-                print(f"pgdpo train: --overwrite: the checkpoints of the previous run in {self.out} are "
-                      "deleted when the first new one is written", file=self.log_file)
+                self.log.info(f"--overwrite: the checkpoints of the previous run in {self.out} are deleted "
+                              "when the first new one is written")
             return None, [p for _, p in existing]
         moved = archive_previous_run(self.out)
         if moved:
-            print(f"pgdpo train: {self.out} held a previous run; moved its checkpoints and logs to {moved} "
-                  "(pass --resume latest to continue a run, --overwrite to replace it)", file=self.log_file)
+            self.log.info(f"{self.out} held a previous run; moved its checkpoints and logs to {moved} "
+                          "(pass --resume latest to continue a run, --overwrite to replace it)")
         return None, []
 
     def _prepare_data(self) -> None:
@@ -211,8 +211,8 @@ class Trainer:
 
         cfg, a = self.cfg, self.adapter
         shape = latent_shape_for(cfg, a)
-        print(f"pgdpo train: writing a synthetic {cfg.data.synth_kind} dataset of {cfg.data.synth_pairs} "
-              f"pairs, latents {shape}, to {path}", file=self.log_file, flush=True)
+        self.log.info(f"writing a synthetic {cfg.data.synth_kind} dataset of {cfg.data.synth_pairs} pairs, "
+                      f"latents {shape}, to {path}")
         synth_dataset(path, pairs=cfg.data.synth_pairs, task=a.task,
                       latent_shape=shape, text_len=cfg.data.text_len, text_dim=a.text_dim,
                       difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True, progress=False,
@@ -651,6 +651,7 @@ class _StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
+        # (a print, not the logger: logging takes locks, which a signal handler must not)
         print(f"\npgdpo train: got {signal.Signals(signum).name}: stopping after this step with a checkpoint "
               "(Ctrl-C again to interrupt at once)", file=sys.stderr, flush=True)
 
