@@ -32,8 +32,8 @@ NOT_YET_HOISTED: dict[str, int] = {
     "pgdpo/train/data/dataset.py": 1, "pgdpo/train/data/encode.py": 2, "pgdpo/train/data/format.py": 2,
     "pgdpo/train/data/synth.py": 3, "pgdpo/train/data/writer.py": 1, "pgdpo/train/distributed.py": 9,
     "pgdpo/train/export.py": 14, "pgdpo/train/loading.py": 7, "pgdpo/train/metrics.py": 1,
-    "pgdpo/train/parallel.py": 2, "pgdpo/train/sft.py": 1, "pgdpo/train/step.py": 1,
-    "pgdpo/train/trainer.py": 29, "pgdpo/train/validation.py": 9,
+    "pgdpo/train/parallel.py": 2, "pgdpo/train/step.py": 1, "pgdpo/train/trainer.py": 26,
+    "pgdpo/train/validation.py": 9,
 }
 
 

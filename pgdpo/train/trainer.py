@@ -44,11 +44,11 @@ from .distributed import (
     is_sharded,
     mixed_precision_dtype,
     sync_replicated_grads,
-    wrap_model,
 )
 from .layout import resolve_layout
 from .log import setup_logging
 from .metrics import MetricsLog, peak_memory_gb, reduce_stats
+from .prepare import PrepareOptions, prepare
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -247,29 +247,27 @@ class Trainer:
         schedule_options = {}
         if meth.schedule == "flow":
             schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
-        checkpointing = self.layout.checkpoint_every
-
+        # dropout, attention, checkpointing, sequence parallel, DDP: one order for both (pgdpo.train.prepare);
+        # FSDP2 sharded them on meta already (build_models)
+        options = PrepareOptions(disable_dropout=m.disable_dropout, attention_backend=m.attention,
+                                 checkpoint_every=self.layout.checkpoint_every or 0,
+                                 sp_degree=self.dist.sp_degree, mesh=self.dist.mesh, dist=self.dist,
+                                 precision=m.precision)
+        prepared = prepare(model, options)
+        if reference is not None:
+            prepare(reference, options, trainable=False)
         if meth.name == "sft":
             step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
-                           schedule_options=schedule_options, attention_backend=m.attention,
-                           checkpointing=checkpointing or 0, autocast_dtype=autocast,
+                           schedule_options=schedule_options, autocast_dtype=autocast,
                            disable_dropout=m.disable_dropout)
         else:
             step = PreferenceStep(model, reference, meth.schedule, loss_from_config(meth),
                                   sample_weight_fn=self.weighting, schedule_options=schedule_options,
-                                  attention_backend=m.attention, checkpointing=checkpointing,
                                   autocast_dtype=autocast, disable_dropout=m.disable_dropout)
+        step.checkpointed_blocks = prepared.checkpointed_blocks
         if self.weighting is not None:
             self.weighting.num_train_timesteps = float(step.schedule.num_train_timesteps)
-        if self.dist.sp_degree > 1:  # after the attention backend is set: it is checked for Ulysses support
-            from .parallel import enable_sequence_parallel
-
-            for net in (model, reference) if reference is not None else (model,):
-                enable_sequence_parallel(net, self.dist.mesh, self.dist.sp_degree)
-
-        policy = model
-        if self.dist.strategy == "ddp":  # DDP wraps a materialised model
-            policy = wrap_model(model, [], self.dist, precision=m.precision)
+        policy = prepared.module
         # DDP: the step calls the wrapper (gradient sync); pgdpo.train.models.unwrap_model sees through it
         # where the step looks inside (adapters, dtypes)
         if policy is not model:
