@@ -20,11 +20,25 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 
-from .loading import INDEX_NAME, WEIGHTS_NAME, _filled_tensors, file_key
+from .checkpoint import CheckpointError, is_complete, list_checkpoints
+from .config import ConfigError, load_config
+from .data.format import DataError
+from .distributed import init_distributed
+from .layout import model_architecture
+from .loading import INDEX_NAME, WEIGHTS_NAME, _filled_tensors, build_models, file_key
+from .models import spec_for, unwrap_model
+from .step import has_adapters
 
 #: bytes per output safetensors file (diffusers' save_pretrained default is 10 GB; 5 GB as the Hub's)
 MAX_SHARD_SIZE = 5 * 1024 ** 3
@@ -39,8 +53,6 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _diffusers_config(model: nn.Module) -> dict:
-    from .models import spec_for, unwrap_model
-
     base = unwrap_model(model)
     config = json.loads(base.to_json_string())
     # FSDP2 swaps the class for FSDP<Name>: record the diffusers class from_pretrained must build.
@@ -100,8 +112,6 @@ def _write_pretrained(model: nn.Module, tmp: str, is_main: bool, max_shard_size:
 def _write_lora(model: nn.Module, tmp: str, is_main: bool) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    from .models import spec_for, unwrap_model
-
     base = unwrap_model(model)
     gathered = {}
     for name, t in base.named_parameters():
@@ -126,8 +136,6 @@ def export_model(model: nn.Module, out: str, *, dist, max_shard_size: int = MAX_
     ``save_pretrained`` layout, in the policy's dtype (fp32 master weights) or ``dtype``. ``out`` is
     replaced atomically. Returns ``out``.
     """
-    from .step import has_adapters
-
     tmp = out.rstrip(os.sep) + ".tmp"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,21 +173,6 @@ reaches train.max_steps writes <output_dir>/final/ the same way.
 def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = None,
                       max_shard_size: int = MAX_SHARD_SIZE) -> str:
     """Build the policy of ``checkpoint``'s config, load the checkpoint's trained weights into it, export."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        set_model_state_dict,
-    )
-
-    from .checkpoint import CheckpointError, is_complete, list_checkpoints
-    from .config import load_config
-    from .distributed import init_distributed
-    from .layout import model_architecture
-    from .loading import build_models
-
     path = os.path.expanduser(checkpoint)
     if not os.path.isdir(path):
         raise CheckpointError(f"--checkpoint {checkpoint}: no such folder")
@@ -227,9 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size-gb", type=float, default=MAX_SHARD_SIZE / 1024 ** 3,
                    help="bytes per safetensors file, in GiB (default 5)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data.format import DataError
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     try:

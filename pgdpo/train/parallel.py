@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from .config import ConfigError
+from .models import unwrap_model
 
 
 def sequence_mesh(world_size: int, sp_degree: int, device: torch.device):
@@ -44,8 +46,6 @@ def sequence_mesh(world_size: int, sp_degree: int, device: torch.device):
     Consecutive ranks share a sequence group. The names ``ring`` / ``ulysses`` are what diffusers'
     ``ContextParallelConfig`` looks up; FSDP2 shards over the whole world (the default 1-D mesh).
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
     if world_size % sp_degree:
         raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the number of processes "
                           f"({world_size})")
@@ -93,8 +93,6 @@ def enable_sequence_parallel(model: nn.Module, mesh, sp_degree: int) -> None:
     from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    from .models import unwrap_model
 
     base = unwrap_model(model)
     if getattr(base, "_parallel_config", None) is not None:

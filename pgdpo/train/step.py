@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..loss import PGDPOLoss, loss_with_options
 from ..loss.options import LossOptions
+from .data.compat import check_batch
 from .diffusion import DDPMSchedule, FlowMatchingSchedule, NoisyPairs, make_schedule
 from .models import adapter_for, unwrap_model
 from .models import disable_dropout as _disable_dropout  # the name of PreferenceStep's switch too
@@ -140,8 +141,6 @@ class DiffusionStep:
 
     def validate_batch(self, batch: Mapping) -> None:
         """Raise a clear error naming the bad key when ``batch`` does not fit the policy."""
-        from .data.compat import check_batch
-
         check_batch(self.adapter, batch, _model_device(self.policy))
 
     def _autocast(self, device: torch.device):
