@@ -16,12 +16,14 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
 from ..loss.controller import K1K2Controller
 from .checkpoint import (
@@ -36,6 +38,12 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, TrainConfig, loss_from_config
+from .data.collate import collate
+from .data.compat import check_compatible
+from .data.dataset import PreferenceDataset
+from .data.format import DataError
+from .data.synth import synth_dataset
+from .diagnostics import ALPHA_RANGE, GAMMA_RANGE, GammaMeter, LikelihoodProbe
 from .distributed import (
     DistState,
     all_reduce_,
@@ -45,10 +53,21 @@ from .distributed import (
     mixed_precision_dtype,
     sync_replicated_grads,
 )
+from .ema import ema_update_
+from .export import export_model
+from .gamma import GAMMA_METHODS, measure_gamma
 from .layout import resolve_layout
+from .loading import build_models
 from .log import setup_logging
-from .metrics import MetricsLog, peak_memory_gb, reduce_stats
+from .metrics import MetricsLog, peak_memory_gb, read_metrics, reduce_stats
+from .models import adapter_for
+from .parallel import check_divisible, gradient_scale
+from .plots import write_plots
 from .prepare import PrepareOptions, prepare
+from .sft import SFTStep
+from .step import PreferenceStep
+from .validation import Validator
+from .weighting import TimestepWeighting
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -125,11 +144,7 @@ class Trainer:
         self.start_step = 0
         self.probe = self._build_probe() if cfg.logging.diagnostics_every else None
         self.gamma_meter = None  # Gamma of Eq. 10 every diagnostics_every steps (methods with a DPO baseline)
-        from .gamma import GAMMA_METHODS
-
         if cfg.logging.diagnostics_every and cfg.method.name in GAMMA_METHODS:
-            from .diagnostics import GammaMeter
-
             self.gamma_meter = GammaMeter()
         if self.resume_path is not None:
             self._load(self.resume_path)
@@ -138,8 +153,6 @@ class Trainer:
                                   config=cfg.to_dict())
         self.validator = None
         if cfg.validation.every:
-            from .validation import Validator
-
             self.validator = Validator(self)
         if self.is_main:
             import yaml
@@ -178,17 +191,12 @@ class Trainer:
         return None, []
 
     def _prepare_data(self) -> None:
-        from .data.compat import check_compatible
-        from .data.dataset import PreferenceDataset
-
         cfg = self.cfg
         path = cfg.data_path()
         if cfg.data.synthesize:  # decided on rank 0 alone: every rank must agree on the collective
             exists = os.path.join(path, "dataset.json")
             self._on_rank0(lambda: os.path.isfile(exists) or self._synthesize(path))
         elif not os.path.isdir(path):
-            from .data.format import DataError
-
             raise DataError(f"data.path: no dataset folder at {path!r}; make one with `pgdpo data pairs` "
                             "/ `pgdpo data encode` (or `pgdpo data synth`), or set data.synthesize: true to "
                             "write a synthetic one there (as configs/demo.yaml does)")
@@ -202,13 +210,10 @@ class Trainer:
             self.info(f"note: the dataset's latents are {self.dataset.meta.latent_shape} [C, F, H, W] but "
                       f"data.height/width/frames = {cfg.data.height}x{cfg.data.width}x{cfg.data.frames} mean "
                       f"{expected}; training uses the dataset's (set data.* to match for `pgdpo plan`)")
-        from .parallel import check_divisible
 
         check_divisible(self.adapter, self.dataset.meta.latent_shape, self.dist.sp_degree)
 
     def _synthesize(self, path: str) -> None:
-        from .data.synth import synth_dataset
-
         cfg, a = self.cfg, self.adapter
         shape = latent_shape_for(cfg, a)
         self.log.info(f"writing a synthetic {cfg.data.synth_kind} dataset of {cfg.data.synth_pairs} pairs, "
@@ -220,12 +225,6 @@ class Trainer:
 
     def _build_models(self) -> None:
         """Policy and reference on meta, sharded, materialised and filled (:mod:`pgdpo.train.loading`)."""
-        from .loading import build_models
-        from .models import adapter_for
-        from .sft import SFTStep
-        from .step import PreferenceStep
-        from .weighting import TimestepWeighting
-
         m, meth = self.cfg.model, self.cfg.method
         compute = mixed_precision_dtype(m.precision, self.dist.device)
         if m.precision == "bf16" and compute is None:
@@ -276,7 +275,6 @@ class Trainer:
         self.controller = None
         if meth.k_controller:
             self.controller = K1K2Controller(meth.k1, meth.k2, enabled=True, loss=step.loss)
-        from .parallel import gradient_scale
 
         self.loss_scale = gradient_scale(self.dist.sp_degree)
         self.ema_reference = reference if meth.ref_ema_every else None
@@ -312,9 +310,6 @@ class Trainer:
     def _build_probe(self):
         """Fixed probe set (first pairs of the dataset, fixed noise) for
         pgdpo.train.diagnostics.LikelihoodProbe."""
-        from .data.collate import collate
-        from .diagnostics import LikelihoodProbe
-
         n = min(4, self.dataset.num_pairs)
         batch = collate([self.dataset.read_pair(i) for i in range(n)], dtype=torch.float32)
         batch = {k: v.to(self.dist.device) for k, v in batch.items()}
@@ -393,8 +388,6 @@ class Trainer:
         if not self.cfg.checkpoint.async_save or not self.dist.distributed:
             return None
         if getattr(self, "_async_pg", None) is None:
-            import torch.distributed as tdist
-
             self._async_pg = tdist.new_group(backend="gloo")
         return self._async_pg
 
@@ -417,18 +410,14 @@ class Trainer:
     def _next_batch(self, data_iter) -> dict:
         """The next batch; a damaged shard or a non-finite pair (:class:`DataError` from the loader, which
         verifies each shard's checksum on first read) stops every rank before the step, naming the file."""
-        from .data.format import DataError
-
         batch, error = None, None
         try:
             batch = next(data_iter)
         except DataError as exc:
             error = exc
         if self.dist.world_size > 1 and not self.dist.all_ok(error is None):
-            import torch.distributed as dist
-
             messages = [None] * self.dist.world_size
-            dist.all_gather_object(messages, None if error is None else str(error))
+            tdist.all_gather_object(messages, None if error is None else str(error))
             if error is None:
                 rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
                 error = DataError(f"rank {rank}: {message}")
@@ -485,8 +474,6 @@ class Trainer:
         if self.weighting is not None:
             self.weighting.update()
         if self.ema_reference is not None and step % cfg.method.ref_ema_every == 0:
-            from .ema import ema_update_
-
             ema_update_(self.ema_reference, self.policy, cfg.method.ref_ema_rate)
         probe = self.probe.maybe_measure(step, self.policy) if self.probe is not None else None
         if self.controller is not None:
@@ -525,8 +512,6 @@ class Trainer:
         """Gamma (:mod:`pgdpo.train.gamma`) at the parameters before this step's update, on its first
         micro-batch with the training forward's noise (a generator of its own with the same seed, so the
         training draws are unchanged); recorded in :attr:`gamma_meter`."""
-        from .gamma import measure_gamma
-
         seed = step_seed(self.cfg.seed, step, self.dist.dp_rank, 0)
         gen = torch.Generator(device=self.dist.device).manual_seed(seed)
         value = measure_gamma(self.step_fn, self.params, batch, gen, lr=lr, dist=self.dist,
@@ -590,8 +575,6 @@ class Trainer:
         wall = time.perf_counter() - t_start
         final = None
         if saved_at >= max_steps:  # finished (not stopped by a signal): the model users load
-            from .export import export_model
-
             final = export_model(self.model, os.path.join(self.out, "final"), dist=self.dist)
             kind = "diffusers LoRA weights" if cfg.model.lora_rank else "diffusers save_pretrained layout"
             self.info(f"wrote {final} ({kind})")
@@ -601,16 +584,12 @@ class Trainer:
         if self.validator is not None:
             summary["samples"] = self.validator.finish()
         if self.is_main and cfg.logging.plots:
-            from .plots import write_plots
-
             summary["plots"] = write_plots(self.out)
         if self.is_main:
             print(format_summary(summary), flush=True)
         return summary
 
     def _summary(self, wall: float, saved_at: int) -> dict:
-        from .metrics import read_metrics
-
         records = read_metrics(os.path.join(self.out, "metrics.jsonl")) if self.is_main else []
         out = {"output_dir": self.out, "method": self.cfg.method.name, "steps": saved_at,
                "model": self.cfg.model.path or self.cfg.model.name, "processes": self.dist.world_size,
@@ -655,8 +634,6 @@ class _StopRequest:
 
     @contextmanager
     def installed(self):
-        import threading
-
         if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
             yield
             return
@@ -732,8 +709,6 @@ def train(config: TrainConfig) -> dict:
 def _with_range_fractions(stats: dict) -> dict:
     """Add per-pair indicators of alpha / gamma inside the paper's ranges (their means are the in-range
     fractions of metrics.jsonl: ``alpha_in_range``, ``gamma_in_range``)."""
-    from .diagnostics import ALPHA_RANGE, GAMMA_RANGE
-
     for name, (lo, hi) in (("alpha", ALPHA_RANGE), ("gamma", GAMMA_RANGE)):
         if name in stats:
             v = stats[name].detach()
