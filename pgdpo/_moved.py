@@ -3,7 +3,7 @@
 ``import pgdpo.options`` (the path before the loss library became ``pgdpo.loss``) gives the module
 ``pgdpo.loss.options`` itself: one module object under two names, so ``isinstance`` checks and monkeypatches
 agree. A moved package maps its submodules too (``pgdpo.data.format`` -> its new home). The table is the
-one list of moves; remove an entry one release after it was added.
+one list of moves; each entry goes in the release :data:`REMOVED_IN`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ import importlib.machinery
 import sys
 import warnings
 
-#: old module path -> new module path (added in 0.2; removed in 0.3).
+#: the release whose layout made these paths old (pgdpo's version when the shims were added) ...
+ADDED_IN = "0.1.0"
+#: ... and the release that drops them
+REMOVED_IN = "0.2.0"
+
+#: old module path -> new module path (kept from :data:`ADDED_IN`, removed in :data:`REMOVED_IN`).
 MOVED = {
     "pgdpo.options": "pgdpo.loss.options",
     "pgdpo.reference": "pgdpo.loss.reference",
@@ -33,6 +38,8 @@ MOVED = {
     "pgdpo.plan": "pgdpo.tools.plan",
     "pgdpo.demo": "pgdpo.tools.demo",
     "pgdpo.toy": "pgdpo.tools.toy",
+    # the model families got a file each (pgdpo.train.models.families); the package keeps the old names
+    "pgdpo.train.models.adapters": "pgdpo.train.models",
 }
 
 
@@ -51,8 +58,8 @@ class _Alias(importlib.abc.Loader):
         self.target = target
 
     def create_module(self, spec):
-        warnings.warn(f"{spec.name} moved to {self.target}; import it from there (the old path goes away "
-                      "in pgdpo 0.3)", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"{spec.name} moved to {self.target} in pgdpo {ADDED_IN}; import it from there (the "
+                      f"old path goes away in pgdpo {REMOVED_IN})", DeprecationWarning, stacklevel=2)
         return importlib.import_module(self.target)
 
     def exec_module(self, module):

@@ -266,3 +266,20 @@ def test_controller_off_by_default_and_unreachable_range_goes_to_k_min():
         k1, _ = ctl.update(m)
     assert k1 == pytest.approx(0.05)
     assert ctl.state["k1_at_k_min"]
+
+
+def test_controller_steers_the_loss_it_is_given_and_refuses_a_missing_state():
+    from pgdpo import PGDPOLoss
+
+    loss = PGDPOLoss()
+    ctl = K1K2Controller(k1=10.0, k2=10.0, enabled=True, control_k2=False, loss=loss)
+    for m in margin_stream(0.4, 0.1, 50):
+        k1, k2 = ctl.update(m)
+    assert k1 < 10.0 and (loss.options.k1, loss.options.k2) == (k1, k2)  # the next step's loss uses them
+    saved = ctl.state_dict()
+    other_loss = PGDPOLoss()
+    resumed = K1K2Controller(enabled=True, loss=other_loss)
+    resumed.load_state_dict(saved)
+    assert (other_loss.options.k1, other_loss.options.k2) == (k1, k2)
+    with pytest.raises(ValueError, match="no K1/K2 controller state"):
+        resumed.load_state_dict(None)

@@ -156,7 +156,7 @@ def _real_forward_flops(name, latent, text_len, image_len):
     if adapter.family == "wan-i2v":
         batch["image_condition"] = torch.randn(1, 20, *latent[1:])
         batch["encoder_hidden_states_image"] = torch.randn(1, image_len, adapter.image_dim)
-    t = torch.tensor([500.0, 500.0]) if adapter.is_wan else torch.tensor([500, 500])
+    t = adapter.model_timesteps(torch.tensor([500.0, 500.0]))
     # SDPA's math kernel is plain matmuls, which FlopCounterMode counts (the fused CPU kernel it skips).
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         adapter.predict(model, torch.randn(2, *latent), t, batch)

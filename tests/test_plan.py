@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,51 @@ def test_checkpoint_every_k_trades_memory_for_recompute():
     acts = [r["memory_gib"]["activations"] for r in runs]
     recompute = [r["flops"]["per_video"]["recompute"] for r in runs]
     assert acts == sorted(acts) and recompute == sorted(recompute, reverse=True)
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_plan_and_train_resolve_one_layout_for_every_shipped_config(path, tmp_path):
+    """`pgdpo plan --config X --gpus N` and `pgdpo train` on N processes read the run the same way: the one
+    Layout of pgdpo.train.layout (model.path's config.json when set, reference kind, strategy, mesh,
+    accumulation, checkpointing), for every world size the trainer accepts."""
+    import json
+
+    from pgdpo.train.config import ConfigError, load_config
+    from pgdpo.train.layout import resolve_layout
+    from pgdpo.train.models import resolve_config
+
+    overrides = []
+    name = load_config(path).model.name
+    if load_config(path).model.path:  # a diffusers folder holding the named model's config.json
+        (tmp_path / "transformer").mkdir()
+        (tmp_path / "transformer" / "config.json").write_text(json.dumps(resolve_config(name)))
+        overrides = [("model.path", str(tmp_path))]
+    config = load_config(path, overrides)
+    accepted = 0
+    for gpus in (1, 2, 8, 32):
+        try:
+            train = resolve_layout(config, gpus)  # what Trainer._setup calls
+        except ConfigError:
+            continue
+        accepted += 1
+        result = plan(str(path), gpus=gpus, suggest=False, config_overrides=overrides)
+        assert result["layout"] == train.as_dict()
+        s, b = result["settings"], result["batch"]
+        assert s["reference"] == train.reference and s["sp_degree"] == train.sp_degree
+        assert s["gradient_checkpointing"] == (train.checkpoint_every is not None)
+        assert result["strategy"] == train.strategy and b["grad_accumulation"] == train.grad_accum
+        assert result["model"]["family"] == train.family
+    assert accepted, f"{path.name}: the trainer accepts none of the world sizes tried"
+
+
+def test_plan_reads_train_style_overrides(capsys):
+    from pgdpo.tools.plan import main
+
+    assert main(["--gpus", "8", "--model.name", "wan2.1-t2v-1.3b", "--train.batch_size", "32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["layout"]["model"] == "wan2.1-t2v-1.3b" and result["layout"]["grad_accum"] == 4
+    assert main(["--gpus", "8", "--train.batch_sise", "32"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err  # the trainer's did-you-mean

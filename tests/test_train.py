@@ -310,7 +310,7 @@ def test_unpaired_predict_matches_paired_predict():
             batch["image_condition"] = torch.randn(b, a.image_condition_channels, f, h, w, generator=g)
             batch["encoder_hidden_states_image"] = torch.randn(b, 4, a.image_dim, generator=g)
         noisy = torch.randn(2 * b, a.latent_channels, f, h, w, generator=g)
-        t = torch.tensor([300.0, 700.0, 100.0, 900.0]) if a.is_wan else torch.tensor([300, 700, 100, 900])
+        t = a.model_timesteps(torch.tensor([300.0, 700.0, 100.0, 900.0]))
         with torch.no_grad():
             paired = a.predict(model, noisy, t, batch)
             half = a.predict(model, noisy[:b], t[:b], batch, paired=False)

@@ -10,6 +10,7 @@ module             its one job
 ``op``             the ``pgdpo::fused_loss`` op: schema, fake kernels, the one autograd formula
 ``cpu_op``         finding, building and loading the C++ CPU kernels of ``csrc/``
 ``reference``      the eager (and float64) reference implementation, the ``"torch"`` backend
+``controller``     ``K1K2Controller``: steers K1 / K2 during training to keep alpha and gamma in range
 =================  ==========================================================================
 
 The Triton kernels live in ``kernels/`` (``pgdpo.kernels``), the C++ sources in ``csrc/``; the contract of

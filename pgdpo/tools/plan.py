@@ -69,8 +69,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..train.config import PRECISIONS, STRATEGIES
+from ..train.cli import parse_overrides
+from ..train.config import PRECISIONS, STRATEGIES, TrainConfig, from_dict, load_config
 from ..train.config import REFERENCES as TRAIN_REFERENCES
+from ..train.layout import Layout, pretrained_config, resolve_layout, resolve_strategy
+from ..train.models import MODEL_CONFIGS, resolve_config
 
 GIB = 1024 ** 3
 
@@ -160,14 +163,13 @@ class PlanSettings:
             raise ValueError("reference 'lora' (the policy with its adapters disabled) needs lora_rank > 0")
         from pgdpo.train.models import adapter_for
 
-        adapter = adapter_for(self.model)
+        adapter = adapter_for(model_arch(self.model))
         adapter.latent_shape(self.frames, self.height, self.width, strict=True)  # Wan: 4k+1 frames, H, W / 8
-        if adapter.is_wan:  # whole patches: the latent's H', W' divide by the patch size too
-            _, spatial = adapter.vae_factors
-            _, ph, pw = adapter.config["patch_size"]
-            if self.height % (spatial * ph) or self.width % (spatial * pw):
-                raise ValueError(f"height and width must be multiples of {spatial * ph} x {spatial * pw} "
-                                 f"(VAE {spatial}x, patch {ph}x{pw}), got {self.height}x{self.width}")
+        # whole patches (Wan) / whole downsampled grids (UNet): the latent's H', W' divide further
+        mh, mw = adapter.pixel_multiples()
+        if self.height % mh or self.width % mw:
+            raise ValueError(f"height and width must be multiples of {mh} x {mw} for {self.model} "
+                             f"(its VAE and patch / downsampling), got {self.height}x{self.width}")
         self.lora_targets = tuple(self.lora_targets)
         return self
 
@@ -178,44 +180,55 @@ class PlanSettings:
         ``C`` from its config, the Wan VAE's 4x in time and 8x in space)."""
         from pgdpo.train.models import adapter_for
 
-        return adapter_for(self.model).latent_shape(self.frames, self.height, self.width)
+        return adapter_for(model_arch(self.model)).latent_shape(self.frames, self.height, self.width)
 
 
 # ------------------------------------------------------------------------------------------ config
 
 
-def settings_from_train_config(config) -> PlanSettings:
-    """:class:`PlanSettings` of the run ``pgdpo train`` would start from a (validated) ``TrainConfig``."""
-    m, d, meth = config.model, config.data, config.method
-    reference = meth.reference
-    if meth.name == "sft":
-        reference = "none"
-    elif reference == "copy" and meth.ref_ema_every > 0:
-        reference = "ema"
-    s = PlanSettings(model=m.name, frames=d.frames, height=d.height, width=d.width,
-                     batch_size=config.train.batch_size, micro_batch_size=config.train.micro_batch_size,
-                     text_len=d.text_len, precision=m.precision, optimizer=config.optim.name,
-                     gradient_checkpointing=m.gradient_checkpointing, reference=reference,
-                     lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets),
-                     strategy=config.distributed.strategy,
-                     reshard_after_forward=config.distributed.reshard_after_forward,
-                     reference_sharded=config.distributed.reference_sharded,
-                     cpu_offload=config.distributed.cpu_offload, sp_degree=config.distributed.sp_degree,
-                     checkpoint_every=m.checkpoint_every)
+def model_arch(model: str) -> dict:
+    """The config of ``model``: a name of ``MODEL_CONFIGS`` or a local diffusers folder (``model.path``)."""
+    return resolve_config(model) if model in MODEL_CONFIGS else pretrained_config(model)
+
+
+def settings_from_layout(layout: Layout, config: TrainConfig, *, model: str | None = None) -> PlanSettings:
+    """:class:`PlanSettings` of a run as the trainer resolves it (:func:`pgdpo.train.layout.resolve_layout`:
+    the architecture from ``model.path`` or ``model.name``, the reference kind, the checkpointing), plus
+    the video size and the FSDP options of its config. ``model``: plan this model instead (a name when
+    ``model.path`` is not on this machine)."""
+    d, dist = config.data, config.distributed
+    s = PlanSettings(model=model or layout.model, frames=d.frames, height=d.height, width=d.width,
+                     batch_size=layout.batch_size, micro_batch_size=layout.micro_batch_size,
+                     text_len=d.text_len, precision=layout.precision, optimizer=config.optim.name,
+                     gradient_checkpointing=layout.checkpoint_every is not None, reference=layout.reference,
+                     lora_rank=layout.lora_rank, lora_targets=layout.lora_targets, strategy=dist.strategy,
+                     reshard_after_forward=dist.reshard_after_forward,
+                     reference_sharded=dist.reference_sharded, cpu_offload=dist.cpu_offload,
+                     sp_degree=layout.sp_degree, checkpoint_every=config.model.checkpoint_every)
     return s.validate()
 
 
-def settings_from_config(mapping: dict | str | os.PathLike) -> PlanSettings:
-    """:class:`PlanSettings` from a training config (a YAML file or its mapping), read by the trainer's own
-    loader (``pgdpo.train.config``): a misspelt key or a bad value is the same error ``pgdpo train``
-    gives (a ``ConfigError``, a ``ValueError``), and keys a config leaves out take the trainer's defaults.
-    """
-    from pgdpo.train.config import from_dict, load_config
+def settings_from_train_config(config: TrainConfig, gpus: int | None = None) -> PlanSettings:
+    """:class:`PlanSettings` of the run ``pgdpo train`` would start from a (validated) ``TrainConfig`` on
+    ``gpus`` processes (default: one sequence-parallel group)."""
+    world = gpus or config.distributed.sp_degree
+    return settings_from_layout(resolve_layout(config, world, exact_batch=False), config)
 
-    if isinstance(mapping, (str, os.PathLike)):
-        where, config = os.fspath(mapping), load_config(mapping)
-    else:
-        where, config = "config", from_dict(mapping)
+
+def read_config(mapping: dict | str | os.PathLike | None, overrides=()) -> tuple[str, TrainConfig]:
+    """``(where, config)``: a training config (a YAML file, its mapping, or None for the trainer's
+    defaults) with ``(dotted_key, value)`` overrides, read by the trainer's own loader
+    (``pgdpo.train.config``): a misspelt key or a bad value is the same error ``pgdpo train`` gives."""
+    if mapping is None or isinstance(mapping, (str, os.PathLike)):
+        where = os.fspath(mapping) if mapping is not None else "config"
+        return where, load_config(mapping, list(overrides))
+    return "config", from_dict(mapping, list(overrides))
+
+
+def settings_from_config(mapping: dict | str | os.PathLike) -> PlanSettings:
+    """:class:`PlanSettings` from a training config (a YAML file or its mapping); keys a config leaves out
+    take the trainer's defaults (see :func:`read_config`)."""
+    where, config = read_config(mapping)
     try:
         return settings_from_train_config(config)
     except ValueError as exc:
@@ -232,9 +245,10 @@ def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> di
 
     from pgdpo.train.models import adapter_for, build_model, count_parameters
 
-    model = build_model(name, device="meta")
+    model = build_model(model_arch(name), device="meta")
     adapter = adapter_for(model)
-    if not adapter.is_wan:
+    dims = adapter.transformer_dims()
+    if dims is None:
         raise ValueError(f"pgdpo plan models WanTransformer3DModel (Wan2.1) memory; {name!r} is "
                          f"{type(model).__name__}")
     blocks = adapter.blocks(model)
@@ -249,8 +263,7 @@ def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> di
     return {"name": name, "family": adapter.family, "parameters": count_parameters(model),
             "block_parameters": max(block_params), "layers": len(blocks),
             "outside_parameters": count_parameters(model) - sum(block_params),
-            "lora_parameters": lora, "dim": c["num_attention_heads"] * c["attention_head_dim"],
-            "ffn_dim": c["ffn_dim"], "heads": c["num_attention_heads"], "config": c}
+            "lora_parameters": lora, **dims, "config": c}
 
 
 @functools.lru_cache(maxsize=16)
@@ -259,7 +272,7 @@ def parameter_table(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> 
     (``pgdpo.train.loading.meta_model``, on meta): ``rows`` is dim 0, which FSDP2 shards; ``fp32_kept``
     parameters (``_keep_in_fp32_modules``) are left out of the sharding (replicated, fp32)."""
     from pgdpo.train.loading import meta_model
-    from pgdpo.train.models import keep_fp32_names, resolve_config
+    from pgdpo.train.models import keep_fp32_names
 
     lora = None
     if lora_rank:
@@ -268,7 +281,7 @@ def parameter_table(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> 
         lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets))
     import torch
 
-    model = meta_model(resolve_config(name), torch.float32, lora=lora)
+    model = meta_model(model_arch(name), torch.float32, lora=lora)
     kept = set(keep_fp32_names(model))
     return tuple((p.numel(), p.shape[0] if p.dim() else 1, n in kept, ".lora_" in n)
                  for n, p in model.named_parameters())
@@ -332,9 +345,9 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     from pgdpo.train.models import adapter_for, wan_forward_flops
 
     m = model_summary(s.model, s.lora_rank, tuple(s.lora_targets))
-    adapter = adapter_for(s.model)
+    adapter = adapter_for(model_arch(s.model))
     cfg = m["config"]
-    strategy = s.strategy if s.strategy != "auto" else ("fsdp" if gpus > 1 else "none")
+    strategy = resolve_strategy(s.strategy, gpus)
     shard = gpus if strategy == "fsdp" else 1
     P, d, f, L = m["parameters"], m["dim"], m["ffn_dim"], m["layers"]
     cb = 2 if s.precision == "bf16" else 4  # compute dtype bytes
@@ -367,7 +380,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     videos = 2 * s.micro_batch_size
     latent = s.latent_shape
     tokens = adapter.tokens_per_sample(latent)
-    image_len = s.image_len if adapter.family == "wan-i2v" else 0
+    image_len = s.image_len if adapter.image_dim else 0
 
     # ---- memory (bytes per GPU)
     if tokens % sp:
@@ -523,12 +536,15 @@ def _suggestions(s: PlanSettings, gpus: int, gpu_name: str, evaluate) -> list[di
 
 def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus: int, gpu: str = "h20",
          mfu: float = 0.40, overhead_gib: float = 4.0, margin: float = 0.08, inter_node_gbps: float = 50.0,
-         suggest: bool = True, **overrides) -> dict:
+         suggest: bool = True, config_overrides=(), **overrides) -> dict:
     """Memory per GPU, step time and whether it fits, for a training setup on ``gpus`` x ``gpu``.
 
     Args:
         config: :class:`PlanSettings`, a training config mapping or YAML path (the keys listed in the module
-            doc), or None for the defaults (the paper's Wan2.1-14B 480p x 81 frames, batch 16).
+            doc), or None for the defaults (the paper's Wan2.1-14B 480p x 81 frames, batch 16; with
+            ``config_overrides``, the trainer's defaults).
+        config_overrides: ``(dotted_key, value)`` pairs applied to the training config as ``pgdpo train``
+            applies its ``--section.key VALUE`` arguments.
         gpus: number of GPUs (FSDP shards over all of them).
         gpu: a key of :data:`GPUS` (``h20``, ``h100``, ``h200``, ``a100``).
         mfu: assumed fraction of the bf16 peak achieved (all executed FLOPs, recompute included).
@@ -536,19 +552,35 @@ def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus:
         margin: fraction of GPU memory kept free for fragmentation; fits = total <= (1 - margin) x capacity.
         inter_node_gbps: per-GPU network bandwidth across nodes (GB/s) for the FSDP traffic estimate.
         suggest: also evaluate changes that make it fit (``"suggestions"``).
-        **overrides: :class:`PlanSettings` fields (``model=``, ``frames=``, ``gradient_checkpointing=`` ...).
+        **overrides: :class:`PlanSettings` fields (``model=``, ``frames=``, ``gradient_checkpointing=`` ...),
+            applied after the config is resolved.
 
     Returns:
         A JSON-serialisable dict: ``memory_gib`` (components), ``total_gib``, ``capacity_gib``, ``fits``,
         ``model`` (parameter counts, tokens), ``batch``, ``flops``, ``time`` (``step_s`` ...), ``notes``,
-        ``suggestions``.
+        ``suggestions``; ``layout`` (read from a training config): the run as ``pgdpo train`` resolves
+        it on ``gpus`` processes (:func:`pgdpo.train.layout.resolve_layout`).
     """
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
+    layout = None
     if isinstance(config, PlanSettings):
         settings = dataclasses.replace(config)
-    elif config is None:
+    elif config is None and not config_overrides:
         settings = PlanSettings()
     else:
-        settings = settings_from_config(config)
+        where, train_config = read_config(config, config_overrides)
+        m = train_config.model
+        try:
+            arch = None
+            if m.path and not os.path.isdir(m.path):  # planning before the weights are here
+                arch = resolve_config(m.name)
+                path_note = (f"model.path {m.path!r} is not here: planned with model.name {m.name!r} "
+                             "(pgdpo train reads the architecture from model.path)")
+            layout = resolve_layout(train_config, gpus, arch=arch, exact_batch=False)
+            settings = settings_from_layout(layout, train_config, model=m.name if arch is not None else None)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PlanSettings)})
     if unknown:
         raise TypeError(f"plan: unknown setting(s) {unknown}; PlanSettings has "
@@ -557,8 +589,6 @@ def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus:
     settings = dataclasses.replace(settings, **given).validate()
     if gpu not in GPUS:
         raise ValueError(f"unknown gpu {gpu!r}; expected one of {sorted(GPUS)}")
-    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
-        raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     if not 0 <= margin < 1:
@@ -572,6 +602,10 @@ def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus:
                          inter_node_gbps=inter_node_gbps)
 
     result = evaluate(settings, gpus)
+    if layout is not None:
+        result["layout"] = layout.as_dict()
+        if arch is not None:
+            result["notes"].append(path_note)
     result["gpu"]["key"] = gpu
     result["assumptions"] = {"mfu": mfu, "overhead_gib": overhead_gib, "margin": margin,
                              "inter_node_gbps": inter_node_gbps,
@@ -673,7 +707,12 @@ The estimate (see `python -c "import pgdpo.tools.plan; help(pgdpo.tools.plan)"`)
 weights,
 fp32 gradients and AdamW states (16 B/param) over the GPUs; the reference is a bf16 sharded copy (or
 LoRA adapters disabled: no copy); activations are measured per Wan block (72 d + 4 ffn bytes/token in
-bf16); step time = executed FLOPs / (GPUs x peak x MFU). Values from --config are overridden by flags.
+bf16); step time = executed FLOPs / (GPUs x peak x MFU).
+
+The config is read as pgdpo train reads it: --config FILE.yaml plus any --section.key VALUE override
+(e.g. --train.batch_size 32 --distributed.sp_degree 4), the trainer's defaults for what it leaves out, and
+the run resolved as the trainer resolves it on --gpus processes (model from model.path or model.name,
+reference, strategy, accumulation, checkpointing; the JSON's "layout"). The flags above are applied after.
 """
 
 
@@ -723,7 +762,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config_overrides = parse_overrides(extra)  # --section.key VALUE, as pgdpo train reads them
+    except ValueError as exc:
+        print(f"pgdpo plan: error: {exc}", file=sys.stderr)
+        return 2
     names = ("model", "frames", "height", "width", "batch_size", "micro_batch_size", "precision", "optimizer",
              "gradient_checkpointing", "reference", "lora_rank", "strategy", "text_len", "cpu_offload",
              "sp_degree", "checkpoint_every", "reference_sharded")
@@ -732,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["reference"] = "lora"
     try:
         result = plan(args.config, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu, overhead_gib=args.overhead_gib,
-                      margin=args.margin, **overrides)
+                      margin=args.margin, config_overrides=config_overrides, **overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pgdpo plan: error: {exc}", file=sys.stderr)
         return 2

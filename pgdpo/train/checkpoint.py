@@ -31,6 +31,17 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from .integrity import checksum_matches, file_checksum
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_SUFFIX = ".tmp"
@@ -121,8 +132,6 @@ def write_manifest(folder: str, checksums: dict[str, str]) -> None:
 def checksum_files(folder: str, rank: int = 0, world_size: int = 1) -> dict[str, str]:
     """Checksums of this rank's share of the files in ``folder`` (every ``world_size``-th, sorted by name),
     so that the ranks hash a large checkpoint in parallel."""
-    from .integrity import file_checksum
-
     names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
                    and n not in (MANIFEST, STATE_JSON))
     return {name: file_checksum(os.path.join(folder, name)) for name in names[rank::world_size]}
@@ -134,8 +143,6 @@ def verify_checkpoint(path: str) -> bool:
     Returns False for a checkpoint without a manifest (written before there were manifests: a warning), True
     when everything matched; a :class:`CheckpointError` naming the first bad file otherwise.
     """
-    from .integrity import checksum_matches
-
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
         warnings.warn(f"{path}: no {MANIFEST} (written before checkpoints had checksums); resuming without "
@@ -278,16 +285,12 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _state_dict_options(trainable_only: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     # Only trained parameters are saved (a LoRA run saves its adapters, not the frozen base). Loading
     # is then non-strict about the frozen ones; every saved key must still be found (DCP raises).
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
 
 def _dcp_state(policy, optimizer, reference):
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
     model_sd, optim_sd = get_state_dict(policy, optimizer, options=_state_dict_options(True))
     state = {"model": model_sd, "optim": optim_sd}
     if reference is not None:
@@ -308,8 +311,6 @@ def save_checkpoint(output_dir: str, step: int, *, dist_state, policy, optimizer
     its ``finish()`` once every rank's write is done. Until then it is a ``.tmp`` folder, which
     ``latest`` never loads.
     """
-    import torch.distributed.checkpoint as dcp
-
     final = checkpoint_dir(output_dir, step)
     tmp = final + TMP_SUFFIX
     if dist_state.is_main:
@@ -363,8 +364,6 @@ class PendingCheckpoint:
         # Every file is in place: the ranks hash their shares of them, rank 0 writes the manifest.
         checksums = checksum_files(tmp, self.dist.rank, self.dist.world_size)
         if self.dist.distributed:
-            import torch.distributed as dist
-
             parts = [None] * self.dist.world_size
             dist.all_gather_object(parts, checksums)
             checksums = {k: v for part in parts for k, v in part.items()}
@@ -409,9 +408,6 @@ def _prune(output_dir: str, keep_last: int, stale: list[str], keep: str) -> None
 
 def load_checkpoint(path: str, *, dist_state, policy, optimizer, reference=None) -> tuple[dict, dict]:
     """Load ``path`` into the (already wrapped) models and optimiser; returns (rank_state, trainer_state)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
     trainer_state = load_torch(os.path.join(path, TRAINER_FILE))
     saved_world = trainer_state.get("world_size")
     if saved_world != dist_state.world_size:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import io
 import os
+import signal
 import sys
 import typing
 
 from ..loss.options import METHODS as LOSS_METHODS
+from .checkpoint import CheckpointError
+from .compare import compare_config, format_comparison
 from .config import ConfigError, TrainConfig, load_config, parse_value
+from .data.format import DataError
+from .trainer import train
 
 DESCRIPTION = """\
 Preference training (PG-DPO, DPO, ARS, IPR, SFT) of a video diffusion model from a YAML config.
@@ -131,24 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
 
-    import faulthandler
-    import signal
-
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack (a hung rank, say)
         try:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         except (ValueError, OSError, io.UnsupportedOperation):  # stderr without a file descriptor
             pass
 
-    from .checkpoint import CheckpointError
-    from .data.format import DataError
-    from .trainer import train
-
     try:
         summary = train(config)
         if args.compare and not summary.get("signal"):
-            from .compare import compare_config, format_comparison
-
             other = compare_config(config, args.compare)
             print(f"pgdpo train --compare: now the same run with method {args.compare} in "
                   f"{other.output_dir}", flush=True)

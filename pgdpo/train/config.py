@@ -26,10 +26,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..loss import PGDPOLoss
 from ..loss.options import BACKENDS as LOSS_BACKENDS
 from ..loss.options import IPR_TARGETS, MARGINS, WEIGHTINGS
 from ..loss.options import METHODS as LOSS_METHODS
 from .diffusion import SCHEDULES
+from .models import MODEL_CONFIGS
 
 #: what `method.name` trains: the loss's methods (pgdpo.loss.options.METHODS) and the SFT baseline
 METHODS = (*LOSS_METHODS, "sft")
@@ -278,8 +280,6 @@ class TrainConfig:
         trainer, ``pgdpo plan`` and the CLI all load configs through :func:`load_config` /
         :func:`from_dict`, which end here). Single fields are checked as they are set; here the
         cross-field rules, and the loss options by the loss's own validator."""
-        from .models import MODEL_CONFIGS
-
         if self.model.path is None and self.model.name not in MODEL_CONFIGS:
             raise ConfigError(f"model.name must be one of {sorted(MODEL_CONFIGS)} (or set model.path to a "
                               f"diffusers folder), got {self.model.name!r}")
@@ -343,8 +343,6 @@ def loss_kwargs(method: MethodConfig) -> dict:
 
 def loss_from_config(method: MethodConfig):
     """The configured ``pgdpo.PGDPOLoss`` (its ``LossOptions`` validates the values)."""
-    from ..loss import PGDPOLoss
-
     return PGDPOLoss(**loss_kwargs(method))
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, DistributedConfig
+from .layout import resolve_strategy
 
 
 @dataclass
@@ -135,17 +136,10 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
     else:
         dev = torch.device("cpu")
 
-    strategy = cfg.strategy
-    if strategy == "auto":
-        strategy = "fsdp" if world > 1 else "none"
-    if strategy == "none" and world > 1:
-        raise ConfigError(f"distributed.strategy: none cannot run {world} processes; use fsdp or ddp")
     sp = cfg.sp_degree
     if world % sp:
         raise ConfigError(f"distributed.sp_degree ({sp}) must divide the number of processes ({world})")
-    if sp > 1 and strategy != "fsdp":
-        raise ConfigError(f"distributed.sp_degree: {sp} needs distributed.strategy: fsdp (or auto with "
-                          f"several processes), got {strategy}")
+    strategy = resolve_strategy(cfg.strategy, world, sp)
 
     initialized_here = False
     if world > 1 and not dist.is_initialized():

@@ -20,11 +20,25 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 
-from .loading import INDEX_NAME, WEIGHTS_NAME, _filled_tensors, file_key
+from .checkpoint import CheckpointError, is_complete, list_checkpoints
+from .config import ConfigError, load_config
+from .data.format import DataError
+from .distributed import init_distributed
+from .layout import model_architecture
+from .loading import INDEX_NAME, WEIGHTS_NAME, _filled_tensors, build_models, file_key
+from .models import spec_for, unwrap_model
+from .step import has_adapters
 
 #: bytes per output safetensors file (diffusers' save_pretrained default is 10 GB; 5 GB as the Hub's)
 MAX_SHARD_SIZE = 5 * 1024 ** 3
@@ -39,12 +53,10 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _diffusers_config(model: nn.Module) -> dict:
-    from .models import _CLASSES, unwrap_model
-
     base = unwrap_model(model)
     config = json.loads(base.to_json_string())
     # FSDP2 swaps the class for FSDP<Name>: record the diffusers class from_pretrained must build.
-    config["_class_name"] = next(c.__name__ for c in type(base).__mro__ if c.__name__ in _CLASSES)
+    config["_class_name"] = spec_for(base).class_name
     return config
 
 
@@ -100,8 +112,6 @@ def _write_pretrained(model: nn.Module, tmp: str, is_main: bool, max_shard_size:
 def _write_lora(model: nn.Module, tmp: str, is_main: bool) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    from .models import adapter_for, unwrap_model
-
     base = unwrap_model(model)
     gathered = {}
     for name, t in base.named_parameters():
@@ -113,16 +123,7 @@ def _write_lora(model: nn.Module, tmp: str, is_main: bool) -> None:
         return
     layers = get_peft_model_state_dict(base, state_dict=gathered, adapter_name="default")
     metadata = base.peft_config["default"].to_dict()
-    if adapter_for(base).is_wan:
-        from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
-
-        WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=layers,
-                                             transformer_lora_adapter_metadata=metadata)
-    else:
-        from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
-
-        StableDiffusionLoraLoaderMixin.save_lora_weights(tmp, unet_lora_layers=layers,
-                                                         unet_lora_adapter_metadata=metadata)
+    spec_for(base).save_lora(tmp, layers, metadata)  # the family's diffusers LoRA layout
     with open(os.path.join(tmp, "config.json"), "w") as f:  # the base architecture the adapters fit
         json.dump(_diffusers_config(model), f, indent=2, sort_keys=True)
 
@@ -135,8 +136,6 @@ def export_model(model: nn.Module, out: str, *, dist, max_shard_size: int = MAX_
     ``save_pretrained`` layout, in the policy's dtype (fp32 master weights) or ``dtype``. ``out`` is
     replaced atomically. Returns ``out``.
     """
-    from .step import has_adapters
-
     tmp = out.rstrip(os.sep) + ".tmp"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,21 +173,6 @@ reaches train.max_steps writes <output_dir>/final/ the same way.
 def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = None,
                       max_shard_size: int = MAX_SHARD_SIZE) -> str:
     """Build the policy of ``checkpoint``'s config, load the checkpoint's trained weights into it, export."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        set_model_state_dict,
-    )
-
-    from .checkpoint import CheckpointError, is_complete, list_checkpoints
-    from .config import load_config
-    from .distributed import init_distributed
-    from .loading import build_models, pretrained_config
-    from .models import resolve_config
-
     path = os.path.expanduser(checkpoint)
     if not os.path.isdir(path):
         raise CheckpointError(f"--checkpoint {checkpoint}: no such folder")
@@ -206,7 +190,7 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     dist = init_distributed(cfg.distributed, "cpu" if not torch.cuda.is_available() else cfg.device)
     finished = False
     try:
-        arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
+        arch = model_architecture(cfg)  # as the run resolved it (pgdpo.train.layout)
         # Full fine-tuning: the checkpoint holds every parameter (DCP raises for one it lacks), so the
         # pretrained weights are not read; LoRA: the frozen base comes from model.path as in training.
         full = not cfg.model.lora_rank
@@ -239,9 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size-gb", type=float, default=MAX_SHARD_SIZE / 1024 ** 3,
                    help="bytes per safetensors file, in GiB (default 5)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data.format import DataError
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     try:

@@ -31,9 +31,13 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from .config import ConfigError
 from .data.format import SAFETENSORS_DTYPES
+from .distributed import mixed_precision_dtype, wrap_model
+from .layout import pretrained_config  # noqa: F401 - the home of model.path's config.json is layout
+from .models import _model_class, adapter_for, build_model, cast_weights, find_model_folder, resolve_config
 
 #: diffusers' weight file names (``save_pretrained``: one file, or shards listed in the index)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -147,21 +151,9 @@ class ModuleSource:
 def weights_folder(path: str) -> str:
     """The model folder of ``path``: itself, or its ``transformer/`` / ``unet/`` subfolder (a pipeline);
     :func:`pgdpo.train.models.find_model_folder`, its error a ``ConfigError`` naming ``model.path``."""
-    from .models import find_model_folder
-
     try:
         return find_model_folder(path, what="model.path")
     except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def pretrained_config(path: str) -> dict:
-    """The ``config.json`` of the diffusers model at ``path`` (a model or pipeline folder)."""
-    from .models import read_model_config
-
-    try:
-        return read_model_config(path, what="model.path")
-    except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
 
 
@@ -173,8 +165,6 @@ def meta_model(arch: dict, dtype: torch.dtype, *, lora=None) -> nn.Module:
     (fp32-kept modules in fp32); with ``lora`` (a peft ``LoraConfig``) adapters added, frozen base,
     trainable fp32 adapters."""
     from accelerate import init_empty_weights
-
-    from .models import _model_class, cast_weights, resolve_config
 
     config = resolve_config(arch)
     cls = _model_class(config.pop("_class_name"))
@@ -224,7 +214,6 @@ def _rows(name: str, tensor: torch.Tensor) -> tuple[int, int]:
     """Global rows ``[start, stop)`` of dim 0 this rank holds of ``tensor`` (a DTensor shard or all)."""
     if not hasattr(tensor, "placements"):
         return 0, (tensor.shape[0] if tensor.dim() else 1)
-    from torch.distributed.tensor import Shard
 
     placements = tuple(tensor.placements)
     mesh = tensor.device_mesh
@@ -299,8 +288,6 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded one (all-gathered on the compute device, also when offloaded)."""
-    from torch.distributed.tensor import DTensor
-
     local = t.to_local()
     if local.device.type != t.device_mesh.device_type:  # CPU-offloaded shard of a GPU mesh
         local = local.to(t.device_mesh.device_type)
@@ -327,7 +314,6 @@ def open_source(path: str | None, arch: dict, seed: int):
     """Where the initial weights come from: the folder's safetensors, or a seeded random CPU build."""
     if path:
         return SafetensorsFolder(weights_folder(path))
-    from .models import build_model
 
     return ModuleSource(build_model(arch, seed=seed, dtype=torch.float32))
 
@@ -352,8 +338,6 @@ def build_models(cfg, dist, arch: dict, *, with_reference: bool,
     caller wraps DDP). ``fill=False``: materialised but not filled (every parameter is about to be
     loaded from a checkpoint; buffers are set).
     """
-    from .distributed import mixed_precision_dtype, wrap_model
-
     m = cfg.model
     compute = mixed_precision_dtype(m.precision, dist.device) or torch.float32
     lora = lora_config(m)
@@ -362,7 +346,6 @@ def build_models(cfg, dist, arch: dict, *, with_reference: bool,
     if with_reference:
         reference = meta_model(arch, torch.float32 if cfg.method.ref_ema_every else compute)
         reference.requires_grad_(False).eval()
-    from .models import adapter_for
 
     adapter = adapter_for(model)
     d = cfg.distributed

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from .config import ConfigError
+from .models import unwrap_model
 
 
 def sequence_mesh(world_size: int, sp_degree: int, device: torch.device):
@@ -44,8 +46,6 @@ def sequence_mesh(world_size: int, sp_degree: int, device: torch.device):
     Consecutive ranks share a sequence group. The names ``ring`` / ``ulysses`` are what diffusers'
     ``ContextParallelConfig`` looks up; FSDP2 shards over the whole world (the default 1-D mesh).
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
     if world_size % sp_degree:
         raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the number of processes "
                           f"({world_size})")
@@ -59,18 +59,19 @@ def gradient_scale(sp_degree: int) -> float:
     return float(sp_degree)
 
 
-def check_divisible(adapter, latent_shape, sp_degree: int) -> None:
-    """Raise a ConfigError unless the heads and the video tokens split evenly over ``sp_degree`` ranks."""
+def check_divisible(spec, latent_shape, sp_degree: int) -> None:
+    """Raise a ConfigError unless the model family (a ``ModelSpec``) supports sequence parallelism and its
+    heads and video tokens split evenly over ``sp_degree`` ranks."""
     if sp_degree == 1:
         return
-    if not adapter.is_wan:
+    if not spec.supports_sequence_parallel:
         raise ConfigError(f"distributed.sp_degree > 1 is implemented for Wan transformers (diffusers' "
-                          f"_cp_plan); this model is {adapter.family}")
-    heads = adapter.config["num_attention_heads"]
+                          f"_cp_plan); this model is {spec.family}")
+    heads = spec.attention_heads
     if heads % sp_degree:
         raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the model's attention heads "
                           f"({heads}): Ulysses gives each rank heads / sp_degree heads")
-    tokens = adapter.tokens_per_sample(latent_shape)
+    tokens = spec.tokens_per_sample(latent_shape)
     if tokens % sp_degree:
         raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the tokens per video ({tokens} "
                           f"for latents {list(latent_shape)}): each rank holds tokens / sp_degree of them")
@@ -92,8 +93,6 @@ def enable_sequence_parallel(model: nn.Module, mesh, sp_degree: int) -> None:
     from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    from .models import unwrap_model
 
     base = unwrap_model(model)
     if getattr(base, "_parallel_config", None) is not None:

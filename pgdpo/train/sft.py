@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .models import enable_checkpointing
+from .prepare import PrepareOptions, prepare
 from .step import DiffusionStep, StepOutput
 
 
@@ -29,14 +29,13 @@ class SFTStep(DiffusionStep):
                  schedule_options: dict | None = None, attention_backend: str | None = None,
                  checkpointing: int = 0, autocast_dtype: torch.dtype | None = None,
                  disable_dropout: bool = True):
-        from .models.attention import set_attention_backend
-
         super().__init__(policy, schedule, sample_weight_fn=sample_weight_fn,
                          schedule_options=schedule_options, autocast_dtype=autocast_dtype,
                          disable_dropout=disable_dropout)
-        if attention_backend is not None:
-            set_attention_backend(policy, attention_backend)
-        self.checkpointed_blocks = enable_checkpointing(policy, checkpointing) if checkpointing else []
+        # the speed switches: pgdpo.train.prepare (dropout is off already, see above)
+        options = PrepareOptions(disable_dropout=False, attention_backend=attention_backend,
+                                 checkpoint_every=checkpointing or 0)
+        self.checkpointed_blocks = prepare(policy, options).checkpointed_blocks
 
     def __call__(self, batch: Mapping, generator: torch.Generator | None = None) -> StepOutput:
         pairs = self.noise_inputs(batch, generator)

@@ -24,10 +24,11 @@ from torch import Tensor, nn
 
 from ..loss import PGDPOLoss, loss_with_options
 from ..loss.options import LossOptions
+from .data.compat import check_batch
 from .diffusion import DDPMSchedule, FlowMatchingSchedule, NoisyPairs, make_schedule
-from .models import adapter_for, cast_weights, compile_blocks, enable_checkpointing, unwrap_model
+from .models import adapter_for, unwrap_model
 from .models import disable_dropout as _disable_dropout  # the name of PreferenceStep's switch too
-from .models.attention import set_attention_backend
+from .prepare import PrepareOptions, prepare
 
 
 @dataclass
@@ -140,8 +141,6 @@ class DiffusionStep:
 
     def validate_batch(self, batch: Mapping) -> None:
         """Raise a clear error naming the bad key when ``batch`` does not fit the policy."""
-        from .data.compat import check_batch
-
         check_batch(self.adapter, batch, _model_device(self.policy))
 
     def _autocast(self, device: torch.device):
@@ -263,17 +262,13 @@ class PreferenceStep(DiffusionStep):
                 raise ValueError(f"reference is a {adapter_for(self.reference).family} model but the policy "
                                  f"is a {self.adapter.family} model")
 
-        if weights_dtype is not None:
-            cast_weights(unwrap_model(policy), weights_dtype)
-            if self.reference is not None:
-                cast_weights(unwrap_model(self.reference), weights_dtype)
-        if attention_backend is not None:
-            for model in self._models():
-                set_attention_backend(model, attention_backend)
-        self.checkpointed_blocks = enable_checkpointing(policy, every) if every else []
-        if compile:
-            for model in self._models():
-                compile_blocks(model, **(compile_options or {}))
+        # The speed switches: pgdpo.train.prepare, in its order (dropout is off already, see above).
+        options = PrepareOptions(weights_dtype=weights_dtype, disable_dropout=False,
+                                 attention_backend=attention_backend, checkpoint_every=every, compile=compile,
+                                 compile_options=compile_options or {})
+        self.checkpointed_blocks = prepare(policy, options).checkpointed_blocks
+        if self.reference is not None:
+            prepare(self.reference, options, trainable=False)
 
     # ------------------------------------------------------------------------------------------ setup
 

@@ -16,13 +16,16 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
+from ..loss.controller import K1K2Controller
 from .checkpoint import (
     CheckpointError,
     archive_previous_run,
@@ -35,6 +38,12 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, TrainConfig, loss_from_config
+from .data.collate import collate
+from .data.compat import check_compatible
+from .data.dataset import PreferenceDataset
+from .data.format import DataError
+from .data.synth import synth_dataset
+from .diagnostics import ALPHA_RANGE, GAMMA_RANGE, GammaMeter, LikelihoodProbe
 from .distributed import (
     DistState,
     all_reduce_,
@@ -43,9 +52,22 @@ from .distributed import (
     is_sharded,
     mixed_precision_dtype,
     sync_replicated_grads,
-    wrap_model,
 )
-from .metrics import MetricsLog, peak_memory_gb, reduce_stats
+from .ema import ema_update_
+from .export import export_model
+from .gamma import GAMMA_METHODS, measure_gamma
+from .layout import resolve_layout
+from .loading import build_models
+from .log import setup_logging
+from .metrics import MetricsLog, peak_memory_gb, read_metrics, reduce_stats
+from .models import adapter_for
+from .parallel import check_divisible, gradient_scale
+from .plots import write_plots
+from .prepare import PrepareOptions, prepare
+from .sft import SFTStep
+from .step import PreferenceStep
+from .validation import Validator
+from .weighting import TimestepWeighting
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -73,7 +95,8 @@ class Trainer:
         self.dist: DistState = init_distributed(config.distributed, config.device)
         self.out = config.output_dir
         self.is_main = self.dist.is_main
-        self.log_file = sys.stderr
+        self.log_file = sys.stderr  # the progress bar's stream
+        self.log = setup_logging(self.is_main)  # rank 0 the only writer
         try:
             self._setup()
         except BaseException:
@@ -83,8 +106,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ helpers
 
     def info(self, message: str) -> None:
-        if self.is_main:
-            print(f"pgdpo train: {message}", file=self.log_file, flush=True)
+        self.log.info(message)  # (silent on ranks other than 0)
 
     def _on_rank0(self, fn):
         """Run ``fn`` on rank 0 only; every rank gets its result or raises its error (no hang)."""
@@ -103,7 +125,9 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.grad_accum = cfg.grad_accum(self.dist.dp_size)  # the ranks of a sequence group share a batch
+        # model, reference, mesh, accumulation, checkpointing: resolved once (as `pgdpo plan` resolves them)
+        self.layout = resolve_layout(cfg, self.dist.world_size)
+        self.grad_accum = self.layout.grad_accum  # the ranks of a sequence group share a batch
         self._on_rank0(lambda: os.makedirs(self.out, exist_ok=True))
         self.resume_path, self.stale = self._on_rank0(self._find_resume)
 
@@ -112,22 +136,15 @@ class Trainer:
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
         torch.manual_seed(cfg.seed + self.dist.rank)
 
-        from .loading import pretrained_config
-        from .models import adapter_for, resolve_config
-
-        self.arch = pretrained_config(cfg.model.path) if cfg.model.path else resolve_config(cfg.model.name)
-        self.adapter = adapter_for(self.arch)
+        self.arch = self.layout.arch
+        self.adapter = self.layout.spec
         self._prepare_data()
         self._build_models()
         self._build_optimizer()
         self.start_step = 0
         self.probe = self._build_probe() if cfg.logging.diagnostics_every else None
         self.gamma_meter = None  # Gamma of Eq. 10 every diagnostics_every steps (methods with a DPO baseline)
-        from .gamma import GAMMA_METHODS
-
         if cfg.logging.diagnostics_every and cfg.method.name in GAMMA_METHODS:
-            from .diagnostics import GammaMeter
-
             self.gamma_meter = GammaMeter()
         if self.resume_path is not None:
             self._load(self.resume_path)
@@ -136,8 +153,6 @@ class Trainer:
                                   config=cfg.to_dict())
         self.validator = None
         if cfg.validation.every:
-            from .validation import Validator
-
             self.validator = Validator(self)
         if self.is_main:
             import yaml
@@ -153,41 +168,35 @@ class Trainer:
         ck = self.cfg.checkpoint
         existing = list_checkpoints(self.out)
         path = resolve_resume(ck.resume, self.out,
-                              log=lambda message: print(f"pgdpo train: {message}", file=self.log_file))
+                              log=self.log.info)
         if path is not None:
             step = int(read_summary(path)["step"])
             stale = [p for s, p in existing if s > step]
             if stale:
-                print(f"pgdpo train: resuming from {path} (step {step}); the later checkpoints "
-                      f"{[os.path.basename(p) for p in stale]} belong to the abandoned run and are deleted "
-                      "when the next checkpoint is written", file=self.log_file)
+                self.log.info(f"resuming from {path} (step {step}); the later checkpoints "
+                              f"{[os.path.basename(p) for p in stale]} belong to the abandoned run and are "
+                              "deleted when the next checkpoint is written")
             return path, stale
         if ck.resume == "latest":
-            print(f"pgdpo train: --resume latest: no complete checkpoint in {self.out}; starting from step 0",
-                  file=self.log_file)
+            self.log.info(f"--resume latest: no complete checkpoint in {self.out}; starting from step 0")
         if ck.overwrite:
             if existing:
-                print(f"pgdpo train: --overwrite: the checkpoints of the previous run in {self.out} are "
-                      "deleted when the first new one is written", file=self.log_file)
+                self.log.info(f"--overwrite: the checkpoints of the previous run in {self.out} are deleted "
+                              "when the first new one is written")
             return None, [p for _, p in existing]
         moved = archive_previous_run(self.out)
         if moved:
-            print(f"pgdpo train: {self.out} held a previous run; moved its checkpoints and logs to {moved} "
-                  "(pass --resume latest to continue a run, --overwrite to replace it)", file=self.log_file)
+            self.log.info(f"{self.out} held a previous run; moved its checkpoints and logs to {moved} "
+                          "(pass --resume latest to continue a run, --overwrite to replace it)")
         return None, []
 
     def _prepare_data(self) -> None:
-        from .data.compat import check_compatible
-        from .data.dataset import PreferenceDataset
-
         cfg = self.cfg
         path = cfg.data_path()
         if cfg.data.synthesize:  # decided on rank 0 alone: every rank must agree on the collective
             exists = os.path.join(path, "dataset.json")
             self._on_rank0(lambda: os.path.isfile(exists) or self._synthesize(path))
         elif not os.path.isdir(path):
-            from .data.format import DataError
-
             raise DataError(f"data.path: no dataset folder at {path!r}; make one with `pgdpo data pairs` "
                             "/ `pgdpo data encode` (or `pgdpo data synth`), or set data.synthesize: true to "
                             "write a synthetic one there (as configs/demo.yaml does)")
@@ -201,33 +210,21 @@ class Trainer:
             self.info(f"note: the dataset's latents are {self.dataset.meta.latent_shape} [C, F, H, W] but "
                       f"data.height/width/frames = {cfg.data.height}x{cfg.data.width}x{cfg.data.frames} mean "
                       f"{expected}; training uses the dataset's (set data.* to match for `pgdpo plan`)")
-        from .parallel import check_divisible
 
         check_divisible(self.adapter, self.dataset.meta.latent_shape, self.dist.sp_degree)
 
     def _synthesize(self, path: str) -> None:
-        from .data.synth import synth_dataset
-
         cfg, a = self.cfg, self.adapter
         shape = latent_shape_for(cfg, a)
-        print(f"pgdpo train: writing a synthetic {cfg.data.synth_kind} dataset of {cfg.data.synth_pairs} "
-              f"pairs, latents {shape}, to {path}", file=self.log_file, flush=True)
-        extra = {}
-        if a.family == "wan-i2v":
-            extra = {"image_len": 257 if a.image_dim >= 1280 else 8, "image_dim": a.image_dim}
-        synth_dataset(path, pairs=cfg.data.synth_pairs, task="i2v" if a.family == "wan-i2v" else "t2v",
+        self.log.info(f"writing a synthetic {cfg.data.synth_kind} dataset of {cfg.data.synth_pairs} pairs, "
+                      f"latents {shape}, to {path}")
+        synth_dataset(path, pairs=cfg.data.synth_pairs, task=a.task,
                       latent_shape=shape, text_len=cfg.data.text_len, text_dim=a.text_dim,
                       difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True, progress=False,
-                      kind=cfg.data.synth_kind, **extra)
+                      kind=cfg.data.synth_kind, **a.synthetic_extras())
 
     def _build_models(self) -> None:
         """Policy and reference on meta, sharded, materialised and filled (:mod:`pgdpo.train.loading`)."""
-        from .loading import build_models
-        from .models import adapter_for
-        from .sft import SFTStep
-        from .step import PreferenceStep
-        from .weighting import TimestepWeighting
-
         m, meth = self.cfg.model, self.cfg.method
         compute = mixed_precision_dtype(m.precision, self.dist.device)
         if m.precision == "bf16" and compute is None:
@@ -237,8 +234,8 @@ class Trainer:
             self.info(f"compute dtype {name} (fp32 master weights and reduction)")
         autocast = compute if self.dist.strategy != "fsdp" else None  # FSDP2: MixedPrecisionPolicy
 
-        with_reference = meth.name != "sft" and meth.reference == "copy"
-        model, reference = build_models(self.cfg, self.dist, self.arch, with_reference=with_reference)
+        model, reference = build_models(self.cfg, self.dist, self.arch,
+                                        with_reference=self.layout.with_reference_copy)
         self.adapter = adapter_for(model)
         model.train()
         if reference is not None and m.lora_rank:
@@ -252,29 +249,27 @@ class Trainer:
         schedule_options = {}
         if meth.schedule == "flow":
             schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
-        checkpointing = m.checkpoint_every if m.gradient_checkpointing else None
-
+        # dropout, attention, checkpointing, sequence parallel, DDP: one order for both (pgdpo.train.prepare);
+        # FSDP2 sharded them on meta already (build_models)
+        options = PrepareOptions(disable_dropout=m.disable_dropout, attention_backend=m.attention,
+                                 checkpoint_every=self.layout.checkpoint_every or 0,
+                                 sp_degree=self.dist.sp_degree, mesh=self.dist.mesh, dist=self.dist,
+                                 precision=m.precision)
+        prepared = prepare(model, options)
+        if reference is not None:
+            prepare(reference, options, trainable=False)
         if meth.name == "sft":
             step = SFTStep(model, meth.schedule, sample_weight_fn=self.weighting,
-                           schedule_options=schedule_options, attention_backend=m.attention,
-                           checkpointing=checkpointing or 0, autocast_dtype=autocast,
+                           schedule_options=schedule_options, autocast_dtype=autocast,
                            disable_dropout=m.disable_dropout)
         else:
             step = PreferenceStep(model, reference, meth.schedule, loss_from_config(meth),
                                   sample_weight_fn=self.weighting, schedule_options=schedule_options,
-                                  attention_backend=m.attention, checkpointing=checkpointing,
                                   autocast_dtype=autocast, disable_dropout=m.disable_dropout)
+        step.checkpointed_blocks = prepared.checkpointed_blocks
         if self.weighting is not None:
             self.weighting.num_train_timesteps = float(step.schedule.num_train_timesteps)
-        if self.dist.sp_degree > 1:  # after the attention backend is set: it is checked for Ulysses support
-            from .parallel import enable_sequence_parallel
-
-            for net in (model, reference) if reference is not None else (model,):
-                enable_sequence_parallel(net, self.dist.mesh, self.dist.sp_degree)
-
-        policy = model
-        if self.dist.strategy == "ddp":  # DDP wraps a materialised model
-            policy = wrap_model(model, [], self.dist, precision=m.precision)
+        policy = prepared.module
         # DDP: the step calls the wrapper (gradient sync); pgdpo.train.models.unwrap_model sees through it
         # where the step looks inside (adapters, dtypes)
         if policy is not model:
@@ -282,10 +277,7 @@ class Trainer:
         self.model, self.policy, self.reference, self.step_fn = model, policy, reference, step
         self.controller = None
         if meth.k_controller:
-            from .diagnostics import K1K2Controller
-
-            self.controller = K1K2Controller(meth.k1, meth.k2, enabled=True)
-        from .parallel import gradient_scale
+            self.controller = K1K2Controller(meth.k1, meth.k2, enabled=True, loss=step.loss)
 
         self.loss_scale = gradient_scale(self.dist.sp_degree)
         self.ema_reference = reference if meth.ref_ema_every else None
@@ -321,9 +313,6 @@ class Trainer:
     def _build_probe(self):
         """Fixed probe set (first pairs of the dataset, fixed noise) for
         pgdpo.train.diagnostics.LikelihoodProbe."""
-        from .data.collate import collate
-        from .diagnostics import LikelihoodProbe
-
         n = min(4, self.dataset.num_pairs)
         batch = collate([self.dataset.read_pair(i) for i in range(n)], dtype=torch.float32)
         batch = {k: v.to(self.dist.device) for k, v in batch.items()}
@@ -347,31 +336,16 @@ class Trainer:
     def _load(self, path: str) -> None:
         rank_state, trainer_state = load_checkpoint(path, dist_state=self.dist, policy=self.policy,
                                                     optimizer=self.optimizer, reference=self.ema_reference)
-        saved_sp = trainer_state.get("sp_degree", 1)
-        if saved_sp != self.dist.sp_degree:
-            raise CheckpointError(f"{path}: written with distributed.sp_degree {saved_sp}, this run has "
-                                  f"{self.dist.sp_degree}: the data shards and noise streams follow the "
-                                  "data-parallel groups; resume with the same sp_degree")
-        if trainer_state.get("grad_accum") != self.grad_accum:
-            raise CheckpointError(f"{path}: written with {trainer_state.get('grad_accum')} micro-batches per "
-                                  f"step per rank, this run has {self.grad_accum} (train.batch_size / "
-                                  "micro_batch_size); resume with the same batch settings")
-        self.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
-        if self.weighting is not None:
-            if trainer_state.get("weighting") is None:
-                raise CheckpointError(f"{path}: has no timestep-weighting statistics but this run uses "
-                                      "method.timestep_weighting; resume with the checkpoint's config")
-            self.weighting.load_state_dict(trainer_state["weighting"])
-        if self.probe is not None and trainer_state.get("probe"):
-            self.probe.load_state_dict(trainer_state["probe"])
-        if self.gamma_meter is not None and trainer_state.get("gamma"):
-            self.gamma_meter.load_state_dict(trainer_state["gamma"])
-        if self.controller is not None:
-            if trainer_state.get("controller") is None:
-                raise CheckpointError(f"{path}: has no K1/K2 controller state but this run uses "
-                                      "method.k_controller; resume with the checkpoint's config")
-            self.controller.load_state_dict(trainer_state["controller"])
-            self._set_k(self.controller.k1, self.controller.k2)
+        problem = self.layout.resume_problem(trainer_state)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
+        for name, component in self._states().items():  # each checks that the saved state fits it
+            if component is None:
+                continue
+            try:
+                component.load_state_dict(trainer_state.get(name))  # (the controller steers the loss too)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: {name}: {exc}; resume with the checkpoint's config") from None
         try:
             self.dataset.load_state_dict(rank_state["data"])
         except (KeyError, ValueError) as exc:
@@ -380,17 +354,20 @@ class Trainer:
         self.start_step = int(trainer_state["step"])
         self.info(f"resumed from {path} at step {self.start_step}")
 
+    def _states(self) -> dict:
+        """The pieces of training state a checkpoint's ``trainer_state.json`` holds, by their key there
+        (None: this run has no such piece; it is saved as null). Each has ``state_dict`` and a
+        ``load_state_dict`` that checks the saved state fits it: a new piece is one entry here."""
+        return {"lr_scheduler": self.lr_scheduler, "weighting": self.weighting, "probe": self.probe,
+                "controller": self.controller, "gamma": self.gamma_meter}
+
     def save(self, step: int, last_record: dict | None) -> str:
         self.metrics.sync()
         trainer_state = {
             "step": step, "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
-            "sp_degree": self.dist.sp_degree,
-            "lr_scheduler": self.lr_scheduler.state_dict(), "seed": self.cfg.seed,
-            "weighting": self.weighting.state_dict() if self.weighting is not None else None,
+            "sp_degree": self.dist.sp_degree, "seed": self.cfg.seed,
             "has_reference_state": self.ema_reference is not None,
-            "probe": self.probe.state_dict() if self.probe is not None else None,
-            "controller": self.controller.state_dict() if self.controller is not None else None,
-            "gamma": self.gamma_meter.state_dict() if self.gamma_meter is not None else None,
+            **{name: c.state_dict() if c is not None else None for name, c in self._states().items()},
         }
         summary = {"step": step, "world_size": self.dist.world_size, "method": self.cfg.method.name,
                    "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
@@ -414,8 +391,6 @@ class Trainer:
         if not self.cfg.checkpoint.async_save or not self.dist.distributed:
             return None
         if getattr(self, "_async_pg", None) is None:
-            import torch.distributed as tdist
-
             self._async_pg = tdist.new_group(backend="gloo")
         return self._async_pg
 
@@ -438,18 +413,14 @@ class Trainer:
     def _next_batch(self, data_iter) -> dict:
         """The next batch; a damaged shard or a non-finite pair (:class:`DataError` from the loader, which
         verifies each shard's checksum on first read) stops every rank before the step, naming the file."""
-        from .data.format import DataError
-
         batch, error = None, None
         try:
             batch = next(data_iter)
         except DataError as exc:
             error = exc
         if self.dist.world_size > 1 and not self.dist.all_ok(error is None):
-            import torch.distributed as dist
-
             messages = [None] * self.dist.world_size
-            dist.all_gather_object(messages, None if error is None else str(error))
+            tdist.all_gather_object(messages, None if error is None else str(error))
             if error is None:
                 rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
                 error = DataError(f"rank {rank}: {message}")
@@ -506,8 +477,6 @@ class Trainer:
         if self.weighting is not None:
             self.weighting.update()
         if self.ema_reference is not None and step % cfg.method.ref_ema_every == 0:
-            from .ema import ema_update_
-
             ema_update_(self.ema_reference, self.policy, cfg.method.ref_ema_rate)
         probe = self.probe.maybe_measure(step, self.policy) if self.probe is not None else None
         if self.controller is not None:
@@ -546,20 +515,12 @@ class Trainer:
         """Gamma (:mod:`pgdpo.train.gamma`) at the parameters before this step's update, on its first
         micro-batch with the training forward's noise (a generator of its own with the same seed, so the
         training draws are unchanged); recorded in :attr:`gamma_meter`."""
-        from .gamma import measure_gamma
-
         seed = step_seed(self.cfg.seed, step, self.dist.dp_rank, 0)
         gen = torch.Generator(device=self.dist.device).manual_seed(seed)
         value = measure_gamma(self.step_fn, self.params, batch, gen, lr=lr, dist=self.dist,
                               loss_scale=self.loss_scale)
         self.gamma_meter.update(value, step=step)
         return value
-
-    def _set_k(self, k1: float, k2: float) -> None:
-        import dataclasses
-
-        loss = self.step_fn.loss
-        loss.options = dataclasses.replace(loss.options, k1=k1, k2=k2)
 
     def _steer(self, chunks: list[dict]) -> None:
         """K1/K2 controller: one update per optimiser step from the margins of the whole global batch
@@ -570,7 +531,7 @@ class Trainer:
             rows = torch.zeros(world, m.numel(), dtype=torch.float64)
             rows[self.dist.rank] = m
             m = all_reduce_(rows, "sum").reshape(-1)
-        self._set_k(*self.controller.update(m))
+        self.controller.update(m)  # the next step's loss uses the new K1, K2
 
     def train(self) -> dict:
         """Run to ``train.max_steps``; returns the summary (also printed by rank 0)."""
@@ -617,8 +578,6 @@ class Trainer:
         wall = time.perf_counter() - t_start
         final = None
         if saved_at >= max_steps:  # finished (not stopped by a signal): the model users load
-            from .export import export_model
-
             final = export_model(self.model, os.path.join(self.out, "final"), dist=self.dist)
             kind = "diffusers LoRA weights" if cfg.model.lora_rank else "diffusers save_pretrained layout"
             self.info(f"wrote {final} ({kind})")
@@ -630,16 +589,12 @@ class Trainer:
             if self.validator.first_reward is not None:
                 summary["validation_reward"] = (self.validator.first_reward, self.validator.last_reward)
         if self.is_main and cfg.logging.plots:
-            from .plots import write_plots
-
             summary["plots"] = write_plots(self.out)
         if self.is_main:
             print(format_summary(summary), flush=True)
         return summary
 
     def _summary(self, wall: float, saved_at: int) -> dict:
-        from .metrics import read_metrics
-
         records = read_metrics(os.path.join(self.out, "metrics.jsonl")) if self.is_main else []
         out = {"output_dir": self.out, "method": self.cfg.method.name, "steps": saved_at,
                "model": self.cfg.model.path or self.cfg.model.name, "processes": self.dist.world_size,
@@ -680,13 +635,12 @@ class _StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
+        # (a print, not the logger: logging takes locks, which a signal handler must not)
         print(f"\npgdpo train: got {signal.Signals(signum).name}: stopping after this step with a checkpoint "
               "(Ctrl-C again to interrupt at once)", file=sys.stderr, flush=True)
 
     @contextmanager
     def installed(self):
-        import threading
-
         if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
             yield
             return
@@ -769,8 +723,6 @@ def train(config: TrainConfig) -> dict:
 def _with_range_fractions(stats: dict) -> dict:
     """Add per-pair indicators of alpha / gamma inside the paper's ranges (their means are the in-range
     fractions of metrics.jsonl: ``alpha_in_range``, ``gamma_in_range``)."""
-    from .diagnostics import ALPHA_RANGE, GAMMA_RANGE
-
     for name, (lo, hi) in (("alpha", ALPHA_RANGE), ("gamma", GAMMA_RANGE)):
         if name in stats:
             v = stats[name].detach()

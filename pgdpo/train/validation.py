@@ -129,9 +129,7 @@ class Validator:
         model.eval()
         try:
             for timestep in scheduler.timesteps:
-                ts = timestep.expand(shape[0]).to(device)
-                if not adapter.is_wan:
-                    ts = ts.long()
+                ts = adapter.model_timesteps(timestep.expand(shape[0]).to(device))
                 with ctx:
                     pred = adapter.predict(model, latents.to(adapter.input_dtype(model)), ts, self.cond,
                                            paired=False)

@@ -88,7 +88,10 @@ class TimestepWeighting:
         return {"bins": self.bins, "momentum": self.momentum, "second_moment": self.second_moment.clone(),
                 "frequency": self.frequency.clone(), "seen": self.seen.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            raise ValueError("the checkpoint has no timestep-weighting statistics but this run uses "
+                             "method.timestep_weighting")
         if int(state["bins"]) != self.bins:
             raise ValueError(f"timestep weighting state has {state['bins']} bins, this run {self.bins} "
                              "(method.timestep_bins)")

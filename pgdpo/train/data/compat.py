@@ -2,9 +2,9 @@
 
 :func:`check_compatible` checks a dataset's ``dataset.json`` before training starts (every problem listed
 at once); :func:`check_batch` checks one batch of tensors before a step (the first problem, naming the
-bad key). Both take the model's expectations from the same places: :func:`latent_grid_problem` for the
-latent channels and the grid's divisibility, the model adapter's ``text_dim``, ``image_dim`` and
-``image_condition_channels``.
+bad key). Both take the model's expectations from its family's specification
+(:class:`pgdpo.train.models.ModelSpec`): the task, the latent channels and the grid's divisibility, the
+``text_dim``, ``image_dim`` and ``image_condition_channels``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from torch import Tensor
+
+from ..models import spec_for
 from .format import MASK_CHANNELS, DataError, DatasetMeta, read_meta
 
 
@@ -27,29 +30,6 @@ def _as_meta(meta) -> DatasetMeta:
                     f"got {type(meta).__name__}")
 
 
-def model_task(adapter) -> str:
-    """``"i2v"`` for an image-to-video model, ``"t2v"`` otherwise."""
-    return "i2v" if adapter.family == "wan-i2v" else "t2v"
-
-
-def latent_grid_problem(adapter, f: int, h: int, w: int, what: str) -> str | None:
-    """Why a latent grid ``(F, H, W)`` does not fit the model (Wan: a multiple of the patch size in all
-    three; UNet: H and W multiples of the downsampling factor ``2 ** (levels - 1)``), or None.
-    ``what`` names the latent in the message."""
-    config = adapter.config
-    if adapter.is_wan:
-        pt, ph, pw = config["patch_size"]
-        if f % pt or h % ph or w % pw:
-            return (f"{what} latent size (F, H, W) = {(f, h, w)} is not divisible by the model's patch size "
-                    f"{(pt, ph, pw)}")
-        return None
-    factor = 2 ** (len(config["block_out_channels"]) - 1)
-    if h % factor or w % factor:
-        return (f"{what} latent H, W = {h}, {w} is not divisible by the UNet's downsampling factor "
-                f"{factor}")
-    return None
-
-
 def check_compatible(meta, model_config) -> None:
     """Raise :class:`DataError` listing every way the dataset and the model disagree.
 
@@ -62,25 +42,22 @@ def check_compatible(meta, model_config) -> None:
     Checked: task (t2v data for a text-to-video model, i2v data for an image-to-video one), latent
     channels, text embedding width (Wan ``text_dim``, UNet ``cross_attention_dim``), for i2v the
     image-condition channels (model ``in_channels - out_channels``) and CLIP width (``image_dim``), and
-    that the latent's grid fits the model (:func:`latent_grid_problem`).
+    that the latent's grid fits the model (``ModelSpec.latent_grid_problem``).
     """
-    from pgdpo.train.models import adapter_for
-
     meta = _as_meta(meta)
-    adapter = adapter_for(model_config)
+    adapter = spec_for(model_config)
     config = adapter.config
     problems = []
-    task = model_task(adapter)
+    task = adapter.task
     if meta.task != task:
         problems.append(f"task: the dataset is {meta.task} but the model ({adapter.family}) needs "
                         f"{task} data")
     if meta.latent_channels != adapter.latent_channels:
         problems.append(f"latent channels: dataset latent_shape[0] = {meta.latent_channels}, model has "
                         f"{adapter.latent_channels} (out_channels)")
-    text_key = "text_dim" if adapter.is_wan else "cross_attention_dim"
     if meta.text_dim != adapter.text_dim:
         problems.append(f"text dim: dataset text_dim = {meta.text_dim}, "
-                        f"model {text_key} = {adapter.text_dim}")
+                        f"model {adapter.text_dim_key} = {adapter.text_dim}")
     if meta.task == "i2v" and task == "i2v":
         want = adapter.image_condition_channels
         got = meta.image_condition_shape[0]
@@ -93,7 +70,7 @@ def check_compatible(meta, model_config) -> None:
                             f"{meta.image_embed_shape[1]}, "
                             f"model image_dim = {config.get('image_dim')}")
     _, f, h, w = meta.latent_shape
-    grid = latent_grid_problem(adapter, f, h, w, "dataset")
+    grid = adapter.latent_grid_problem(f, h, w, "dataset")
     if grid:
         problems.append(grid)
     if problems:
@@ -108,8 +85,6 @@ def check_batch(adapter, batch: Mapping, device=None) -> None:
     ``encoder_hidden_states_image`` ``[B, Li, image_dim]``; all floating point, on ``device`` (if given).
     KeyError for a missing key, TypeError for a wrong type or dtype, ValueError for a wrong shape or device.
     """
-    from torch import Tensor
-
     a = adapter
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
@@ -137,15 +112,14 @@ def check_batch(adapter, batch: Mapping, device=None) -> None:
     if c != a.latent_channels:
         raise ValueError(f"batch['chosen'] has {c} channels but the {a.family} model takes "
                          f"{a.latent_channels}-channel latents")
-    if a.is_wan:  # (a UNet pads odd sizes itself, so only Wan's patching is a hard requirement of a batch)
-        grid = latent_grid_problem(a, f, h, w, "batch['chosen']")
-        if grid:
-            raise ValueError(grid)
+    grid = a.batch_grid_problem(f, h, w, "batch['chosen']")  # (a UNet pads odd sizes itself)
+    if grid:
+        raise ValueError(grid)
     text = batch["encoder_hidden_states"]
     if text.dim() != 3 or text.shape[0] != b or text.shape[2] != a.text_dim:
         raise ValueError(f"batch['encoder_hidden_states'] must be [B={b}, L, D={a.text_dim}], got "
                          f"{tuple(text.shape)}")
-    if model_task(a) == "i2v":
+    if a.task == "i2v":
         cond = batch["image_condition"]
         expected = (b, a.image_condition_channels, f, h, w)
         if tuple(cond.shape) != expected:

@@ -25,6 +25,7 @@ has already been given in that epoch); a new loader with the same settings and
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,7 +164,6 @@ class PreferenceDataset:
         """Check ``shard`` against its checksum, once per loader (:class:`DataError` naming it if not)."""
         if not self.verify or shard in self.verified:
             return
-        import time
 
         t0 = time.perf_counter()
         verify_shard(self.root, shard, self.meta)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..models import latent_frames, latent_shape
 from .format import DatasetMeta
 from .media import fit_video, read_image, read_video
 from .pairs import read_pairs
@@ -140,15 +141,11 @@ class Encoders:
         """Latent ``(C, F', H', W')`` this VAE makes of a ``frames x height x width`` video
         (:func:`pgdpo.train.models.latent_shape`, strict: a size it cannot encode exactly is a
         ``ValueError``)."""
-        from ..models import latent_shape
-
         return latent_shape(frames, height, width, channels=self.latent_channels,
                             temporal_factor=self.temporal_factor, spatial_factor=self.spatial_factor,
                             strict=True)
 
     def latent_frames(self, frames: int) -> int:
-        from ..models import latent_frames
-
         try:
             return latent_frames(frames, self.temporal_factor, strict=True)
         except ValueError as exc:

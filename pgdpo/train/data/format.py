@@ -41,10 +41,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..integrity import checksum_matches
 
 FORMAT_NAME = "pgdpo-preference-latents"
 FORMAT_VERSION = 1
@@ -394,8 +397,6 @@ def verify_shard(root: str | os.PathLike, shard: str, meta: DatasetMeta) -> bool
     Returns False (nothing checked) for a dataset without checksums, True when the shard matched. Reads the
     whole file once (a stream; see :mod:`pgdpo.train.integrity` for the cost).
     """
-    from ..integrity import checksum_matches
-
     if meta.checksums is None:
         return False
     path = Path(root) / shard
@@ -417,8 +418,6 @@ def verify_shard(root: str | os.PathLike, shard: str, meta: DatasetMeta) -> bool
 
 
 def warn_no_checksums(root: str | os.PathLike) -> None:
-    import warnings
-
     warnings.warn(f"{root}: {META_FILE} has no shard checksums (written before pgdpo recorded them): "
                   "corrupted tensor payloads cannot be detected; re-create the dataset to add them",
                   stacklevel=3)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..integrity import file_checksum
 from .format import (
     DTYPES,
     INDEX_FILE,
@@ -139,7 +140,6 @@ class DatasetWriter:
             return
         name = shard_name(self._shard)
         tmp = self.root / (name + ".tmp")
-        from ..integrity import file_checksum
 
         save_file(self._buffer, str(tmp), metadata={"format": self.meta.format,
                                                      "format_version": str(self.meta.format_version)})

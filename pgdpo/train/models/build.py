@@ -12,11 +12,8 @@ import os
 import torch
 from torch import nn
 
-from .registry import _model_class, resolve_config
-from .switches import cast_weights
-
-#: Subfolders of a diffusers pipeline folder that hold the denoiser (Wan: transformer/, UNet: unet/).
-MODEL_SUBFOLDERS = ("transformer", "unet")
+from .precision import cast_weights
+from .registry import MODEL_SUBFOLDERS, _model_class, resolve_config
 
 
 def find_model_folder(path: str | os.PathLike, *, what: str = "model folder",

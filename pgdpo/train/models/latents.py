@@ -7,14 +7,6 @@ trainer (synthetic datasets, the dataset-size note), the planner and the encoder
 
 from __future__ import annotations
 
-from .registry import UNET3D_CLASS, WAN_CLASS
-
-#: (temporal, spatial) compression of the VAE each model family is trained with. Wan2.1:
-#: ``AutoencoderKLWan`` (``scale_factor_temporal = 4``, ``scale_factor_spatial = 8``, causal in time so
-#: ``4k + 1`` frames -> ``k + 1`` latent frames). UNet3D (VideoCrafter2 / ModelScope): Stable Diffusion's
-#: ``AutoencoderKL`` applied frame by frame, 4 blocks -> ``2 ** 3 = 8`` in space, 1 in time.
-VAE_FACTORS: dict[str, tuple[int, int]] = {WAN_CLASS: (4, 8), UNET3D_CLASS: (1, 8)}
-
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -41,7 +33,7 @@ def latent_shape(frames: int, height: int, width: int, *, channels: int, tempora
     """The latent ``(C, F', H', W')`` of a ``frames x height x width`` video.
 
     ``channels``: the latent channels (the model's ``out_channels``); ``temporal_factor`` /
-    ``spatial_factor``: the VAE's compression (:data:`VAE_FACTORS`, or a loaded VAE's config).
+    ``spatial_factor``: the VAE's compression (a family's ``vae_factors``, or a loaded VAE's config).
     ``strict``: raise a ``ValueError`` naming ``frames`` / ``height`` / ``width`` when the VAE would not
     encode the size exactly (instead of flooring, as the encoder does not).
     """

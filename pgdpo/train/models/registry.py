@@ -1,89 +1,50 @@
-"""The model config registry: named Wan2.1 / UNet3D configs and the diffusers class each one builds.
+"""The registry of model families and of the named model configs, and the lookup of a model's family.
 
-The models are diffusers' own classes, configured (never subclassed):
-
-- ``WanTransformer3DModel`` -- Wan2.1 text-to-video (16 latent channels) and image-to-video (36 input
-  channels = 16 noisy + 4 mask + 16 first-frame latent channels, plus CLIP image tokens),
-  as in diffusers' Wan I2V pipeline.
-- ``UNet3DConditionModel`` -- VideoCrafter2 / ModelScope-style video UNet on ``[B, C, F, H, W]`` latents.
+The models are diffusers' own classes, configured (never subclassed); each family is one file of
+:mod:`~pgdpo.train.models.families` (:class:`~pgdpo.train.models.spec.ModelSpec`). A new family is its
+file and one entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
 
 import copy
 
-WAN_CLASS = "WanTransformer3DModel"
-UNET3D_CLASS = "UNet3DConditionModel"
-_CLASSES = (WAN_CLASS, UNET3D_CLASS)
+from torch import nn
 
-# Shared fields of the real Wan2.1 transformers (diffusers' Wan-AI/Wan2.1-*-Diffusers transformer configs).
-_WAN21_COMMON = {
-    "_class_name": WAN_CLASS,
-    "patch_size": (1, 2, 2),
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "rope_max_seq_len": 1024,
-}
+from .families.unet3d import UNet3D
+from .families.wan_i2v import WanI2V
+from .families.wan_t2v import WanT2V
+from .spec import ModelSpec
+from .wrappers import unwrap_model
 
-# Tiny random-init models for tests and CPU smoke runs: same code paths as the real ones, ~25-400K params.
-_TINY_WAN = {
-    "_class_name": WAN_CLASS,
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 2,
-    "attention_head_dim": 12,  # rope splits head_dim into t/h/w parts: 12 -> 4/4/4
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 32,
-    "freq_dim": 32,
-    "ffn_dim": 48,
-    "num_layers": 2,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "rope_max_seq_len": 64,
-}
+#: Every model family; the first whose ``matches`` accepts a config is its family (the more specific first:
+#: a Wan I2V config is a Wan config with more input than output channels).
+FAMILIES: tuple[type[ModelSpec], ...] = (WanI2V, WanT2V, UNet3D)
 
-#: Named model configs. ``_class_name`` picks the diffusers class; the rest are its constructor arguments.
-MODEL_CONFIGS: dict[str, dict] = {
-    "tiny-wan-t2v": dict(_TINY_WAN),
-    # I2V: 36 input channels; CLIP tokens of width image_dim are projected to the model width
-    # (24 = 2 heads x 12), which is what the added k/v projections read (added_kv_proj_dim = width).
-    "tiny-wan-i2v": {**_TINY_WAN, "in_channels": 36, "image_dim": 24, "added_kv_proj_dim": 24},
-    "tiny-unet3d": {
-        "_class_name": UNET3D_CLASS,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ("CrossAttnDownBlock3D", "DownBlock3D"),
-        "up_block_types": ("UpBlock3D", "CrossAttnUpBlock3D"),
-        "block_out_channels": (16, 32),
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "cross_attention_dim": 32,
-        "attention_head_dim": 8,
-    },
-    "wan2.1-t2v-1.3b": {**_WAN21_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
-    "wan2.1-t2v-14b": {**_WAN21_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
-    "wan2.1-i2v-14b": {**_WAN21_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40,
-                       "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120},
-}
+#: The diffusers classes the families build, in the order of :data:`FAMILIES`.
+_CLASSES = tuple(dict.fromkeys(family.class_name for family in FAMILIES))
+
+#: Named model configs of every family. ``_class_name`` picks the diffusers class; the rest are its
+#: constructor arguments.
+MODEL_CONFIGS: dict[str, dict] = {name: config for family in FAMILIES
+                                  for name, config in family.named_configs.items()}
+
+#: (temporal, spatial) compression of the VAE each diffusers class is trained with.
+VAE_FACTORS: dict[str, tuple[int, int]] = {family.class_name: family.vae_factors for family in FAMILIES}
+
+#: Subfolders of a diffusers pipeline folder that hold the denoiser (Wan: transformer/, UNet: unet/).
+MODEL_SUBFOLDERS = tuple(dict.fromkeys(family.subfolder for family in FAMILIES))
+
+__all__ = ["FAMILIES", "MODEL_CONFIGS", "VAE_FACTORS", "MODEL_SUBFOLDERS", "resolve_config", "spec_for",
+           "tokens_per_sample"]
 
 
 def _model_class(name: str):
-    import diffusers
-
-    if name not in _CLASSES:
-        raise ValueError(f"model config '_class_name' must be one of {list(_CLASSES)}, got {name!r}")
-    return getattr(diffusers, name)
+    """The diffusers class called ``name`` (one of the families' classes)."""
+    for family in FAMILIES:
+        if family.class_name == name:
+            return family.model_class()
+    raise ValueError(f"model config '_class_name' must be one of {list(_CLASSES)}, got {name!r}")
 
 
 def resolve_config(name_or_config: str | dict) -> dict:
@@ -101,3 +62,30 @@ def resolve_config(name_or_config: str | dict) -> dict:
         return copy.deepcopy(dict(name_or_config))
     raise TypeError("name_or_config must be a model name or a config dict, got "
                     f"{type(name_or_config).__name__}")
+
+
+def spec_for(model_or_config: nn.Module | str | dict) -> ModelSpec:
+    """The :class:`ModelSpec` of a model (diffusers, or peft / DDP-wrapped), a model name, or a config."""
+    if isinstance(model_or_config, nn.Module):
+        base = unwrap_model(model_or_config)
+        # FSDP2 swaps the class for a subclass (FSDPWanTransformer3DModel): look up the diffusers class.
+        class_name = next((c.__name__ for c in type(base).__mro__ if c.__name__ in _CLASSES),
+                          type(base).__name__)
+        if class_name not in _CLASSES:
+            raise TypeError(f"unsupported model class {class_name}; expected one of {list(_CLASSES)}")
+        config = {**dict(base.config), "_class_name": class_name}  # (FSDP2's config may name its subclass)
+    else:
+        config = resolve_config(model_or_config)
+        class_name = config["_class_name"]
+        # Fill constructor defaults so partial config dicts work.
+        init = _model_class(class_name).extract_init_dict(config)[0]
+        config = {"_class_name": class_name, **dict(init), **config}
+    family = next((f for f in FAMILIES if f.matches(config)), None)
+    if family is None:  # a class with no family that takes this config (cannot happen for the shipped ones)
+        raise TypeError(f"no model family of {[f.family for f in FAMILIES]} takes this {class_name} config")
+    return family(config)
+
+
+def tokens_per_sample(model_or_config, latent_shape) -> int:
+    """Tokens per sample of a model, name or config (see :meth:`ModelSpec.tokens_per_sample`)."""
+    return spec_for(model_or_config).tokens_per_sample(latent_shape)

@@ -1,4 +1,4 @@
-"""Switches applied to a built model: weight dtype, activation checkpointing, regional compile, dropout.
+"""Switches applied to a built model: activation checkpointing, regional compile, dropout.
 
 Each one changes how a model runs, never what it computes (dropout aside, which is why it is switched
 off); all see through peft / DDP wrappers (:func:`pgdpo.train.models.unwrap_model`).
@@ -10,42 +10,14 @@ import functools
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from .registry import spec_for
 from .wrappers import unwrap_model
-
-
-def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast to ``dtype`` but keep the modules diffusers marks fp32-only in fp32, as from_pretrained does.
-
-    Uses ``nn.Module.to`` directly: diffusers' ``ModelMixin.to`` warns on any dtype cast because it
-    cannot honour ``_keep_in_fp32_modules`` itself; here they are restored right after.
-    """
-    if dtype == torch.float32:
-        return model  # diffusers initialises in fp32 already
-    nn.Module.to(model, dtype)
-    keep = set(keep_fp32_names(model))
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if name in keep:
-                tensor.data = tensor.data.float()
-    return model
-
-
-def keep_fp32_names(model: nn.Module) -> list[str]:
-    """Names of the parameters and buffers diffusers keeps in fp32 (``_keep_in_fp32_modules``).
-
-    Matched by name component, as ``from_pretrained`` does; this also catches bare Parameters such as
-    Wan's per-block ``scale_shift_table``.
-    """
-    keep = getattr(unwrap_model(model), "_keep_in_fp32_modules", None) or []
-    return [name for name, _ in [*model.named_parameters(), *model.named_buffers()]
-            if any(k in name.split(".") for k in keep)]
 
 
 def _checkpointed_block_forward(block: nn.Module, *args, **kwargs):
     """The class ``forward`` of ``block``, recomputed in the backward (non-reentrant checkpoint)."""
-    from torch.utils.checkpoint import checkpoint
-
     forward = type(block).forward.__get__(block)
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -54,17 +26,13 @@ def _checkpointed_block_forward(block: nn.Module, *args, **kwargs):
 
 def _selective_checkpoint(module: nn.Module, *args):
     """diffusers ``gradient_checkpointing_func`` that recomputes only blocks marked for it."""
-    from torch.utils.checkpoint import checkpoint
-
     if getattr(module, "_pgdpo_checkpoint", False):
         return checkpoint(module.__call__, *args, use_reentrant=False)
     return module(*args)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    from .adapters import adapter_for
-
-    return adapter_for(model).blocks(model)
+    return spec_for(model).blocks(model)
 
 
 def enable_checkpointing(model: nn.Module, every: int = 1) -> list[int]:

@@ -1,0 +1,140 @@
+"""The resolved layout of a run: what a validated config means once the model and the processes are known.
+
+One :class:`Layout` is computed once, by :func:`resolve_layout`, from a validated
+:class:`~pgdpo.train.config.TrainConfig` and the number of processes, and read by the trainer,
+``pgdpo plan`` and ``pgdpo export``. It is the one home of the rules that turn config keys into decisions:
+
+- the architecture: ``model.path``'s ``config.json`` when a path is set, else the named config
+  (``model.name``); the model family (:class:`~pgdpo.train.models.ModelSpec`) follows from it;
+- the reference (:func:`reference_kind`): ``none`` for sft, ``ema`` for a copy with
+  ``method.ref_ema_every > 0``, else ``method.reference`` (``copy`` or ``lora``);
+- the strategy (:func:`resolve_strategy`): ``auto`` is FSDP2 over several processes, none on one;
+- the mesh: ``sp_degree`` ranks per sequence-parallel group, ``dp_size = world / sp_degree`` groups;
+- the batch: micro-batches per optimiser step on each rank (``grad_accum``);
+- activation checkpointing: every ``checkpoint_every``-th block, or off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .config import ConfigError, TrainConfig
+from .models import ModelSpec, read_model_config, resolve_config, spec_for
+
+#: what the reference of a run is: a frozen copy, an EMA copy, the policy with its LoRA adapters off, none
+REFERENCE_KINDS = ("copy", "ema", "lora", "none")
+
+
+def reference_kind(config: TrainConfig) -> str:
+    """``none`` (sft), ``ema`` (``method.reference: copy``, ``ref_ema_every > 0``), ``copy`` or ``lora``."""
+    method = config.method
+    if method.name == "sft":
+        return "none"
+    if method.reference == "copy" and method.ref_ema_every > 0:
+        return "ema"
+    return method.reference
+
+
+def resolve_strategy(strategy: str, world_size: int, sp_degree: int = 1) -> str:
+    """``distributed.strategy`` for ``world_size`` processes: ``auto`` is ``fsdp`` with several, ``none``
+    with one; a ``ConfigError`` for a combination that cannot run."""
+    if strategy == "auto":
+        strategy = "fsdp" if world_size > 1 else "none"
+    if strategy == "none" and world_size > 1:
+        raise ConfigError(f"distributed.strategy: none cannot run {world_size} processes; use fsdp or ddp")
+    if sp_degree > 1 and strategy != "fsdp":
+        raise ConfigError(f"distributed.sp_degree: {sp_degree} needs distributed.strategy: fsdp (or auto "
+                          f"with several processes), got {strategy}")
+    return strategy
+
+
+def pretrained_config(path: str) -> dict:
+    """The ``config.json`` of the diffusers model at ``path`` (a model or pipeline folder); a
+    ``ConfigError`` naming ``model.path`` when there is none."""
+    try:
+        return read_model_config(path, what="model.path")
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def model_architecture(config: TrainConfig) -> dict:
+    """The model's config: ``model.path``'s ``config.json`` when a path is set, else ``model.name``'s."""
+    return pretrained_config(config.model.path) if config.model.path else resolve_config(config.model.name)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a run is, once resolved (see the module doc). ``arch`` is the model's config dict."""
+
+    arch: dict
+    #: model.path, or model.name without one
+    model: str
+    family: str
+    reference: str
+    world_size: int
+    strategy: str
+    sp_degree: int
+    dp_size: int
+    batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    #: checkpoint every k-th block; None: activation checkpointing off
+    checkpoint_every: int | None
+    precision: str
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+
+    @property
+    def spec(self) -> ModelSpec:
+        return spec_for(self.arch)
+
+    @property
+    def with_reference_copy(self) -> bool:
+        """Whether a second model (a frozen or EMA copy) is built for the reference."""
+        return self.reference in ("copy", "ema")
+
+    def resume_problem(self, trainer_state: dict) -> str | None:
+        """Why a checkpoint's ``trainer_state.json`` cannot continue in this layout, or None."""
+        saved_sp = trainer_state.get("sp_degree", 1)
+        if saved_sp != self.sp_degree:
+            return (f"written with distributed.sp_degree {saved_sp}, this run has {self.sp_degree}: the "
+                    "data shards and noise streams follow the data-parallel groups; resume with the same "
+                    "sp_degree")
+        saved_accum = trainer_state.get("grad_accum")
+        if saved_accum != self.grad_accum:
+            return (f"written with {saved_accum} micro-batches per step per rank, this run has "
+                    f"{self.grad_accum} (train.batch_size / micro_batch_size); resume with the same batch "
+                    "settings")
+        return None
+
+    def as_dict(self) -> dict:
+        """The layout without the architecture dict, for reports and comparisons."""
+        out = dataclasses.asdict(self)
+        out.pop("arch")
+        out["lora_targets"] = list(self.lora_targets)
+        return out
+
+
+def resolve_layout(config: TrainConfig, world_size: int = 1, *, arch: dict | None = None,
+                   exact_batch: bool = True) -> Layout:
+    """The :class:`Layout` of ``config`` (validated) on ``world_size`` processes. ``arch``: the model's
+    config when the caller has read it already (else read from ``model.path`` / ``model.name``).
+    ``exact_batch=False`` (the planner, which reports it instead): a ``train.batch_size`` that is not a
+    multiple of ``micro_batch_size x dp_size`` is rounded up to whole micro-batches, not refused."""
+    d, m = config.distributed, config.model
+    strategy = resolve_strategy(d.strategy, world_size, d.sp_degree)
+    if world_size % d.sp_degree:
+        raise ConfigError(f"distributed.sp_degree ({d.sp_degree}) must divide the number of processes "
+                          f"({world_size})")
+    dp_size = world_size // d.sp_degree
+    arch = model_architecture(config) if arch is None else arch
+    return Layout(arch=arch, model=m.path or m.name, family=spec_for(arch).family,
+                  reference=reference_kind(config), world_size=world_size, strategy=strategy,
+                  sp_degree=d.sp_degree, dp_size=dp_size, batch_size=config.train.batch_size,
+                  micro_batch_size=config.train.micro_batch_size,
+                  grad_accum=config.grad_accum(dp_size) if exact_batch else max(1, math.ceil(
+                      config.train.batch_size / (config.train.micro_batch_size * dp_size))),
+                  checkpoint_every=m.checkpoint_every if m.gradient_checkpointing else None,
+                  precision=m.precision, lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets))
