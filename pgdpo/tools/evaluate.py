@@ -110,7 +110,7 @@ def _features(output) -> torch.Tensor:
 def resolve_trained(path: str | os.PathLike) -> tuple[str, Path]:
     """``("lora" | "full", folder)`` of ``--trained``: a run folder (its ``final/``), LoRA weights, or a
     transformer in ``save_pretrained`` layout (itself or a pipeline's ``transformer/``)."""
-    from pgdpo.train.models import find_model_folder
+    from pgdpo.train.models import find_model_folder, spec_for
 
     path = Path(path)
     if not path.is_dir():
@@ -120,10 +120,15 @@ def resolve_trained(path: str | os.PathLike) -> tuple[str, Path]:
     if (path / LORA_FILE).is_file():
         return "lora", path
     folder = Path(find_model_folder(path, what="--trained", subfolders=("transformer",)))
-    name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    if name != "WanTransformer3DModel":
-        raise ValueError(f"--trained {folder}: holds a {name or 'model of unknown class'}; expected a "
-                         f"WanTransformer3DModel (final/, pgdpo export) or LoRA weights ({LORA_FILE})")
+    config = json.loads((folder / "config.json").read_text())
+    try:
+        spec = spec_for(config)
+    except (TypeError, ValueError) as exc:
+        held = config.get("_class_name") or "model of unknown class"
+        raise ValueError(f"--trained {folder}: holds a {held} ({exc}); expected a Wan transformer (final/, "
+                         f"pgdpo export) or LoRA weights ({LORA_FILE})") from None
+    if spec.pipeline_class is None:
+        raise ValueError(f"--trained {folder}: a {spec.family} model; pgdpo eval drives no pipeline for it")
     return "full", folder
 
 

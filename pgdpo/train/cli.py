@@ -13,7 +13,7 @@ import typing
 
 from ..loss.options import METHODS as LOSS_METHODS
 from .checkpoint import CheckpointError
-from .compare import compare_config, format_comparison
+from .compare import compare_config, format_comparison, merge_samples
 from .config import ConfigError, TrainConfig, load_config, parse_value
 from .data.format import DataError
 from .trainer import train
@@ -151,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{other.output_dir}", flush=True)
             summary = train(other)
             if int(os.environ.get("RANK", "0")) == 0:
-                from .compare import merge_samples
-
                 print(format_comparison([(config.method.name, config.output_dir),
                                          (args.compare, other.output_dir)]), flush=True)
                 grid = merge_samples(config.output_dir, other.output_dir)

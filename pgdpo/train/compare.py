@@ -17,6 +17,7 @@ import json
 import os
 
 from .metrics import read_metrics
+from .validation import write_comparison
 
 TAIL = 20
 
@@ -57,8 +58,6 @@ def validation_rewards(output_dir: str) -> tuple[float, float] | None:
 def merge_samples(output_dir: str, other_dir: str) -> str | None:
     """Add ``other_dir``'s last validation samples as a column of ``output_dir``'s before/after grid
     (before the data column); returns the PNG's path (None when either run has no grid recipe)."""
-    from .validation import write_comparison
-
     recipes = []
     for out in (output_dir, other_dir):
         path = os.path.join(out, "samples", "before_after.json")

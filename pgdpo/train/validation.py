@@ -36,9 +36,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import textwrap
+import warnings
 from contextlib import nullcontext
 
+import numpy as np
 import torch
+
+from .preview import latent_to_rgb
 
 SAMPLES_DIR = "samples"
 
@@ -162,8 +167,6 @@ class Validator:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[N, C, F, H, W]`` latents -> ``[N, F, H, W, 3]`` float RGB in ``[0, 1]`` on the CPU."""
         if self.vae is None:
-            from .preview import latent_to_rgb
-
             return latent_to_rgb(latents)
         vae = self.vae
         z = latents.to(vae.device, vae.dtype)
@@ -220,8 +223,6 @@ class Validator:
         return record
 
     def _log(self, step: int, videos: torch.Tensor, record: dict) -> None:
-        import warnings
-
         for tracker in self.trainer.metrics.trackers:
             try:
                 images = {f"validation/prompt-{i:02d}": frame_strip(v, self.cfg.scale)
@@ -255,8 +256,6 @@ class Validator:
             c["videos"] = os.path.join(self.out, f"step-{c['step']:06d}", VIDEOS_FILE)
         data = None
         if self.vae is None:
-            from .preview import latent_to_rgb
-
             data = os.path.join(self.out, "data_chosen.safetensors")
             save_file({"videos": latent_to_rgb(self.chosen).contiguous()}, data)
         recipe = {"columns": columns, "data": data, "prompts": self.prompts, "scale": self.cfg.scale}
@@ -281,13 +280,10 @@ def synthesize_held_out(trainer, folder: str) -> None:
     kind = "motion" if cfg.data.synth_kind == "motion-mix" else cfg.data.synth_kind  # chosen: prompt's way
     print(f"pgdpo train: writing {cfg.validation.num_prompts} held-out synthetic {kind} prompts (pairs "
           f"{HELD_OUT_FIRST_INDEX}+) to {folder}", file=trainer.log_file, flush=True)
-    extra = {}
-    if a.family == "wan-i2v":
-        extra = {"image_len": 257 if a.image_dim >= 1280 else 8, "image_dim": a.image_dim}
-    synth_dataset(folder, pairs=cfg.validation.num_prompts, task="i2v" if a.family == "wan-i2v" else "t2v",
+    synth_dataset(folder, pairs=cfg.validation.num_prompts, task=a.task,
                   latent_shape=trainer.dataset.meta.latent_shape, text_len=trainer.dataset.meta.text_len,
                   text_dim=a.text_dim, difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True,
-                  progress=False, kind=kind, first_index=HELD_OUT_FIRST_INDEX, **extra)
+                  progress=False, kind=kind, first_index=HELD_OUT_FIRST_INDEX, **a.synthetic_extras())
 
 
 def write_comparison(path: str, recipe: dict) -> str:
@@ -328,8 +324,6 @@ def write_gif(path: str, frames: torch.Tensor, scale: int = 1, fps: int = 4) -> 
 
 def frame_strip(frames: torch.Tensor, scale: int = 1, gap: int = 2):
     """``[H, F*W + gaps, 3]`` uint8: the frames side by side (for trackers and the grid)."""
-    import numpy as np
-
     x = _to_uint8(frames, scale)
     f, h, w, _ = x.shape
     strip = np.full((h, f * w + (f - 1) * gap, 3), 255, dtype=np.uint8)
@@ -356,8 +350,6 @@ def write_grid(path: str, rows: list[list[torch.Tensor]], labels: list[str], pro
             if i == 0:
                 ax.set_title(labels[j], fontsize=9)
             if j == 0:  # horizontal and wrapped: a rotated label is longer than a row of frame strips
-                import textwrap
-
                 ax.set_ylabel(textwrap.fill((prompts[i] or f"prompt {i}")[:60], 18), fontsize=7, rotation=0,
                               ha="right", va="center")
     fig.tight_layout()

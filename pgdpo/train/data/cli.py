@@ -14,6 +14,9 @@ import argparse
 import json
 import sys
 
+from . import generate, score
+from .format import DTYPES, DataError, dtype_name, validate_dataset
+
 _EPILOG = """\
 pipeline (docs/pipeline.md):
   1. pgdpo data generate : K videos per prompt from the base model (local diffusers Wan pipeline)
@@ -28,8 +31,6 @@ Run `pgdpo data COMMAND --help` for each command's options and file formats.
 
 
 def _dtype(name: str):
-    from .format import DTYPES, dtype_name
-
     try:
         return DTYPES[dtype_name(name)]
     except ValueError as exc:
@@ -52,8 +53,6 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Preference datasets for PG-DPO training.",
                                      epilog=_EPILOG, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import generate, score
-
     generate.add_parser(sub, raw)
     score.add_parser(sub, raw)
 
@@ -156,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .format import DataError
-
     try:
         return _run(args)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as exc:
@@ -205,8 +202,6 @@ def _run(args) -> int:
               f"to {args.out}")
         return 0
     if args.command == "check":
-        from .format import validate_dataset
-
         meta = validate_dataset(args.dataset, deep=args.deep, progress=True)
         if args.json:
             print(json.dumps(meta.to_json(), indent=2))

@@ -27,6 +27,7 @@ Prompts: a ``.txt`` file (one prompt per non-blank line) or ``.jsonl`` (``{"prom
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -34,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from ..distributed import die_with_launcher
 from .format import iter_jsonl
 
 MANIFEST = "generations.jsonl"
@@ -137,8 +140,6 @@ def pipeline_task(folder: str | os.PathLike) -> tuple[str, str]:
         if required_file and not (sub / required_file).is_file():
             raise FileNotFoundError(f"--pipeline {str(folder)!r}: part {part}/ has no {required_file}")
     if task == "i2v":
-        import importlib.util
-
         if importlib.util.find_spec("ftfy") is None:  # diffusers' Wan I2V prompt cleaning calls it unguarded
             raise ValueError(f"--pipeline {str(folder)!r}: diffusers' {name} needs the ftfy package to clean "
                              "prompts (pip install ftfy; it is in pgdpo's train extra)")
@@ -237,10 +238,6 @@ class Ranks:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.world_size > 1:
-            import torch.distributed as dist
-
-            from ..distributed import die_with_launcher
-
             die_with_launcher()
             if not dist.is_initialized():
                 dist.init_process_group("gloo")
@@ -258,14 +255,10 @@ class Ranks:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def close(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
 

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 
+from ..validation import load_reward
 from .format import iter_jsonl
 from .media import read_video
 
 
 def load_hooks(specs: list[str], what: str = "--reward") -> list[tuple[str, object]]:
     """``[(name, callable)]`` of ``"[name=]module:function"`` specs (names must differ)."""
-    from ..validation import load_reward
-
     hooks, names = [], set()
     for spec in specs:
         name, sep, target = spec.partition("=")

@@ -60,6 +60,9 @@ class ModelSpec:
     vae_factors: ClassVar[tuple[int, int]]
     text_dim_key: ClassVar[str]
     supports_sequence_parallel: ClassVar[bool] = False
+    #: the diffusers pipeline that samples videos with this family's model (``pgdpo data generate`` /
+    #: ``pgdpo eval``); None where pgdpo does not drive one
+    pipeline_class: ClassVar[str | None] = None
     named_configs: ClassVar[dict[str, dict]] = {}
 
     # ------------------------------------------------------------------------------------------ identity

@@ -7,9 +7,11 @@ off); all see through peft / DDP wrappers (:func:`pgdpo.train.models.unwrap_mode
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.utils.checkpoint import checkpoint
 
 from .registry import spec_for
@@ -104,10 +106,6 @@ def inductor_cache_for_this_cpu() -> str | None:
     (under ``default``); with a fresh folder each setting is correct. Reproduced in
     ``tests/test_step.py::test_regional_compile_survives_another_instruction_set``.
     """
-    import os
-
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     default = os.path.abspath(default_cache_dir())
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # importing torch._dynamo already wrote the default folder into the environment: not a user's choice

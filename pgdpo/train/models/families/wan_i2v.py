@@ -20,6 +20,7 @@ class WanI2V(WanT2V):
 
     family: ClassVar[str] = "wan-i2v"
     task: ClassVar[str] = "i2v"
+    pipeline_class: ClassVar[str | None] = "WanImageToVideoPipeline"
     condition_keys: ClassVar[tuple[str, ...]] = (
         "encoder_hidden_states", "image_condition", "encoder_hidden_states_image")
     named_configs: ClassVar[dict[str, dict]] = {

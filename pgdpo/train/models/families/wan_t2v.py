@@ -92,6 +92,7 @@ class WanT2V(ModelSpec):
     family: ClassVar[str] = "wan-t2v"
     class_name: ClassVar[str] = WAN_CLASS
     subfolder: ClassVar[str] = "transformer"
+    pipeline_class: ClassVar[str | None] = "WanPipeline"
     # AutoencoderKLWan: scale_factor_temporal = 4, scale_factor_spatial = 8, causal in time so
     # 4k + 1 frames -> k + 1 latent frames.
     vae_factors: ClassVar[tuple[int, int]] = (4, 8)
