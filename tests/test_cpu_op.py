@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +296,36 @@ def test_cpu_kernel_is_registered_on_the_one_op():
     for name in ("fused_loss", "fused_loss_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pgdpo::{name}", "CPU"), name
     assert not hasattr(torch.ops.pgdpo_cpu, "forward")
+
+
+def test_a_build_killed_midway_does_not_block_the_next_one(tmp_path):
+    """A build killed while it held torch's lock file (Ctrl-C, a job's time limit) leaves ``lock`` in the
+    build folder, and torch's cpp_extension then waits for it forever. The next process must build anyway
+    (here with a compiler that fails at once, so the test needs no real build: it must say the build
+    failed instead of hanging)."""
+    fake = tmp_path / "broken-cxx"
+    fake.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        for arg in "$@"; do
+            if [ "$arg" = "-c" ]; then echo 'fake-cxx: error: this compiler always fails' >&2; exit 1; fi
+        done
+        exec g++ "$@"
+    """))
+    fake.chmod(0o755)
+    env = {"CXX": str(fake), "PGDPO_CACHE_DIR": str(tmp_path / "cache")}
+    where = run_subprocess("""
+        from pgdpo.loss import cpu_op
+        print(cpu_op.build_directory())
+    """, env)
+    build_dir = Path(where.stdout.strip().splitlines()[-1])
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").write_text("")  # what the killed build left
+    code = "from pgdpo.loss import cpu_op\nprint(cpu_op.unavailable_reason())\n"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                              text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the build waited for the lock file a killed build left behind")
+    assert proc.returncode == 0, proc.stderr
+    assert "building the fused CPU op failed" in proc.stdout
+    assert "left by a build of the CPU op that did not finish" in proc.stderr

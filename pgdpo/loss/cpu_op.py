@@ -34,6 +34,7 @@ import shlex
 import shutil
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -194,21 +195,63 @@ def _find_compiler() -> tuple[str | None, str | None]:
                   "(e.g. `apt-get install g++`) or use backend='torch'")
 
 
-def _load_jit() -> tuple[str | None, str | None]:
-    cap = capability()
+def _sources() -> dict[str, bytes]:
     src_dir = importlib.resources.files("pgdpo.csrc")
+    return {name: src_dir.joinpath(name).read_bytes() for name in SOURCES}
+
+
+def build_directory(cap: str | None = None) -> Path:
+    """The JIT cache entry of the op for the instruction set ``cap`` (default: this process's) and the
+    installed sources."""
+    cap = cap or capability()
+    return cache_root() / "cpu_op" / f"{cap.lower()}-{_cache_key(cap, _sources())}"
+
+
+@contextmanager
+def _one_builder(build_dir: Path):
+    """Hold an OS file lock on ``build_dir`` while building: one process builds, the others wait and then
+    load its result. ``torch.utils.cpp_extension`` has a lock of its own (the file ``lock``), but it is a
+    plain file that a killed build leaves behind, and every later process then waits for it forever; an
+    ``flock`` is released by the kernel when its holder dies. Holding ours, a ``lock`` file can only be such
+    a leftover (every pgdpo build takes ours first), so it is removed."""
     try:
-        sources = {name: src_dir.joinpath(name).read_bytes() for name in SOURCES}
-    except OSError as exc:
-        return None, f"the op's C++ sources are missing from the installed package ({exc}); reinstall pgdpo"
-    build_dir = cache_root() / "cpu_op" / f"{cap.lower()}-{_cache_key(cap, sources)}"
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock alone
+        yield
+        return
+    with open(build_dir / ".build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            leftover = build_dir / "lock"
+            if leftover.exists():
+                print(f"pgdpo: removing {leftover}, left by a build of the CPU op that did not finish",
+                      file=sys.stderr, flush=True)
+                leftover.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_cached(build_dir: Path) -> str | None:
     lib = build_dir / f"{_NAME}.so"
     if (build_dir / _OK_FILE).is_file() and lib.is_file():
         try:
             torch.ops.load_library(str(lib))
-            return str(lib), None
+            return str(lib)
         except OSError:
-            pass  # a damaged cache entry: rebuild it below
+            pass  # a damaged cache entry: rebuild it
+    return None
+
+
+def _load_jit() -> tuple[str | None, str | None]:
+    cap = capability()
+    try:
+        sources = _sources()
+    except OSError as exc:
+        return None, f"the op's C++ sources are missing from the installed package ({exc}); reinstall pgdpo"
+    build_dir = cache_root() / "cpu_op" / f"{cap.lower()}-{_cache_key(cap, sources)}"
+    if (cached := _load_cached(build_dir)) is not None:
+        return cached, None
 
     compiler, reason = _find_compiler()
     if reason is not None:
@@ -218,6 +261,19 @@ def _load_jit() -> tuple[str | None, str | None]:
     if not cpp_extension.is_ninja_available():
         return None, ("the 'ninja' build tool is missing (torch.utils.cpp_extension needs it to compile the "
                       "op): `pip install ninja`, or use backend='torch'")
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return None, (f"cannot write the build cache {build_dir} ({exc}): set PGDPO_CACHE_DIR to a writable "
+                      f"directory, or use backend='torch'")
+    with _one_builder(build_dir):
+        if (cached := _load_cached(build_dir)) is not None:  # another process built it while we waited
+            return cached, None
+        return _build(build_dir, cap, sources, compiler, cpp_extension)
+
+
+def _build(build_dir: Path, cap: str, sources: dict[str, bytes], compiler: str, cpp_extension):
+    lib = build_dir / f"{_NAME}.so"
     # Compile private copies: the package may live in a zip or a read-only tree, and the copies keep
     # the cache entry self-describing.
     src_copy = build_dir / "src"
