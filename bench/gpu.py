@@ -22,9 +22,10 @@ its time limit still returns what was done):
 ``--dry-run`` runs the same sections on CPU (Triton's interpreter, tiny shapes, a 2-block slice of the
 1.3B model on a tiny video), as CI does (tests/test_bench_gpu.py).
 
-What the GPU machine lacks (diffusers: /work/.library/device/KINDS.md) travels as wheels:
-``bench/gpu_wheels.sh`` downloads them here into ``.whl/`` (git-ignored); name ``.whl`` in the call's
-``carry``; this script installs them from there with ``pip --no-index`` into a temporary folder. It
+What a GPU machine without network lacks (diffusers, where the image has only torch, Triton, accelerate,
+peft and transformers) travels as wheels: ``bench/gpu_wheels.sh`` downloads them into ``.whl/``
+(git-ignored) on a machine with network; copy that folder along with the checkout; this script installs them
+from there with ``pip --no-index`` into a temporary folder. It
 reaches no network.
 """
 
@@ -129,8 +130,8 @@ def ensure_wheels(run: Run) -> str:
         pass
     wheels = sorted(WHEELS.glob("*.whl"))
     if not wheels:
-        return (f"diffusers is missing and {WHEELS} has no wheels: run bench/gpu_wheels.sh here and carry "
-                f".whl (the train section needs diffusers)")
+        return (f"diffusers is missing and {WHEELS} has no wheels: run bench/gpu_wheels.sh where pip reaches "
+                f"PyPI and copy .whl/ along (the train section needs diffusers)")
     site = Path(tempfile.gettempdir()) / "pgdpo-gpu-site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
@@ -381,12 +382,13 @@ def train_section(run: Run):
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        return "diffusers missing (see env: carry bench/gpu_wheels.sh's .whl)"
+        return "diffusers missing (run bench/gpu_wheels.sh and bring its .whl/ folder along)"
     gpu = "h100"
     env = json.loads((run.out / "env.json").read_text()) if (run.out / "env.json").exists() else {}
-    for key in ("H200", "H20", "A100"):
+    for key in ("H200", "H20", "A100"):  # H200 before H20: "NVIDIA H200" contains "H20"
         if key in env.get("device", ""):
             gpu = key.lower()
+            break
     for label, rank in (("lora", 64), ("full", 0)):
         for frames in ((81, 41, 21) if not run.dry_run else (5,)):
             folder = run.out / f"train-{label}"

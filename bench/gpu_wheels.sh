@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wheels the GPU machine lacks, for `python -m bench.gpu` (it installs them from .whl/ with --no-index).
-# Run here, where pip reaches PyPI; then name .whl in the device call's `carry`. The GPU image has
+# Run where pip reaches PyPI; then copy .whl/ to the GPU machine with the checkout. The GPU image has
 # Python 3.12, torch, triton, safetensors, huggingface-hub, peft, accelerate, pyyaml, numpy, pillow,
-# regex, requests, filelock and zipp (/work/.library/device/KINDS.md); diffusers and its one missing
+# regex, requests, filelock and zipp; diffusers and its one missing
 # requirement (importlib_metadata) travel. Pure-Python wheels: no platform to pick.
 set -euo pipefail
 cd "$(dirname "$0")/.."

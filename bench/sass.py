@@ -63,7 +63,7 @@ TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
 
 #: The GPUs the audit models: compute capability, multiprocessors, the per-SM limits occupancy uses,
 #: HBM bandwidth (spec) and the achievable fraction of it a streaming kernel gets (copy rates measured
-#: on this workplace's H100 / H200: ~3.0 / ~4.3 TB/s read+written, /work/.library/device/KINDS.md).
+#: on this workplace's H100 / H200: ~3.0 / ~4.3 TB/s read+written, the lent machines' description).
 @dataclasses.dataclass(frozen=True)
 class Gpu:
     name: str
@@ -577,9 +577,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Findings: error = spill in a loop on sm_90 or narrower element loads "
-                                       "than the layout allows; warning = occupancy < 50%%, last wave < half "
-                                       "full, scalar loads forced by an unaligned N. Exit status 1 when an "
-                                       "error is found.")
+                                       "than the layout allows; warning = occupancy < 50%, a last wave that "
+                                       "leaves over 10% of the waves idle, scalar loads forced by an "
+                                       "unaligned N. Exit status 1 when an error is found.")
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--arch", type=csv, default=["90", "80"], help="compute capabilities (default 90,80)")
     p.add_argument("--shapes", type=csv, help=f"shape classes (default all: {', '.join(SHAPE_CLASSES)})")

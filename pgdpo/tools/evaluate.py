@@ -246,7 +246,10 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
     if len(set(names)) != len(names):
         raise ValueError(f"two hooks have the same name in {names}; name them: NAME=module:function")
     out = Path(out)
-    settings = {"pipeline": str(Path(pipeline).resolve()), "trained": str(trained_model[1].resolve()),
+    settings = {"pipeline": str(Path(pipeline).resolve()),
+                "pipeline_weights": gen.weights_fingerprint(pipeline),
+                "trained": str(trained_model[1].resolve()),
+                "trained_weights": gen.weights_fingerprint(trained_model[1]),
                 "trained_kind": trained_model[0], "task": task, "seeds": list(seeds), "frames": frames,
                 "height": height, "width": width, "steps": steps, "guidance": guidance,
                 "negative_prompt": negative_prompt, "text_len": text_len, "video_format": video_format,
@@ -256,10 +259,11 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
         return f"{gen.VIDEOS}/{index:05d}_s{seed}" + (".npy" if video_format == "npy" else "")
 
     def model_settings(model: str) -> dict:  # the base videos do not depend on the trained model
-        drop = ("trained", "trained_kind") if model == "base" else ()
+        drop = ("trained", "trained_kind", "trained_weights") if model == "base" else ()
         return {**{k: v for k, v in settings.items() if k not in drop}, "model": model}
 
     ranks = gen.Ranks()
+    finished = False
     try:
         for model in MODELS:
             gen.check_settings(out / model, model_settings(model))
@@ -290,6 +294,7 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
                     torch.cuda.empty_cache()
         ranks.barrier()
         if not ranks.is_main:
+            finished = True
             return None
 
         # ---- rank 0: score every video, write the table and the contact sheet
@@ -329,9 +334,10 @@ def evaluate(*, pipeline: str, trained: str, prompts: str, out: str, seeds: list
         _write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
         _write_text(out / "eval.md", markdown(table, settings))
         contact_sheet(str(out / "contact_sheet.png"), videos, items[:sheet_prompts], seeds[0])
+        finished = True
         return table
     finally:
-        ranks.close()
+        ranks.close(synchronize=finished)
 
 
 def _write_text(path: Path, text: str) -> None:

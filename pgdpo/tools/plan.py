@@ -1,6 +1,6 @@
 """``pgdpo plan``: will a PG-DPO run fit, and how long will a step take? Estimated before you start.
 
-    pgdpo plan --config configs/wan14b.yaml --gpus 32 --gpu h20
+    pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20
     pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
                --checkpointing --lora-rank 64 --json
 
@@ -695,7 +695,7 @@ def gpu_table() -> str:
 
 _EPILOG = """\
 examples:
-  pgdpo plan --config configs/wan14b.yaml --gpus 32 --gpu h20
+  pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20
   pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
              --checkpointing --lora-rank 64
   pgdpo plan --gpus 32 --gpu h20 --json          (defaults: the paper's Wan2.1-14B 480p x 81, batch 16)

@@ -66,7 +66,7 @@ class ModelConfig:
     #: local diffusers folder with pretrained weights (``pgdpo.train.models.load_model``); None = random init
     path: str | None = None
     #: "bf16": FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 master weights and gradient reduction) on
-    #: GPU; CPU runs always compute in fp32
+    #: GPU; CPU runs compute in fp32 unless PGDPO_CPU_BF16=1 (pgdpo.train.distributed)
     precision: str = field(default="bf16", metadata=_choice(*PRECISIONS))
     #: diffusers attention backend (``set_attention_backend``): native, _native_flash, flash, xformers
     attention: str | None = None

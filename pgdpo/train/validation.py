@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -59,7 +60,18 @@ def load_reward(spec: str, what: str = "validation.reward"):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{what} {spec!r}: cannot import {module_name!r} ({exc})") from None
+        # The `pgdpo` console script (unlike `python -m pgdpo`) does not put the working folder on sys.path,
+        # where a user's own reward module usually sits: look there too before giving up.
+        here = os.getcwd()
+        if here in sys.path:
+            raise ConfigError(f"{what} {spec!r}: cannot import {module_name!r} ({exc})") from None
+        sys.path.append(here)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            sys.path.remove(here)
+            raise ConfigError(f"{what} {spec!r}: cannot import {module_name!r} ({exc}; looked in the "
+                              f"working folder {here} too)") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"{what} {spec!r}: {module_name} has no callable {attr!r}")
@@ -278,8 +290,8 @@ def synthesize_held_out(trainer, folder: str) -> None:
 
     cfg, a = trainer.cfg, trainer.adapter
     kind = "motion" if cfg.data.synth_kind == "motion-mix" else cfg.data.synth_kind  # chosen: prompt's way
-    print(f"pgdpo train: writing {cfg.validation.num_prompts} held-out synthetic {kind} prompts (pairs "
-          f"{HELD_OUT_FIRST_INDEX}+) to {folder}", file=trainer.log_file, flush=True)
+    trainer.log.info(f"writing {cfg.validation.num_prompts} held-out synthetic {kind} prompts (pairs "
+                     f"{HELD_OUT_FIRST_INDEX}+) to {folder}")
     synth_dataset(folder, pairs=cfg.validation.num_prompts, task=a.task,
                   latent_shape=trainer.dataset.meta.latent_shape, text_len=trainer.dataset.meta.text_len,
                   text_dim=a.text_dim, difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True,

@@ -16,6 +16,7 @@ import sys
 
 from . import generate, score
 from .format import DTYPES, DataError, dtype_name, validate_dataset
+from .synth import KINDS
 
 _EPILOG = """\
 pipeline (docs/pipeline.md):
@@ -126,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dim", type=int, default=1280, help="i2v: CLIP width (Wan: 1280)")
     p.add_argument("--difference", type=float, default=0.5, metavar="D",
                    help="chosen/rejected difference in [0, 1] (0: identical; score margin = D)")
-    p.add_argument("--kind", choices=("random", "motion", "motion-mix"), default="random",
+    p.add_argument("--kind", choices=KINDS, default="random",
                    help="random (the above) or motion: an orange blob moving the prompt's way in chosen, "
                    "jittering in rejected (the demo's learnable preference; --difference is ignored); "
                    "motion-mix: the same pairs with chosen and rejected swapped in half of them (the SFT "

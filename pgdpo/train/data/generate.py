@@ -26,6 +26,7 @@ Prompts: a ``.txt`` file (one prompt per non-blank line) or ``.jsonl`` (``{"prom
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.util
 import json
@@ -240,7 +241,9 @@ class Ranks:
         if self.world_size > 1:
             die_with_launcher()
             if not dist.is_initialized():
-                dist.init_process_group("gloo")
+                # Barriers only, between phases whose length differs by rank (a rank's share of the videos,
+                # rank 0 scoring them all): far longer waits than the default 30-minute timeout allows.
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
 
     @property
     def is_main(self) -> bool:
@@ -257,15 +260,30 @@ class Ranks:
         if self.world_size > 1:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, synchronize: bool = False) -> None:
+        """Destroy the group; ``synchronize`` (after a normal finish): first wait for every rank, so that no
+        rank tears down its gloo connections while rank 0 still works (that aborts a process at exit)."""
         if self.world_size > 1:
             if dist.is_initialized():
+                if synchronize:
+                    dist.barrier()
                 dist.destroy_process_group()
 
 
 def _digest(prompts: list[dict]) -> str:
     text = json.dumps([{k: v for k, v in p.items() if k != "index"} for p in prompts], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """A digest of the weight files under ``folder`` (relative path, size, modification time): a model
+    retrained or re-exported into the same folder gets another one, so finished videos of the old weights
+    are not reused for the new (hashing the contents of a 14B model would take minutes)."""
+    folder = Path(folder)
+    weights = (".safetensors", ".bin", ".pt")
+    files = sorted(p for p in folder.rglob("*") if p.suffix in weights and p.is_file())
+    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def check_settings(out: Path, settings: dict) -> bool:
@@ -317,7 +335,8 @@ def generate(*, pipeline: str | os.PathLike, prompts: str | os.PathLike, out: st
             raise ValueError(f"{prompts}: the image-to-video pipeline needs an 'image' for every prompt; "
                              f"prompt {missing[0]['prompt_id']!r} has none (use a .jsonl prompts file)")
     out = Path(out)
-    settings = {"pipeline": str(Path(pipeline).resolve()), "task": task, "per_prompt": per_prompt,
+    settings = {"pipeline": str(Path(pipeline).resolve()), "pipeline_weights": weights_fingerprint(pipeline),
+                "task": task, "per_prompt": per_prompt,
                 "frames": frames, "height": height, "width": width, "steps": steps, "guidance": guidance,
                 "seed": seed, "negative_prompt": negative_prompt, "text_len": text_len,
                 "video_format": video_format, "dtype": str(dtype).removeprefix("torch."),
