@@ -41,6 +41,7 @@ import os
 
 import torch
 
+from ..preview import latent_rgb_factors, rgb_to_latent
 from .format import MASK_CHANNELS, DatasetMeta
 from .writer import DatasetWriter
 
@@ -87,8 +88,6 @@ def position_code(c: int, f: int, h: int, w: int, amplitude: float = POSITION_CO
     the motion reward do not see it): a coordinate frame the model draws along with the clip and then
     places the blob by. Fewer patterns with fewer than 4 spare channel directions; none with 3 channels
     or fewer."""
-    from ..preview import latent_rgb_factors
-
     factors, _ = latent_rgb_factors(c)
     basis, _, _ = torch.linalg.svd(factors)  # [C, C]: columns 3.. span the preview's null space
     null = basis[:, 3:]
@@ -117,8 +116,6 @@ def motion_pair(index: int, *, latent_shape, text_len: int, text_dim: int, seed:
                 amplitude: float = 3.0, start_spread: float = 0.0, wrong_fraction: float = 0.0,
                 directions: tuple[str, ...] | None = None, rejected: str = "jitter") -> dict:
     """Tensors (float32), prompt and scores of pair ``index`` of the ``kind="motion"`` dataset."""
-    from ..preview import rgb_to_latent
-
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index)) % (2 ** 63))
     c, f, h, w = (int(s) for s in latent_shape)
     speed = max(1.0, min(h, w) / max(2 * (f - 1), 1)) if speed is None else float(speed)
@@ -248,8 +245,6 @@ def motion_reward(videos: torch.Tensor, prompts: list) -> torch.Tensor:
     and the score ``sum(step . direction) / sum(|step|)`` in ``[-1, 1]``: 1 for straight motion the
     prompt's way, about 0 for jitter or no blob, -1 for the opposite way. Prompts without a direction score 0.
     """
-    import math
-
     n, f, h, w, _ = videos.shape
     weight = (videos[..., 0] - videos[..., 2] - 0.2).clamp(min=0) + 1e-6  # [N, F, H, W]
     scores = []
@@ -274,8 +269,6 @@ def motion_reward(videos: torch.Tensor, prompts: list) -> torch.Tensor:
 
 
 def _circular_mean(mass: torch.Tensor, size: int) -> float:
-    import math
-
     angle = torch.arange(size, dtype=torch.float32) * (2 * math.pi / size)
     s, c = float((mass * torch.sin(angle)).sum()), float((mass * torch.cos(angle)).sum())
     return (math.atan2(s, c) % (2 * math.pi)) * size / (2 * math.pi)
