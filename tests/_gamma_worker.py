@@ -39,6 +39,7 @@ def main():
             trainer.gamma_meter.load_state_dict({"steps": [], "values": [], "delta_method": [],
                                                  "delta_baseline": []})  # the measurement above was a test
             trainer.train()
+        trainer.finished = True  # a normal end: close() waits for every rank
     finally:
         trainer.close()
 

@@ -61,7 +61,7 @@ def main():
         buffers.update({f"output.{k}": v for k, v in outputs.items()})
         save_file({k: v.detach().contiguous() for k, v in buffers.items()},
                   f"{prefix}-rank{dist.rank}.safetensors")
-    dist.shutdown()
+    dist.shutdown(synchronize=True)  # rank 0 may still be writing: no rank tears gloo down under it
 
 
 if __name__ == "__main__":

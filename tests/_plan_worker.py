@@ -40,6 +40,7 @@ def main():
         if trainer.is_main:
             with open(os.path.join(cfg.output_dir, "static.json"), "w") as f:
                 json.dump(measured, f)
+        trainer.finished = True  # a normal end: close() waits for rank 0's write
     finally:
         trainer.close()
 

@@ -93,6 +93,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.cfg = config.validate()  # (load_config already did; a config built in code gets it here)
         self.dist: DistState = init_distributed(config.distributed, config.device)
+        self.finished = False  # set by train() on every rank at a normal end (close() then synchronises)
         self.out = config.output_dir
         self.is_main = self.dist.is_main
         self.log_file = sys.stderr  # the progress bar's stream
@@ -592,6 +593,7 @@ class Trainer:
             summary["plots"] = write_plots(self.out)
         if self.is_main:
             print(format_summary(summary), flush=True)
+        self.finished = True  # every rank got here: close() may wait for the others
         return summary
 
     def _summary(self, wall: float, saved_at: int) -> dict:
@@ -615,13 +617,13 @@ class Trainer:
             out["peak_mem_gb"] = max((r.get("peak_mem_gb") or 0.0) for r in records)
         return out
 
-    def close(self, finished: bool = False) -> None:
-        """Close the metrics and the process group; ``finished``: the run ended normally, so every rank
-        reaches this point and may wait for the others."""
+    def close(self, finished: bool | None = None) -> None:
+        """Close the metrics and the process group; ``finished`` (default: whether :meth:`train` returned):
+        the run ended normally, so every rank reaches this point and may wait for the others."""
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
-        self.dist.shutdown(synchronize=finished)
+        self.dist.shutdown(synchronize=self.finished if finished is None else finished)
 
 
 class _StopRequest:
@@ -711,13 +713,10 @@ def format_summary(s: dict) -> str:
 def train(config: TrainConfig) -> dict:
     """Build a :class:`Trainer` and run it (collective under torchrun); returns the summary."""
     trainer = Trainer(config)
-    finished = False
     try:
-        summary = trainer.train()
-        finished = True
-        return summary
+        return trainer.train()
     finally:
-        trainer.close(finished)
+        trainer.close()
 
 
 def _with_range_fractions(stats: dict) -> dict:
