@@ -53,7 +53,7 @@ def network_bound(model: torch.nn.Module, tokens: int) -> float:
 
 
 def normwise_error(x: torch.Tensor, ref64: torch.Tensor) -> float:
-    return float((x.double() - ref64.double()).norm())
+    return float((x.detach().double() - ref64.detach().double()).norm())
 
 
 def assert_float32_orders_agree(got: torch.Tensor, baseline: torch.Tensor, ref64: torch.Tensor, name: str = "",
@@ -63,7 +63,7 @@ def assert_float32_orders_agree(got: torch.Tensor, baseline: torch.Tensor, ref64
     bound from the caller, e.g. :func:`network_bound`), :data:`ULP_FLOOR` ulps, or, for ``got``, ``factor``
     times the error ``baseline`` shows here, whichever is largest. A wrong result (a missing term, a bad
     scale) is orders of magnitude outside."""
-    ref_norm = float(ref64.double().norm())
+    ref_norm = float(ref64.detach().double().norm())
     floor = max(bound, ULP_FLOOR * EPS32) * ref_norm
     base_err = normwise_error(baseline, ref64)
     got_err = normwise_error(got, ref64)
