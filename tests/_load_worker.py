@@ -6,6 +6,7 @@ the gathered full state dicts (rank 0), each rank's buffers (rotary tables inclu
 import argparse
 import json
 import os
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -66,3 +67,8 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # as `python -m pgdpo` does under torchrun: a finished worker skips the interpreter's teardown, where
+    # gloo's threads occasionally aborted it (pgdpo/__main__.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
