@@ -191,9 +191,9 @@ def test_missing_compiler_is_a_clear_error_for_cpu_and_a_warned_fallback_for_aut
 
 @pytest.mark.skipif(HAS_PREBUILT, reason="a prebuilt pgdpo._C is used without any compiler")
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the fake compiler answers version probes with g++")
-def test_failed_build_reports_the_compiler_output(tmp_path):
-    # A compiler that answers version probes (as g++) but fails every compilation, like a broken toolchain.
-    fake = tmp_path / "broken-cxx"
+def broken_compiler(folder) -> Path:
+    """A compiler that answers version probes (as g++) but fails every compilation, like a broken toolchain."""
+    fake = folder / "broken-cxx"
     fake.write_text(textwrap.dedent("""\
         #!/bin/sh
         for arg in "$@"; do
@@ -202,6 +202,11 @@ def test_failed_build_reports_the_compiler_output(tmp_path):
         exec g++ "$@"
     """))
     fake.chmod(0o755)
+    return fake
+
+
+def test_failed_build_reports_the_compiler_output(tmp_path):
+    fake = broken_compiler(tmp_path)
     proc = run_subprocess("""
         from pgdpo.loss import cpu_op
         print(cpu_op.unavailable_reason())
@@ -303,15 +308,7 @@ def test_a_build_killed_midway_does_not_block_the_next_one(tmp_path):
     build folder, and torch's cpp_extension then waits for it forever. The next process must build anyway
     (here with a compiler that fails at once, so the test needs no real build: it must say the build
     failed instead of hanging)."""
-    fake = tmp_path / "broken-cxx"
-    fake.write_text(textwrap.dedent("""\
-        #!/bin/sh
-        for arg in "$@"; do
-            if [ "$arg" = "-c" ]; then echo 'fake-cxx: error: this compiler always fails' >&2; exit 1; fi
-        done
-        exec g++ "$@"
-    """))
-    fake.chmod(0o755)
+    fake = broken_compiler(tmp_path)
     env = {"CXX": str(fake), "PGDPO_CACHE_DIR": str(tmp_path / "cache")}
     where = run_subprocess("""
         from pgdpo.loss import cpu_op
