@@ -191,6 +191,11 @@ class DistributedConfig:
     #: tokens are split over this many consecutive ranks, which run the same pairs; must divide the
     #: processes, the attention heads and the tokens per video. 1: plain data parallelism
     sp_degree: int = field(default=1, metadata={"min": 1})
+    #: HSDP (FSDP2 on a (replicate, shard) mesh): the processes form this many replica groups of
+    #: world / replicate_degree consecutive ranks (one node's GPUs, typically); parameters are sharded inside
+    #: a group (all-gathers on the fast intra-node link) and gradients all-reduced across groups (one
+    #: inter-node all-reduce per step). Sequence-parallel groups lie inside a shard group. 1: plain FSDP2
+    replicate_degree: int = field(default=1, metadata={"min": 1})
     #: FSDP2 CPUOffloadPolicy: the policy's sharded fp32 weights, gradients and AdamW states live in host
     #: memory (copied to the GPU block by block for the forward and backward; the optimiser step runs on
     #: the CPU). Saves 16 bytes per parameter / ranks of GPU memory for host memory and PCIe time

@@ -9,7 +9,9 @@ One :class:`Layout` is computed once, by :func:`resolve_layout`, from a validate
 - the reference (:func:`reference_kind`): ``none`` for sft, ``ema`` for a copy with
   ``method.ref_ema_every > 0``, else ``method.reference`` (``copy`` or ``lora``);
 - the strategy (:func:`resolve_strategy`): ``auto`` is FSDP2 over several processes, none on one;
-- the mesh: ``sp_degree`` ranks per sequence-parallel group, ``dp_size = world / sp_degree`` groups;
+- the mesh: ``replicate_degree`` replica groups of ``shard_degree = world / replicate_degree`` ranks
+  (HSDP: FSDP2 shards inside a group, gradients are all-reduced across groups), ``sp_degree`` ranks per
+  sequence-parallel group inside a shard group, ``dp_size = world / sp_degree`` data-parallel groups;
 - the batch: micro-batches per optimiser step on each rank (``grad_accum``);
 - activation checkpointing: every ``checkpoint_every``-th block, or off.
 """
@@ -37,7 +39,7 @@ def reference_kind(config: TrainConfig) -> str:
     return method.reference
 
 
-def resolve_strategy(strategy: str, world_size: int, sp_degree: int = 1) -> str:
+def resolve_strategy(strategy: str, world_size: int, sp_degree: int = 1, replicate_degree: int = 1) -> str:
     """``distributed.strategy`` for ``world_size`` processes: ``auto`` is ``fsdp`` with several, ``none``
     with one; a ``ConfigError`` for a combination that cannot run."""
     if strategy == "auto":
@@ -47,7 +49,24 @@ def resolve_strategy(strategy: str, world_size: int, sp_degree: int = 1) -> str:
     if sp_degree > 1 and strategy != "fsdp":
         raise ConfigError(f"distributed.sp_degree: {sp_degree} needs distributed.strategy: fsdp (or auto "
                           f"with several processes), got {strategy}")
+    if replicate_degree > 1 and strategy != "fsdp":
+        raise ConfigError(f"distributed.replicate_degree: {replicate_degree} (HSDP) needs "
+                          f"distributed.strategy: fsdp (or auto with several processes), got {strategy}")
     return strategy
+
+
+def check_mesh(world_size: int, sp_degree: int, replicate_degree: int) -> int:
+    """The shard-group size ``world_size / replicate_degree``; a ``ConfigError`` naming the key unless the
+    replica groups divide the processes and the sequence-parallel groups divide a shard group (the one
+    home of these rules: the trainer, the planner and export all resolve a :class:`Layout`)."""
+    if world_size % replicate_degree:
+        raise ConfigError(f"distributed.replicate_degree ({replicate_degree}) must divide the number of "
+                          f"processes ({world_size})")
+    shard_degree = world_size // replicate_degree
+    if shard_degree % sp_degree:
+        raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the processes of a shard group "
+                          f"({shard_degree} = {world_size} processes / replicate_degree {replicate_degree})")
+    return shard_degree
 
 
 def pretrained_config(path: str) -> dict:
@@ -76,6 +95,9 @@ class Layout:
     world_size: int
     strategy: str
     sp_degree: int
+    #: HSDP replica groups (1: plain FSDP2) and the ranks of one shard group (world / replicate_degree)
+    replicate_degree: int
+    shard_degree: int
     dp_size: int
     batch_size: int
     micro_batch_size: int
@@ -124,15 +146,14 @@ def resolve_layout(config: TrainConfig, world_size: int = 1, *, arch: dict | Non
     ``exact_batch=False`` (the planner, which reports it instead): a ``train.batch_size`` that is not a
     multiple of ``micro_batch_size x dp_size`` is rounded up to whole micro-batches, not refused."""
     d, m = config.distributed, config.model
-    strategy = resolve_strategy(d.strategy, world_size, d.sp_degree)
-    if world_size % d.sp_degree:
-        raise ConfigError(f"distributed.sp_degree ({d.sp_degree}) must divide the number of processes "
-                          f"({world_size})")
+    strategy = resolve_strategy(d.strategy, world_size, d.sp_degree, d.replicate_degree)
+    shard_degree = check_mesh(world_size, d.sp_degree, d.replicate_degree)
     dp_size = world_size // d.sp_degree
     arch = model_architecture(config) if arch is None else arch
     return Layout(arch=arch, model=m.path or m.name, family=spec_for(arch).family,
                   reference=reference_kind(config), world_size=world_size, strategy=strategy,
-                  sp_degree=d.sp_degree, dp_size=dp_size, batch_size=config.train.batch_size,
+                  sp_degree=d.sp_degree, replicate_degree=d.replicate_degree, shard_degree=shard_degree,
+                  dp_size=dp_size, batch_size=config.train.batch_size,
                   micro_batch_size=config.train.micro_batch_size,
                   grad_accum=config.grad_accum(dp_size) if exact_batch else max(1, math.ceil(
                       config.train.batch_size / (config.train.micro_batch_size * dp_size))),
