@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +31,72 @@ def torchrun(nproc: int, *args: str) -> list[str]:
 
 def run(cmd: list[str], *, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` from the repository root; with ``check``, fail the test with the output's tail unless it
-    succeeds (``check=False`` for a run that is meant to fail). ``env``: variables added to :data:`ENV`."""
-    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    succeeds (``check=False`` for a run that is meant to fail). ``env``: variables added to :data:`ENV`.
+
+    A run that outlives :data:`TIMEOUT` fails with the Python stacks of every process of its tree (taken
+    before they are killed), so that a hang seen once, on a CI machine, says where it was."""
+    with subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            tree = process_tree(proc.pid)
+            stacks = stacks_of(tree)
+            for pid in reversed(tree):  # the workers too: a hung worker may not die with its launcher
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"timed out after {TIMEOUT} s: {' '.join(cmd)}\n--- stacks of its processes\n"
+                                 f"{stacks}\n--- stderr (tail)\n{stderr[-6000:]}") from None
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+        assert done.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return done
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (Linux ``/proc``), parents first."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        pids.append(pid)
+        todo.extend(_children(pid))
+    return pids
+
+
+def stacks_of(pids: list[int]) -> str:
+    """The stacks of these processes: Python and native frames by ``py-spy dump`` where it is installed,
+    else each process's kernel wait channel."""
+    spy = shutil.which("py-spy")
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except OSError:
+            continue
+        out.append(f"== pid {pid}: {name}")
+        if spy:
+            dump = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True,
+                                  timeout=60)
+            out.append((dump.stdout + dump.stderr)[-4000:])
+        else:
+            try:
+                with open(f"/proc/{pid}/wchan") as f:
+                    out.append(f"waiting in {f.read() or '?'} (install py-spy for the Python stacks)")
+            except OSError:
+                pass
+    return "\n".join(out)
 
 
 def records(out) -> list[dict]:
