@@ -14,12 +14,7 @@ trackers), ``plots``, ``validation`` (samples), ``compare``, ``ema`` (moving ref
 """
 
 from .config import ConfigError, TrainConfig, from_dict, load_config
+from .trainer import train
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "from_dict", "train"]
 
-
-def train(config: TrainConfig) -> dict:
-    """Run training for ``config`` (collective under torchrun); returns the end-of-run summary."""
-    from .trainer import train as _train
-
-    return _train(config)

@@ -67,6 +67,19 @@ class DistState:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def on_rank0(self, fn):
+        """Run ``fn`` on rank 0 only; every rank gets its result or raises its error (no hang)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                error = exc
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
+
     def all_ok(self, ok: bool) -> bool:
         """True on every rank when ``ok`` is true on every rank (to fail together, not hang)."""
         if not self.distributed:

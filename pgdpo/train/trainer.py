@@ -109,19 +109,6 @@ class Trainer:
     def info(self, message: str) -> None:
         self.log.info(message)  # (silent on ranks other than 0)
 
-    def _on_rank0(self, fn):
-        """Run ``fn`` on rank 0 only; every rank gets its result or raises its error (no hang)."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                error = exc
-        result, error = self.dist.broadcast_object((result, error))
-        if error is not None:
-            raise error
-        return result
-
     # ------------------------------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
@@ -129,8 +116,8 @@ class Trainer:
         # model, reference, mesh, accumulation, checkpointing: resolved once (as `pgdpo plan` resolves them)
         self.layout = resolve_layout(cfg, self.dist.world_size)
         self.grad_accum = self.layout.grad_accum  # the ranks of a sequence group share a batch
-        self._on_rank0(lambda: os.makedirs(self.out, exist_ok=True))
-        self.resume_path, self.stale = self._on_rank0(self._find_resume)
+        self.dist.on_rank0(lambda: os.makedirs(self.out, exist_ok=True))
+        self.resume_path, self.stale = self.dist.on_rank0(self._find_resume)
 
         # Global RNGs: seeded per rank (nothing in the step draws from them; they are saved anyway).
         random.seed(cfg.seed + self.dist.rank)
@@ -154,7 +141,10 @@ class Trainer:
                                   config=cfg.to_dict())
         self.validator = None
         if cfg.validation.every:
-            self.validator = Validator(self)
+            self.validator = Validator(cfg, out=self.out, dist=self.dist, dataset=self.dataset,
+                                       adapter=self.adapter, model=self.model, schedule=self.step_fn.schedule,
+                                       autocast_dtype=self.step_fn.autocast_dtype, metrics=self.metrics,
+                                       log=self.log)
         if self.is_main:
             import yaml
 
@@ -196,7 +186,7 @@ class Trainer:
         path = cfg.data_path()
         if cfg.data.synthesize:  # decided on rank 0 alone: every rank must agree on the collective
             exists = os.path.join(path, "dataset.json")
-            self._on_rank0(lambda: os.path.isfile(exists) or self._synthesize(path))
+            self.dist.on_rank0(lambda: os.path.isfile(exists) or self._synthesize(path))
         elif not os.path.isdir(path):
             raise DataError(f"data.path: no dataset folder at {path!r}; make one with `pgdpo data pairs` "
                             "/ `pgdpo data encode` (or `pgdpo data synth`), or set data.synthesize: true to "

@@ -44,6 +44,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from .config import ConfigError
+from .data.collate import collate
+from .data.dataset import PreferenceDataset
+from .data.synth import synth_dataset
+from .models import find_model_folder
 from .preview import latent_to_rgb
 
 SAMPLES_DIR = "samples"
@@ -52,8 +57,6 @@ SAMPLES_DIR = "samples"
 def load_reward(spec: str, what: str = "validation.reward"):
     """The callable named by ``"module:function"`` (an error naming ``what`` otherwise; ``pgdpo data
     score`` and ``pgdpo eval`` load their ``--reward`` hooks with it too)."""
-    from .config import ConfigError
-
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"{what} must be 'module:function', got {spec!r}")
@@ -79,24 +82,32 @@ def load_reward(spec: str, what: str = "validation.reward"):
 
 
 class Validator:
-    """Samples, decodes, writes and logs validation videos (collective: every rank builds and runs one)."""
+    """Samples, decodes, writes and logs validation videos (collective: every rank builds and runs one).
 
-    def __init__(self, trainer):
-        from .data.collate import collate
-        from .data.dataset import PreferenceDataset
+    Its dependencies are explicit: the run's ``config`` (its ``validation`` section, and the data, model and
+    method names for labels and held-out prompts), the run's folder ``out``, the process group ``dist``,
+    the training ``dataset`` (the default prompts and the held-out data's shapes), the model family
+    ``adapter`` (a :class:`~pgdpo.train.models.ModelSpec`), the policy ``model`` it samples, the training
+    ``schedule`` (:class:`~pgdpo.train.diffusion.Schedule`: the sampler's scheduler config), the forward's
+    ``autocast_dtype``, the ``metrics`` log (its trackers get the frames) and the run's ``log``.
+    """
 
-        cfg = trainer.cfg.validation
-        self.trainer, self.cfg = trainer, cfg
-        self.out = os.path.join(trainer.out, SAMPLES_DIR)
-        device = trainer.dist.device
+    def __init__(self, config, *, out: str, dist, dataset: PreferenceDataset, adapter, model, schedule,
+                 autocast_dtype, metrics, log):
+        cfg = config.validation
+        self.config, self.cfg = config, cfg
+        self.dist, self.adapter, self.model, self.schedule = dist, adapter, model, schedule
+        self.autocast_dtype, self.metrics, self.log = autocast_dtype, metrics, log
+        self.out = os.path.join(out, SAMPLES_DIR)
+        device = dist.device
         if cfg.data:
-            folder = os.path.expanduser(cfg.data.replace("{output_dir}", trainer.cfg.output_dir))
-            if trainer.cfg.data.synthesize:  # rank 0 writes the held-out prompts when they are missing
-                trainer._on_rank0(lambda: os.path.isfile(os.path.join(folder, "dataset.json"))
-                                  or synthesize_held_out(trainer, folder))
+            folder = os.path.expanduser(cfg.data.replace("{output_dir}", config.output_dir))
+            if config.data.synthesize:  # rank 0 writes the held-out prompts when they are missing
+                dist.on_rank0(lambda: os.path.isfile(os.path.join(folder, "dataset.json"))
+                              or synthesize_held_out(config, adapter, dataset.meta, folder, log))
             source = PreferenceDataset(folder, batch_size=1, shuffle=False, drop_last=False)
         else:
-            source = trainer.dataset
+            source = dataset
         n = min(cfg.num_prompts, source.num_pairs)
         pairs = [source.read_pair(i) for i in range(n)]
         batch = collate(pairs, dtype=torch.float32)
@@ -122,25 +133,24 @@ class Validator:
     def _scheduler(self):
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-        schedule = self.trainer.step_fn.schedule
+        schedule = self.schedule
         if schedule.name == "flow":
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(schedule.scheduler.config)
         else:
             scheduler = DDIMScheduler.from_config(schedule.scheduler.config)
-        scheduler.set_timesteps(self.cfg.steps, device=self.trainer.dist.device)
+        scheduler.set_timesteps(self.cfg.steps, device=self.dist.device)
         return scheduler
 
     @torch.no_grad()
     def sample(self, seed: int | None = None) -> torch.Tensor:
         """``[N, C, F, H, W]`` latents sampled by the current policy from the fixed seed (``validation.seed``
         unless ``seed`` is given)."""
-        t = self.trainer
-        adapter, model, device = t.adapter, t.model, t.dist.device
+        adapter, model, device = self.adapter, self.model, self.dist.device
         shape = (self.chosen.shape[0], *self.chosen.shape[1:])
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed if seed is None else seed)
         latents = torch.randn(shape, generator=gen).to(device)
         scheduler = self._scheduler()
-        autocast = t.step_fn.autocast_dtype
+        autocast = self.autocast_dtype
         ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
         was_training = model.training
         model.eval()
@@ -160,9 +170,6 @@ class Validator:
     def _load_vae(self, path: str):
         import diffusers
 
-        from .config import ConfigError
-        from .models import find_model_folder
-
         try:
             folder = find_model_folder(os.path.expanduser(path), what="validation.vae", subfolders=("vae",))
         except FileNotFoundError as exc:
@@ -173,7 +180,7 @@ class Validator:
             raise ConfigError(f"validation.vae: {folder} holds a {name or 'an unknown class'}; expected "
                               "AutoencoderKLWan (Wan) or AutoencoderKL (UNet)")
         vae = getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
-        return vae.to(self.trainer.dist.device).eval().requires_grad_(False)
+        return vae.to(self.dist.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -202,7 +209,7 @@ class Validator:
         seeds (``reward``: per prompt and seed, seed-major; ``reward_by_seed``: each seed's mean)."""
         seeds = [self.cfg.seed + k for k in range(self.cfg.num_seeds)]
         runs = [self.sample(seed) for seed in seeds]  # every rank: the sharded forwards are collective
-        if not self.trainer.is_main:
+        if not self.dist.is_main:
             return None
         all_videos = [self.decode(latents) for latents in runs]
         videos = all_videos[0]
@@ -235,7 +242,7 @@ class Validator:
         return record
 
     def _log(self, step: int, videos: torch.Tensor, record: dict) -> None:
-        for tracker in self.trainer.metrics.trackers:
+        for tracker in self.metrics.trackers:
             try:
                 images = {f"validation/prompt-{i:02d}": frame_strip(v, self.cfg.scale)
                           for i, v in enumerate(videos)}
@@ -251,18 +258,17 @@ class Validator:
 
     def finish(self) -> str | None:
         """Write ``before_after.png`` and its recipe ``before_after.json`` (rank 0); returns the PNG path."""
-        if not self.trainer.is_main or self.first is None:
+        if not self.dist.is_main or self.first is None:
             return None
         from safetensors.torch import save_file
 
-        t = self.trainer
-        model = t.cfg.model
+        model = self.config.model
         start = f"{model.name} (random init)"
         if model.path:
             start = os.path.basename(os.path.normpath(model.path))
         columns = [{"label": f"step {self.first_step}: {start}", "step": self.first_step,
                     "reward": self.first_reward},
-                   {"label": f"step {self.last_step}: {t.cfg.method.name}", "step": self.last_step,
+                   {"label": f"step {self.last_step}: {self.config.method.name}", "step": self.last_step,
                     "reward": self.last_reward}]
         for c in columns:
             c["videos"] = os.path.join(self.out, f"step-{c['step']:06d}", VIDEOS_FILE)
@@ -283,19 +289,18 @@ VIDEOS_FILE = "videos.safetensors"
 HELD_OUT_FIRST_INDEX = 1_000_000
 
 
-def synthesize_held_out(trainer, folder: str) -> None:
-    """Write ``validation.num_prompts`` synthetic pairs of the training data's kind that no training set
-    holds (indices from :data:`HELD_OUT_FIRST_INDEX`), with the same prompt "words" (the data seed)."""
-    from .data.synth import synth_dataset
-
-    cfg, a = trainer.cfg, trainer.adapter
-    kind = "motion" if cfg.data.synth_kind == "motion-mix" else cfg.data.synth_kind  # chosen: prompt's way
-    trainer.log.info(f"writing {cfg.validation.num_prompts} held-out synthetic {kind} prompts (pairs "
-                     f"{HELD_OUT_FIRST_INDEX}+) to {folder}")
-    synth_dataset(folder, pairs=cfg.validation.num_prompts, task=a.task,
-                  latent_shape=trainer.dataset.meta.latent_shape, text_len=trainer.dataset.meta.text_len,
-                  text_dim=a.text_dim, difference=cfg.data.synth_difference, seed=cfg.seed, overwrite=True,
-                  progress=False, kind=kind, first_index=HELD_OUT_FIRST_INDEX, **a.synthetic_extras())
+def synthesize_held_out(config, adapter, meta, folder: str, log) -> None:
+    """Write ``validation.num_prompts`` synthetic pairs of the training data's kind (``meta``: the training
+    dataset's) that no training set holds (indices from :data:`HELD_OUT_FIRST_INDEX`), with the same prompt
+    "words" (the data seed)."""
+    data = config.data
+    kind = "motion" if data.synth_kind == "motion-mix" else data.synth_kind  # chosen: the prompt's way
+    log.info(f"writing {config.validation.num_prompts} held-out synthetic {kind} prompts (pairs "
+             f"{HELD_OUT_FIRST_INDEX}+) to {folder}")
+    synth_dataset(folder, pairs=config.validation.num_prompts, task=adapter.task,
+                  latent_shape=meta.latent_shape, text_len=meta.text_len, text_dim=adapter.text_dim,
+                  difference=data.synth_difference, seed=config.seed, overwrite=True, progress=False,
+                  kind=kind, first_index=HELD_OUT_FIRST_INDEX, **adapter.synthetic_extras())
 
 
 def write_comparison(path: str, recipe: dict) -> str:

@@ -13,6 +13,7 @@
 from .collate import collate
 from .compat import check_compatible
 from .dataset import PreferenceDataset
+from .encode import encode_dataset, load_encoders
 from .format import DataError, DatasetMeta, IndexEntry, read_index, read_meta, validate_dataset
 from .pairs import make_pairs, read_pairs, read_scores, write_pairs
 from .synth import synth_dataset
@@ -24,10 +25,3 @@ __all__ = [
     "read_pairs", "write_pairs", "synth_dataset", "encode_dataset", "load_encoders",
 ]
 
-
-def __getattr__(name):  # encode pulls in diffusers/transformers: import it only when asked
-    if name in ("encode_dataset", "load_encoders"):
-        from . import encode
-
-        return getattr(encode, name)
-    raise AttributeError(f"module 'pgdpo.train.data' has no attribute {name!r}")

@@ -15,8 +15,10 @@ import json
 import sys
 
 from . import generate, score
+from .encode import encode_dataset, load_encoders
 from .format import DTYPES, DataError, dtype_name, validate_dataset
-from .synth import KINDS
+from .pairs import make_pairs, read_scores, write_pairs
+from .synth import KINDS, synth_dataset
 
 _EPILOG = """\
 pipeline (docs/pipeline.md):
@@ -165,19 +167,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.command in ("generate", "score"):
-        from importlib import import_module
-
-        return import_module(f".{args.command}", __package__).run(args)
+        return {"generate": generate, "score": score}[args.command].run(args)
     if args.command == "pairs":
-        from .pairs import make_pairs, read_scores, write_pairs
-
         pairs, report = make_pairs(read_scores(args.scores, args.score_key), args.min_margin)
         write_pairs(pairs, args.out)
         print(f"{report.summary()}; wrote {args.out}")
         return 0
     if args.command == "encode":
-        from .encode import encode_dataset, load_encoders
-
         encoders = load_encoders(vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                                  image_encoder=args.image_encoder, image_processor=args.image_processor,
                                  pipeline=args.pipeline, task=args.task, dtype=args.compute_dtype,
@@ -190,8 +186,6 @@ def _run(args) -> int:
               f"(latent {meta.latent_shape}, text {meta.text_len}x{meta.text_dim}, {meta.dtype})")
         return 0
     if args.command == "synth":
-        from .synth import synth_dataset
-
         if len(args.latent_shape) != 4:
             raise ValueError(f"--latent-shape needs 4 values C,F,H,W, got {args.latent_shape}")
         meta = synth_dataset(args.out, pairs=args.pairs, task=args.task, latent_shape=args.latent_shape,
