@@ -23,28 +23,16 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..train.models.families.wan_t2v import TINY_WAN
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "demo-base.yaml"
 #: the base model's architecture (diffusers WanTransformer3DModel arguments): the registry's tiny-wan-t2v
 #: (2 blocks, width 24, 25K parameters) is too small to draw a blob that stays a blob; this is wider
 #: (4 heads x 16) and deeper, still under 1 MB as float32 safetensors
-BASE_ARCH = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 4,
-    "attention_head_dim": 16,  # rope: 8 / 4 / 4 for t / h / w
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 32,
-    "freq_dim": 64,
-    "ffn_dim": 128,
-    "num_layers": 3,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "rope_max_seq_len": 64,
-}
+BASE_ARCH = {k: v for k, v in TINY_WAN.items() if k != "_class_name"} | {
+    "num_attention_heads": 4, "attention_head_dim": 16,  # rope: 8 / 4 / 4 for t / h / w
+    "freq_dim": 64, "ffn_dim": 128, "num_layers": 3}
 
 
 def init_model(folder: str, seed: int) -> str:
