@@ -220,6 +220,22 @@ def test_held_out_prompts_seeds_and_compare_grid(tmp_path, capsys):
     assert grid.shape[1] > grid.shape[0]  # four columns side by side
 
 
+def test_held_out_set_written_again_for_more_prompts(tmp_path):
+    """A held-out folder written for fewer prompts than validation.num_prompts is written again (not read
+    short); one that holds enough is kept."""
+    out = tmp_path / "run"
+    common = ("--data.synth_pairs", "4", "--validation.every", "1", "--validation.steps", "1",
+              "--validation.data", "{output_dir}/heldout", "--save-every", "0", "--checkpoint.overwrite", "true")
+    assert main(args(out, None, 1, "--validation.num_prompts", "1", *common)) == 0
+    meta = out / "heldout" / "dataset.json"
+    assert json.loads(meta.read_text())["num_pairs"] == 1
+    assert main(args(out, None, 1, "--validation.num_prompts", "3", *common)) == 0
+    assert json.loads(meta.read_text())["num_pairs"] == 3
+    written = meta.stat().st_mtime_ns
+    assert main(args(out, None, 1, "--validation.num_prompts", "2", *common)) == 0
+    assert meta.stat().st_mtime_ns == written  # enough pairs: kept
+
+
 def test_demo_main_job_starts_from_the_shipped_base_model(tmp_path, capsys):
     """The README's main job as shipped (configs/demo.yaml: models/demo-base, held-out prompts, 3 noise
     seeds), shortened, with --compare dpo: both runs start from the base model (the same step-0 samples and

@@ -47,6 +47,7 @@ import torch
 from .config import ConfigError
 from .data.collate import collate
 from .data.dataset import PreferenceDataset
+from .data.format import META_FILE, DataError, read_meta
 from .data.synth import synth_dataset
 from .models import find_model_folder
 from .preview import latent_to_rgb
@@ -102,8 +103,8 @@ class Validator:
         device = dist.device
         if cfg.data:
             folder = os.path.expanduser(cfg.data.replace("{output_dir}", config.output_dir))
-            if config.data.synthesize:  # rank 0 writes the held-out prompts when they are missing
-                dist.on_rank0(lambda: os.path.isfile(os.path.join(folder, "dataset.json"))
+            if config.data.synthesize:  # rank 0 writes the held-out prompts when they are missing or too few
+                dist.on_rank0(lambda: _holds_pairs(folder, cfg.num_prompts)
                               or synthesize_held_out(config, adapter, dataset.meta, folder, log))
             source = PreferenceDataset(folder, batch_size=1, shuffle=False, drop_last=False)
         else:
@@ -287,6 +288,17 @@ VIDEOS_FILE = "videos.safetensors"
 #: where the held-out validation prompts of a synthetic dataset start: past the pairs of any synthetic
 #: training set (pair ``i`` depends only on the seed and ``i``), the demo's base model's SFT set included
 HELD_OUT_FIRST_INDEX = 1_000_000
+
+
+def _holds_pairs(folder: str, n: int) -> bool:
+    """Whether ``folder`` is a dataset of at least ``n`` pairs (a held-out set written for fewer prompts is
+    written again)."""
+    if not os.path.isfile(os.path.join(folder, META_FILE)):
+        return False
+    try:
+        return read_meta(folder).num_pairs >= n
+    except DataError:
+        return False
 
 
 def synthesize_held_out(config, adapter, meta, folder: str, log) -> None:
