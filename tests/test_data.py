@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -287,6 +288,28 @@ def test_pairs_best_vs_worst_min_margin_ties(tmp_path, capsys):
     assert main(["data", "pairs", "--scores", str(scores), "--out", str(out), "--min-margin", "0.1"]) == 0
     assert [json.loads(line)["prompt_id"] for line in out.read_text().splitlines()] == ["a"]
     assert "1 below the minimum margin" in capsys.readouterr().out
+
+
+def test_pairs_written_elsewhere_keep_pointing_at_the_videos(tmp_path):
+    """Relative video and image paths of the scores file are relative to its folder; pairs written to
+    another folder get paths relative to theirs (what `pgdpo data encode` resolves), absolute ones stay."""
+    from pgdpo.cli import main
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    rows = [{"prompt_id": "a", "prompt": "cat", "video": f"videos/a{i}.npy", "score": s, "image": "img/a.png"}
+            for i, s in enumerate([.2, .9])]
+    rows += [{"prompt_id": "b", "prompt": "dog", "video": str(tmp_path / f"abs{i}.npy"), "score": s}
+             for i, s in enumerate([.1, .3])]
+    scores = _scores(gen / "scores.jsonl", rows)
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "elsewhere" / "pairs.jsonl"
+    assert main(["data", "pairs", "--scores", str(scores), "--out", str(out)]) == 0
+    a, b = [json.loads(line) for line in out.read_text().splitlines()]
+    assert a["chosen"]["video"] == os.path.join("..", "gen", "videos", "a1.npy")
+    assert (out.parent / a["rejected"]["video"]).resolve() == (gen / "videos" / "a0.npy").resolve()
+    assert a["image"] == os.path.join("..", "gen", "img", "a.png")
+    assert b["chosen"]["video"] == str(tmp_path / "abs1.npy")
 
 
 def test_pairs_score_key_and_errors(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import generate, score
@@ -170,7 +171,7 @@ def _run(args) -> int:
         return {"generate": generate, "score": score}[args.command].run(args)
     if args.command == "pairs":
         pairs, report = make_pairs(read_scores(args.scores, args.score_key), args.min_margin)
-        write_pairs(pairs, args.out)
+        write_pairs(pairs, args.out, paths_relative_to=os.path.dirname(os.path.abspath(args.scores)))
         print(f"{report.summary()}; wrote {args.out}")
         return 0
     if args.command == "encode":

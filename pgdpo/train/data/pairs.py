@@ -24,6 +24,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .format import iter_jsonl
 
@@ -119,13 +120,31 @@ def make_pairs(records: list[dict], min_margin: float = 0.0) -> tuple[list[dict]
     return pairs, report
 
 
-def write_pairs(pairs: list[dict], path: str | os.PathLike) -> None:
-    """Write pairs as JSONL (atomically: a temporary file renamed into place)."""
+def write_pairs(pairs: list[dict], path: str | os.PathLike, *,
+                paths_relative_to: str | os.PathLike | None = None) -> None:
+    """Write pairs as JSONL (atomically: a temporary file renamed into place).
+
+    ``paths_relative_to``: the folder the records' relative video and image paths are relative to (the
+    scores file's, for ``pgdpo data pairs``); they are rewritten relative to ``path``'s folder, where
+    ``pgdpo data encode`` looks for them, so the pairs file may be written anywhere."""
+    if paths_relative_to is not None:
+        pairs = [_rebased(pair, Path(paths_relative_to), Path(path).resolve().parent) for pair in pairs]
     tmp = f"{os.fspath(path)}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for pair in pairs:
             f.write(json.dumps(pair) + "\n")
     os.replace(tmp, path)
+
+
+def _rebased(pair: dict, source: Path, target: Path) -> dict:
+    def rebase(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.relpath((source / p).resolve(), target)
+
+    out = {**pair, "chosen": {**pair["chosen"], "video": rebase(pair["chosen"]["video"])},
+           "rejected": {**pair["rejected"], "video": rebase(pair["rejected"]["video"])}}
+    if pair.get("image") is not None:
+        out["image"] = rebase(pair["image"])
+    return out
 
 
 def read_pairs(path: str | os.PathLike) -> list[dict]:
