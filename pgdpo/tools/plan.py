@@ -45,9 +45,31 @@ What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every numb
   backward 2x forward (LoRA: the linear layers' weight gradients are skipped), + the recompute of the
   checkpointed blocks, +1 reference forward; divided by ``gpus x peak bf16 x mfu``. ``mfu`` (default 0.40)
   is the assumed fraction of the dense bf16 peak achieved on all executed FLOPs, recompute included.
-  FSDP traffic (all-gathers, reduce-scatters) is estimated at NVLink bandwidth within a node (<= 8 GPUs)
-  and ``inter_node_gbps`` (default 50 GB/s per GPU, 400 Gb/s NICs) across nodes; FSDP overlaps it with
-  compute, so a step takes the larger of the two.
+  FSDP2 overlaps its communication with compute, so a step takes the larger of the two, plus the
+  sequence-parallel all-to-alls, which are on the critical path.
+- **Mesh** (:class:`pgdpo.train.layout.Layout`, read from the config): ``distributed.replicate_degree``
+  R replica groups (HSDP) of ``shard_degree`` S = GPUs / R consecutive ranks; FSDP2 shards the weights,
+  gradients and AdamW states over the S ranks of a group (memory: the static parts divided by S, not by
+  all GPUs), ``sp_degree`` consecutive ranks inside a shard group form a sequence-parallel group.
+- **Network** (:data:`GPUS`, overridable: ``intra_node_gbps``, ``inter_node_gbps``, ``gpus_per_node``):
+  per GPU, one direction, the intra-node (NVLink) and inter-node (NIC) bandwidth and 8 GPUs per node;
+  ranks fill the nodes in order.
+- **Communication** (:func:`collectives`, :func:`communication`): every collective one rank issues per
+  optimiser step, with its group and sizes, counted as the trainer issues them (a 4-process CPU test
+  counts them on a real run): the FSDP2 all-gathers of each unit (block, root) for the policy forward,
+  the backward (``reshard_after_forward``) and the reference forward, and the reduce-scatter of its fp32
+  gradients, per micro-batch, inside the shard group; HSDP's all-reduce of each gradient shard across the
+  R replica groups; the all-reduce of the replicated fp32 gradients over all GPUs once per step; the
+  Ulysses all-to-alls (4 per self-attention per forward, backward and recompute) and the output
+  all-gather inside the sequence group. Ring algorithms: an all-gather or reduce-scatter over n ranks sends
+  (n-1)/n of the full buffer per rank, an all-reduce 2(n-1)/n, an all-to-all (n-1)/n. A group inside one
+  node runs at the intra-node bandwidth; one that spans nodes at the inter-node bandwidth (its ring's
+  slowest link). Reported: each collective's calls, bytes, link and time, the totals intra / inter node,
+  and HSDP (one replica group per node) vs plain FSDP over all GPUs (``hsdp``).
+- **Layouts** (:func:`layout_options`): every (``sp_degree``, ``replicate_degree``, micro-batch,
+  accumulation) the trainer accepts for the batch on these GPUs, planned and ranked: fitting, shortest
+  step, least inter-node time, least memory. A config whose batch does not divide into whole
+  micro-batches (``runnable`` false) gets the best of them named.
 
 Configs are read by the trainer's loader (``pgdpo.train.config``: misspelt keys and bad values are errors,
 left-out keys take the trainer's defaults); the keys that matter here: ``model.name``, ``model.precision``,
@@ -55,7 +77,8 @@ left-out keys take the trainer's defaults); the keys that matter here: ``model.n
 ``data.height``, ``data.width``, ``data.text_len``, ``method.name`` (sft: no reference),
 ``method.reference`` (copy | lora), ``method.ref_ema_every`` (> 0: EMA reference), ``optim.name``,
 ``train.batch_size`` (pairs per optimiser step over all GPUs), ``train.micro_batch_size`` (pairs per forward
-per GPU), ``distributed.strategy``, ``distributed.reshard_after_forward``.
+per GPU), ``distributed.strategy``, ``distributed.reshard_after_forward``, ``distributed.sp_degree``,
+``distributed.replicate_degree``.
 """
 
 from __future__ import annotations
@@ -729,15 +752,17 @@ def hsdp_saving(s: PlanSettings, gpus: int, replicate_degree: int, evaluate) -> 
             "memory_gib": {"plain_fsdp": plain["total_gib"], "hsdp": per_node["total_gib"]}}
 
 
-def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus: int, gpu: str = "h20",
+def plan(config: PlanSettings | TrainConfig | dict | str | os.PathLike | None = None, *, gpus: int,
+         gpu: str = "h20",
          mfu: float = 0.40, overhead_gib: float = 4.0, margin: float = 0.08,
          intra_node_gbps: float | None = None, inter_node_gbps: float | None = None,
          gpus_per_node: int | None = None, suggest: bool = True, config_overrides=(), **overrides) -> dict:
     """Memory per GPU, step time and whether it fits, for a training setup on ``gpus`` x ``gpu``.
 
     Args:
-        config: :class:`PlanSettings`, a training config mapping or YAML path (the keys listed in the module
-            doc), or None for the defaults (the paper's Wan2.1-14B 480p x 81 frames, batch 16; with
+        config: :class:`PlanSettings`, a training config (a validated ``TrainConfig``, a mapping or a YAML
+            path: the keys listed in the module doc), or None for the defaults (the paper's Wan2.1-14B 480p
+            x 81 frames, batch 16; with
             ``config_overrides``, the trainer's defaults).
         config_overrides: ``(dotted_key, value)`` pairs applied to the training config as ``pgdpo train``
             applies its ``--section.key VALUE`` arguments.
@@ -770,7 +795,8 @@ def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus:
     elif config is None and not config_overrides:
         settings = PlanSettings()
     else:
-        where, train_config = read_config(config, config_overrides)
+        where, train_config = (("config", config) if isinstance(config, TrainConfig) and not config_overrides
+                               else read_config(config, config_overrides))
         m = train_config.model
         try:
             arch = None
