@@ -386,6 +386,13 @@ def test_paper_config_plans_as_a_runnable_job(capsys):
     out = capsys.readouterr().out
     assert "mesh: replicate=4 shard=8 sp=2 on 4 node(s)" in out and "inter-node" in out
     assert "<- this config" in out.split("best first")[1].splitlines()[1]
+    # the network and the mesh from the command line: nodes of 4 GPUs, a replica group per node
+    assert main(["--config", PAPER_CONFIG, "--gpus", "32", "--inter-node-gbps", "50", "--gpus-per-node", "4",
+                 "--distributed.replicate_degree", "8", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["assumptions"]["inter_node_gbps"] == 50 and r["mesh"]["nodes"] == 8
+    assert r["mesh"]["shard_degree"] == 4 and r["hsdp"]["replicate_degree"] == 8
+    assert {c["link"] for c in r["communication"]["collectives"] if c["group"] == "shard"} == {"intra"}
 
 
 # ------------------------------------------------------------------------ against a real 4-process run
@@ -393,28 +400,33 @@ def test_paper_config_plans_as_a_runnable_job(capsys):
 
 def assert_collectives_match(planned: list[dict], recorded: list[dict], sp_degree: int) -> None:
     """The planner's collectives of one step (``result["communication"]["collectives"]``) vs those a real
-    run issued on rank 0 (``tests/_plan_worker.py``'s collectives.json): every all-gather, reduce-scatter
-    and all-to-all with its full-buffer size, the same number of times; every planned all-reduce among
-    the recorded ones (which also hold the small metric reductions). The hook for a real HSDP run."""
+    run issued on rank 0 (``tests/_plan_worker.py``'s collectives.json): every all-gather and
+    reduce-scatter with its group size (output / input) and full-buffer size, every all-to-all with its
+    size, the same number of times; every planned all-reduce among the recorded ones (which also hold the
+    small metric reductions; their group is not recorded). The hook for a real HSDP run."""
     from collections import Counter
 
     plan_calls, plan_reduce = Counter(), Counter()
     for c in planned:
+        ranks = None if c["op"] == "all-to-all" else c["ranks"]
         for size in c["call_bytes"]:
-            (plan_reduce if c["op"] == "all-reduce" else plan_calls)[(c["op"], size)] += c["passes"]
+            if c["op"] == "all-reduce":
+                plan_reduce[size] += c["passes"]
+            else:
+                plan_calls[(c["op"], ranks, size)] += c["passes"]
     run_calls, run_reduce = Counter(), Counter()
     for call in recorded:
         op, t = call["op"], call["tensors"]
-        if op == "c10d._allgather_base_":
-            run_calls[("all-gather", t[0])] += 1
-        elif op == "c10d._reduce_scatter_base_":
-            run_calls[("reduce-scatter", t[1])] += 1
-        elif op == "_c10d_functional.all_gather_into_tensor":  # the sequence-parallel group's
-            run_calls[("all-gather", t[0] * sp_degree)] += 1
+        if op == "c10d._allgather_base_":  # output, input
+            run_calls[("all-gather", t[0] // t[1], t[0])] += 1
+        elif op == "c10d._reduce_scatter_base_":  # output, input
+            run_calls[("reduce-scatter", t[1] // t[0], t[1])] += 1
+        elif op == "_c10d_functional.all_gather_into_tensor":  # the sequence-parallel group's; input only
+            run_calls[("all-gather", sp_degree, t[0] * sp_degree)] += 1
         elif op in ("_c10d_functional.all_to_all_single", "c10d.alltoall_base_"):
-            run_calls[("all-to-all", t[-1])] += 1
+            run_calls[("all-to-all", None, t[-1])] += 1
         elif op == "c10d.allreduce_":
-            run_reduce[("all-reduce", t[0])] += 1
+            run_reduce[t[0]] += 1
     assert run_calls == plan_calls
     assert not plan_reduce - run_reduce, (plan_reduce, run_reduce)
 
@@ -443,8 +455,9 @@ def _real_run(tmp_path, nproc, *extra):
 
 REAL_RUNS = {
     "fsdp4-copy-accum2": ["--train.batch_size", "8"],
-    "fsdp4-sp2-lora-ref-accum2": ["--train.batch_size", "4", "--distributed.sp_degree", "2",
-                                  "--model.lora_rank", "4", "--method.reference", "lora"],
+    "fsdp4-sp2-lora-ref-checkpointing-accum2": ["--train.batch_size", "4", "--distributed.sp_degree", "2",
+                                                "--model.lora_rank", "4", "--method.reference", "lora",
+                                                "--model.gradient_checkpointing", "true"],
     "hsdp2x2-copy": pytest.param(["--train.batch_size", "4", "--distributed.replicate_degree", "2"],
                                  marks=pytest.mark.xfail(strict=True, reason="the trainer builds 1-D FSDP2 until "
                                                          "HSDP lands (issue 25); then remove this mark")),

@@ -25,7 +25,7 @@ What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every numb
   run one micro-batch, each on ``tokens / sp_degree`` of every video (activations divided accordingly;
   the embeddings before the split stay whole), so a step holds ``micro_batch x GPUs / sp_degree`` pairs
   per accumulation step; the Ulysses all-to-alls (4 per self-attention: q, k, v, out, in every forward,
-  backward and recompute) are added to the step time at NVLink bandwidth, not overlapped.
+  backward and recompute) are added to the step time at the sequence group's link, not overlapped.
 - **FSDP buffers**: the all-gathered compute-dtype weights of two blocks (current + prefetched) and the
   unsharded fp32 gradients of two blocks before reduce-scatter (``reshard_after_forward=False``: the
   whole model stays gathered between forward and backward).
@@ -340,6 +340,17 @@ def per_rank_elements(table: tuple, ranks: int, *, kept: bool, lora: bool | None
     return total
 
 
+@functools.lru_cache(maxsize=256)
+def unit_shard_elements(name: str, lora_rank: int, lora_targets: tuple, ranks: int,
+                        trained_only: bool = False) -> tuple[tuple[int, int], ...]:
+    """``(unit, elements)`` per FSDP2 unit (root first, then the blocks): the elements rank 0 holds of its
+    sharded parameters over ``ranks`` (``trained_only``: of the ones with gradients; LoRA: the adapters)."""
+    table = parameter_table(name, lora_rank, lora_targets)
+    select = {"lora": True} if trained_only and lora_rank else {}
+    return tuple((u, per_rank_elements(table, ranks, kept=False, unit=u, **select))
+                 for u in sorted({row[4] for row in table}))
+
+
 def static_memory(s: PlanSettings, ranks: int) -> dict:
     """Bytes per rank (rank 0) of the policy weights, gradients, optimizer states and reference, as the
     trainer lays them out (:func:`pgdpo.train.loading.build_models`) over ``ranks`` FSDP2 ranks (1: not
@@ -424,10 +435,10 @@ def collectives(s: PlanSettings, *, world: int, strategy: str, shard_degree: int
     4 all-to-alls (q, k, v, out) per self-attention in each forward, backward and recompute, and an
     all-gather of the model's output per forward. DDP: one all-reduce of the gradients per step (bucketed).
     Small metric all-reduces (loss statistics, the gradient norm) are left out."""
-    table = parameter_table(s.model, s.lora_rank, tuple(s.lora_targets))
+    key = (s.model, s.lora_rank, tuple(s.lora_targets))
+    table = parameter_table(*key)
     cb = 2 if s.precision == "bf16" else 4
     lora = s.lora_rank > 0
-    units = sorted({row[4] for row in table})  # -1: the root, gathered first
     out: list[dict] = []
 
     def add(name, op, group, ranks, call_bytes, passes):
@@ -438,25 +449,24 @@ def collectives(s: PlanSettings, *, world: int, strategy: str, shard_degree: int
                         "bytes": passes * sum(call_bytes),
                         "bytes_per_rank": passes * sum(call_bytes) * RING_FACTOR[op](ranks)})
 
-    def gathered(tab, n, **select):
-        return [n * per_rank_elements(tab, n, kept=False, unit=u, **select) * cb for u in units]
+    def gathered(model_key, n):
+        return [n * elements * cb for _, elements in unit_shard_elements(*model_key, n)]
 
     trained_kept = [row[0] * 4 for row in table if row[2] and row[3] == lora]
     if strategy == "fsdp":
         S, R = shard_degree, replicate_degree
-        policy = gathered(table, S)
+        policy = gathered(key, S)
         resharded = s.reshard_after_forward
         add("all-gather, policy forward", "all-gather", "shard", S, policy, accum)
         add("all-gather, policy backward", "all-gather", "shard", S, policy, accum if resharded else 0)
         if s.reference in ("copy", "ema") and s.reference_sharded:
-            reference = gathered(parameter_table(s.model), S)
+            reference = gathered((s.model, 0, ()), S)
             add("all-gather, reference forward", "all-gather", "shard", S, reference,
                 accum if resharded else 0)
         elif s.reference == "lora":
             add("all-gather, reference forward (policy, adapters off)", "all-gather", "shard", S, policy,
                 accum if resharded else 0)
-        trained = [S * per_rank_elements(table, S, kept=False, unit=u, lora=True if lora else None) * 4
-                   for u in units]
+        trained = [S * elements * 4 for _, elements in unit_shard_elements(*key, S, trained_only=True)]
         add("reduce-scatter, gradients", "reduce-scatter", "shard", S, trained, accum)
         add("all-reduce, gradient shards across replica groups (HSDP)", "all-reduce", "replicate", R,
             [b // S for b in trained], accum)
@@ -558,6 +568,11 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
             gathered = (2 * m["block_parameters"] + m["outside_parameters"]) * cb
         else:
             gathered = P * cb
+            if ref_sharded:  # nothing reshards the frozen copy after its no-grad forward: it stays whole
+                gathered += P * cb
+                notes.append("distributed.reshard_after_forward: false keeps the sharded reference gathered "
+                             f"after its first forward (no backward reshards it): {P * cb / GIB:.1f} GiB per "
+                             "GPU in 'fsdp buffers'")
         mem["fsdp buffers"] = gathered + 2 * min(m["block_parameters"], trainable) * 4
     else:
         mem["fsdp buffers"] = 0.0
@@ -728,14 +743,15 @@ def layout_options(s: PlanSettings, gpus: int, evaluate, *, max_micro_batch: int
     return options
 
 
-def hsdp_saving(s: PlanSettings, gpus: int, replicate_degree: int, evaluate) -> dict | None:
+def hsdp_saving(s: PlanSettings, gpus: int, replicate_degree: int, evaluate,
+                gpus_per_node: int) -> dict | None:
     """Plain FSDP2 over all ``gpus`` vs HSDP with one replica group per node (or the configured
     ``replicate_degree`` when > 1): the communication of each, and what HSDP saves. None on one node, or
     when neither mesh can run this layout."""
-    gpn = evaluate.gpu.gpus_per_node
-    if gpus <= gpn:
+    if gpus <= gpus_per_node:
         return None
-    hsdp = replicate_degree if replicate_degree > 1 else gpus // gpn if gpus % gpn == 0 else None
+    hsdp = (replicate_degree if replicate_degree > 1
+            else gpus // gpus_per_node if gpus % gpus_per_node == 0 else None)
     try:
         plain, per_node = evaluate(s, gpus, 1), evaluate(s, gpus, hsdp) if hsdp else None
     except ValueError:
@@ -839,7 +855,6 @@ def plan(config: PlanSettings | TrainConfig | dict | str | os.PathLike | None = 
         return _evaluate(s, n, spec, mfu=mfu, overhead_gib=overhead_gib, margin=margin,
                          replicate_degree=replicate)
 
-    evaluate.gpu = spec
     result = evaluate(settings, gpus)
     if layout is not None:
         result["layout"] = layout.as_dict()
@@ -853,7 +868,7 @@ def plan(config: PlanSettings | TrainConfig | dict | str | os.PathLike | None = 
                              "activation_bytes_per_token_per_block": dict(zip(("x_dim", "x_ffn"),
                                                                               ACT_PER_TOKEN[settings.precision]))}
     result["suggestions"] = _suggestions(settings, gpus, gpu, evaluate) if suggest else []
-    result["hsdp"] = hsdp_saving(settings, gpus, replicate_degree, evaluate)
+    result["hsdp"] = hsdp_saving(settings, gpus, replicate_degree, evaluate, spec.gpus_per_node)
     result["layouts"] = layout_options(settings, gpus, evaluate) if suggest else []
     return result
 
@@ -993,8 +1008,10 @@ examples:
   pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
              --checkpointing --lora-rank 64
   pgdpo plan --gpus 32 --gpu h20 --json          (defaults: the paper's Wan2.1-14B 480p x 81, batch 16)
+  pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20 --distributed.replicate_degree 1 \
+             --inter-node-gbps 50                (plain FSDP over the 4 nodes, 400 Gb/s per GPU)
 
-GPUs (dense bf16 peak):
+GPUs (dense bf16 peak; per GPU, one direction: NVLink within a node, the network across nodes):
 {gpus}
 
 The estimate (see `python -c "import pgdpo.tools.plan; help(pgdpo.tools.plan)"`): FSDP2 shards fp32 master
