@@ -1008,17 +1008,18 @@ examples:
   pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
              --checkpointing --lora-rank 64
   pgdpo plan --gpus 32 --gpu h20 --json          (defaults: the paper's Wan2.1-14B 480p x 81, batch 16)
-  pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20 --distributed.replicate_degree 1 \
+  pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20 --distributed.replicate_degree 1 \\
              --inter-node-gbps 50                (plain FSDP over the 4 nodes, 400 Gb/s per GPU)
 
 GPUs (dense bf16 peak; per GPU, one direction: NVLink within a node, the network across nodes):
 {gpus}
 
 The estimate (see `python -c "import pgdpo.tools.plan; help(pgdpo.tools.plan)"`): FSDP2 shards fp32 master
-weights,
-fp32 gradients and AdamW states (16 B/param) over the GPUs; the reference is a bf16 sharded copy (or
-LoRA adapters disabled: no copy); activations are measured per Wan block (72 d + 4 ffn bytes/token in
-bf16); step time = executed FLOPs / (GPUs x peak x MFU).
+weights, fp32 gradients and AdamW states (16 B/param) over the GPUs of a shard group (all of them, or
+GPUs / distributed.replicate_degree with HSDP); the reference is a bf16 sharded copy (or LoRA adapters
+disabled: no copy); activations are measured per Wan block (72 d + 4 ffn bytes/token in bf16); step time =
+executed FLOPs / (GPUs x peak x MFU); each collective of a step (ring byte counts) runs on NVLink when its
+group is inside a node, else on the network; the layouts that run the batch on --gpus are ranked.
 
 The config is read as pgdpo train reads it: --config FILE.yaml plus any --section.key VALUE override
 (e.g. --train.batch_size 32 --distributed.sp_degree 4), the trainer's defaults for what it leaves out, and
