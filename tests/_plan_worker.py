@@ -1,13 +1,19 @@
-"""torchrun worker of ``tests/test_train_parallel.py``: set up ``pgdpo train`` (arguments as for the
-command), take one optimiser step and one more backward, then write rank 0's bytes of policy weights,
-gradients, AdamW states and reference (local shards, as they sit in memory) to
-``<output_dir>/static.json``."""
+"""torchrun worker of ``tests/test_train_parallel.py`` and ``tests/test_plan.py``: set up ``pgdpo train``
+(arguments as for the command), take one optimiser step and one more backward, then write rank 0's bytes
+of policy weights, gradients, AdamW states and reference (local shards, as they sit in memory) to
+``<output_dir>/static.json``, and the collectives rank 0 issued during one whole optimiser step (the
+second: after FSDP2's lazy initialisation) to ``<output_dir>/collectives.json``: one record per call,
+``{"op", "tensors"}`` with the bytes of each tensor argument in call order (for an all-gather: output,
+input; a reduce-scatter: output, input; an all-reduce: the tensors; an all-to-all: output, input or, for
+the functional one, input)."""
 
 import json
 import os
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pgdpo.train.cli import resolve
 from pgdpo.train.trainer import Trainer, step_seed
@@ -17,6 +23,22 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+class RecordCollectives(TorchDispatchMode):
+    """Every c10d / functional-collective op dispatched on this rank, with the bytes of its tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace = func.namespace
+        if namespace in ("c10d", "_c10d_functional"):
+            tensors = [t.untyped_storage().nbytes() if t.dim() == 0 else t.numel() * t.element_size()
+                       for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+            self.calls.append({"op": f"{namespace}.{func._opname}", "tensors": tensors})
+        return func(*args, **(kwargs or {}))
+
+
 def main():
     torch.set_num_threads(1)
     cfg, _ = resolve(sys.argv[1:])
@@ -24,8 +46,10 @@ def main():
     try:
         stream = trainer.dataset.stream()
         trainer.train_step(1, stream)  # creates the optimiser states (and clears the gradients)
+        with RecordCollectives() as recorder:
+            trainer.train_step(2, stream)
         batch = trainer._to_device(next(stream))
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, 2, trainer.dist.dp_rank, 0))
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, 3, trainer.dist.dp_rank, 0))
         trainer.step_fn(batch, gen).loss.backward()
         params = [p for p in trainer.model.parameters()]
         states = [v for st in trainer.optimizer.state.values() for k, v in st.items()
@@ -40,6 +64,8 @@ def main():
         if trainer.is_main:
             with open(os.path.join(cfg.output_dir, "static.json"), "w") as f:
                 json.dump(measured, f)
+            with open(os.path.join(cfg.output_dir, "collectives.json"), "w") as f:
+                json.dump(recorder.calls, f)
         trainer.finished = True  # a normal end: close() waits for rank 0's write
     finally:
         trainer.close()

@@ -25,7 +25,7 @@ What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every numb
   run one micro-batch, each on ``tokens / sp_degree`` of every video (activations divided accordingly;
   the embeddings before the split stay whole), so a step holds ``micro_batch x GPUs / sp_degree`` pairs
   per accumulation step; the Ulysses all-to-alls (4 per self-attention: q, k, v, out, in every forward,
-  backward and recompute) are added to the step time at NVLink bandwidth, not overlapped.
+  backward and recompute) are added to the step time at the sequence group's link, not overlapped.
 - **FSDP buffers**: the all-gathered compute-dtype weights of two blocks (current + prefetched) and the
   unsharded fp32 gradients of two blocks before reduce-scatter (``reshard_after_forward=False``: the
   whole model stays gathered between forward and backward).
@@ -45,9 +45,31 @@ What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every numb
   backward 2x forward (LoRA: the linear layers' weight gradients are skipped), + the recompute of the
   checkpointed blocks, +1 reference forward; divided by ``gpus x peak bf16 x mfu``. ``mfu`` (default 0.40)
   is the assumed fraction of the dense bf16 peak achieved on all executed FLOPs, recompute included.
-  FSDP traffic (all-gathers, reduce-scatters) is estimated at NVLink bandwidth within a node (<= 8 GPUs)
-  and ``inter_node_gbps`` (default 50 GB/s per GPU, 400 Gb/s NICs) across nodes; FSDP overlaps it with
-  compute, so a step takes the larger of the two.
+  FSDP2 overlaps its communication with compute, so a step takes the larger of the two, plus the
+  sequence-parallel all-to-alls, which are on the critical path.
+- **Mesh** (:class:`pgdpo.train.layout.Layout`, read from the config): ``distributed.replicate_degree``
+  R replica groups (HSDP) of ``shard_degree`` S = GPUs / R consecutive ranks; FSDP2 shards the weights,
+  gradients and AdamW states over the S ranks of a group (memory: the static parts divided by S, not by
+  all GPUs), ``sp_degree`` consecutive ranks inside a shard group form a sequence-parallel group.
+- **Network** (:data:`GPUS`, overridable: ``intra_node_gbps``, ``inter_node_gbps``, ``gpus_per_node``):
+  per GPU, one direction, the intra-node (NVLink) and inter-node (NIC) bandwidth and 8 GPUs per node;
+  ranks fill the nodes in order.
+- **Communication** (:func:`collectives`, :func:`communication`): every collective one rank issues per
+  optimiser step, with its group and sizes, counted as the trainer issues them (a 4-process CPU test
+  counts them on a real run): the FSDP2 all-gathers of each unit (block, root) for the policy forward,
+  the backward (``reshard_after_forward``) and the reference forward, and the reduce-scatter of its fp32
+  gradients, per micro-batch, inside the shard group; HSDP's all-reduce of each gradient shard across the
+  R replica groups; the all-reduce of the replicated fp32 gradients over all GPUs once per step; the
+  Ulysses all-to-alls (4 per self-attention per forward, backward and recompute) and the output
+  all-gather inside the sequence group. Ring algorithms: an all-gather or reduce-scatter over n ranks sends
+  (n-1)/n of the full buffer per rank, an all-reduce 2(n-1)/n, an all-to-all (n-1)/n. A group inside one
+  node runs at the intra-node bandwidth; one that spans nodes at the inter-node bandwidth (its ring's
+  slowest link). Reported: each collective's calls, bytes, link and time, the totals intra / inter node,
+  and HSDP (one replica group per node) vs plain FSDP over all GPUs (``hsdp``).
+- **Layouts** (:func:`layout_options`): every (``sp_degree``, ``replicate_degree``, micro-batch,
+  accumulation) the trainer accepts for the batch on these GPUs, planned and ranked: fitting, shortest
+  step, least inter-node time, least memory. A config whose batch does not divide into whole
+  micro-batches (``runnable`` false) gets the best of them named.
 
 Configs are read by the trainer's loader (``pgdpo.train.config``: misspelt keys and bad values are errors,
 left-out keys take the trainer's defaults); the keys that matter here: ``model.name``, ``model.precision``,
@@ -55,7 +77,8 @@ left-out keys take the trainer's defaults); the keys that matter here: ``model.n
 ``data.height``, ``data.width``, ``data.text_len``, ``method.name`` (sft: no reference),
 ``method.reference`` (copy | lora), ``method.ref_ema_every`` (> 0: EMA reference), ``optim.name``,
 ``train.batch_size`` (pairs per optimiser step over all GPUs), ``train.micro_batch_size`` (pairs per forward
-per GPU), ``distributed.strategy``, ``distributed.reshard_after_forward``.
+per GPU), ``distributed.strategy``, ``distributed.reshard_after_forward``, ``distributed.sp_degree``,
+``distributed.replicate_degree``.
 """
 
 from __future__ import annotations
@@ -72,7 +95,7 @@ from dataclasses import dataclass
 from ..train.cli import parse_overrides
 from ..train.config import PRECISIONS, STRATEGIES, TrainConfig, from_dict, load_config
 from ..train.config import REFERENCES as TRAIN_REFERENCES
-from ..train.layout import Layout, pretrained_config, resolve_layout, resolve_strategy
+from ..train.layout import Layout, check_mesh, pretrained_config, resolve_layout, resolve_strategy
 from ..train.models import MODEL_CONFIGS, resolve_config
 
 GIB = 1024 ** 3
@@ -85,16 +108,29 @@ class GPU:
     memory_gib: float
     #: dense bf16 tensor-core peak, FLOP/s
     peak_bf16: float
-    #: NVLink bandwidth per GPU (one direction), bytes/s
-    nvlink: float
+    #: intra-node bandwidth per GPU, one direction (NVLink through NVSwitch), bytes/s
+    intra_node: float
+    #: inter-node bandwidth per GPU, one direction (its share of the node's NICs), bytes/s
+    inter_node: float
+    #: GPUs per node (one NVSwitch domain)
+    gpus_per_node: int = 8
 
 
-#: Dense bf16 peaks (no sparsity) and memory of the GPUs the planner knows.
+#: Dense bf16 peaks (no sparsity), memory and network of the GPUs the planner knows: 8-GPU HGX/DGX nodes.
+#: Link rates are the published peaks, one direction per GPU (NCCL's "bus bandwidth" reaches ~80% of them);
+#: every one is overridable (``--intra-node-gbps``, ``--inter-node-gbps``, ``--gpus-per-node``).
+#: - intra-node: NVLink 4 (H100/H200/H20 SXM) is 18 links x 50 GB/s = 900 GB/s bidirectional, 450 GB/s
+#:   each way (NVIDIA H100/H200 datasheets; the H20 datasheet lists "NVLink 900GB/s", the same NVLink 4
+#:   bidirectional figure); A100 SXM NVLink 3: 600 GB/s bidirectional, 300 GB/s each way.
+#: - inter-node: DGX/HGX H100 and H200 reference nodes have one 400 Gb/s ConnectX-7 NDR InfiniBand port per
+#:   GPU = 50 GB/s; DGX A100 one 200 Gb/s HDR port per GPU = 25 GB/s. H20 nodes have no reference design
+#:   (vendors ship 4 to 8 NICs of 200-400 Gb/s): assumed 200 Gb/s per GPU = 25 GB/s, the conservative end;
+#:   pass --inter-node-gbps 50 for a 400 Gb/s-per-GPU fabric.
 GPUS: dict[str, GPU] = {
-    "h20": GPU("NVIDIA H20 96 GB", 95.6, 148e12, 450e9),
-    "h100": GPU("NVIDIA H100 SXM 80 GB", 79.6, 989e12, 450e9),
-    "h200": GPU("NVIDIA H200 141 GB", 140.4, 989e12, 450e9),
-    "a100": GPU("NVIDIA A100 SXM 80 GB", 80.0, 312e12, 300e9),
+    "h20": GPU("NVIDIA H20 96 GB", 95.6, 148e12, 450e9, 25e9),
+    "h100": GPU("NVIDIA H100 SXM 80 GB", 79.6, 989e12, 450e9, 50e9),
+    "h200": GPU("NVIDIA H200 141 GB", 140.4, 989e12, 450e9, 50e9),
+    "a100": GPU("NVIDIA A100 SXM 80 GB", 80.0, 312e12, 300e9, 25e9),
 }
 
 #: the reference kinds the memory model knows: the trainer's `method.reference` values and the two that
@@ -268,11 +304,13 @@ def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> di
 
 @functools.lru_cache(maxsize=16)
 def parameter_table(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> tuple:
-    """``(numel, rows, fp32_kept, lora)`` of every parameter of the policy the trainer builds
+    """``(numel, rows, fp32_kept, lora, unit)`` of every parameter of the policy the trainer builds
     (``pgdpo.train.loading.meta_model``, on meta): ``rows`` is dim 0, which FSDP2 shards; ``fp32_kept``
-    parameters (``_keep_in_fp32_modules``) are left out of the sharding (replicated, fp32)."""
+    parameters (``_keep_in_fp32_modules``) are left out of the sharding (replicated, fp32); ``unit`` the
+    FSDP2 unit (``fully_shard`` group, :func:`pgdpo.train.distributed.wrap_model`): the block's index, or
+    -1 for the root (everything outside the blocks)."""
     from pgdpo.train.loading import meta_model
-    from pgdpo.train.models import keep_fp32_names
+    from pgdpo.train.models import adapter_for, keep_fp32_names
 
     lora = None
     if lora_rank:
@@ -283,19 +321,34 @@ def parameter_table(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> 
 
     model = meta_model(model_arch(name), torch.float32, lora=lora)
     kept = set(keep_fp32_names(model))
-    return tuple((p.numel(), p.shape[0] if p.dim() else 1, n in kept, ".lora_" in n)
+    unit = {id(p): i for i, block in enumerate(adapter_for(model).blocks(model)) for p in block.parameters()}
+    return tuple((p.numel(), p.shape[0] if p.dim() else 1, n in kept, ".lora_" in n, unit.get(id(p), -1))
                  for n, p in model.named_parameters())
 
 
-def per_rank_elements(table: tuple, ranks: int, *, kept: bool, lora: bool | None = None) -> int:
-    """Elements rank 0 (the largest shard) holds of the parameters of ``table`` selected by ``kept`` and
-    ``lora`` (None: both): FSDP2 gives each rank ``ceil(rows / ranks)`` rows; kept ones are whole."""
+def per_rank_elements(table: tuple, ranks: int, *, kept: bool, lora: bool | None = None,
+                      unit: int | None = None) -> int:
+    """Elements rank 0 (the largest shard) holds of the parameters of ``table`` selected by ``kept``,
+    ``lora`` and ``unit`` (None: all): FSDP2 gives each rank ``ceil(rows / ranks)`` rows; kept ones are
+    whole."""
     total = 0
-    for numel, rows, is_kept, is_lora in table:
-        if is_kept != kept or (lora is not None and is_lora != lora):
+    for numel, rows, is_kept, is_lora, in_unit in table:
+        if (is_kept != kept or (lora is not None and is_lora != lora)
+                or (unit is not None and in_unit != unit)):
             continue
         total += numel if kept else math.ceil(rows / ranks) * (numel // rows if rows else 0)
     return total
+
+
+@functools.lru_cache(maxsize=256)
+def unit_shard_elements(name: str, lora_rank: int, lora_targets: tuple, ranks: int,
+                        trained_only: bool = False) -> tuple[tuple[int, int], ...]:
+    """``(unit, elements)`` per FSDP2 unit (root first, then the blocks): the elements rank 0 holds of its
+    sharded parameters over ``ranks`` (``trained_only``: of the ones with gradients; LoRA: the adapters)."""
+    table = parameter_table(name, lora_rank, lora_targets)
+    select = {"lora": True} if trained_only and lora_rank else {}
+    return tuple((u, per_rank_elements(table, ranks, kept=False, unit=u, **select))
+                 for u in sorted({row[4] for row in table}))
 
 
 def static_memory(s: PlanSettings, ranks: int) -> dict:
@@ -326,7 +379,7 @@ def static_memory(s: PlanSettings, ranks: int) -> dict:
     else:
         n = ranks if s.reference_sharded else 1
         out["reference"] = sh(n, lora=False) * ref_b + rep_(lora=False) * 4
-    out["largest_tensor"] = max(numel for numel, *_ in table)
+    out["largest_tensor"] = max(row[0] for row in table)
     return out
 
 
@@ -340,15 +393,135 @@ def block_activation_bytes(dim: int, ffn_dim: int, tokens: int, text_len: int,
 # ------------------------------------------------------------------------------------------ plan
 
 
+#: bytes each rank sends per byte of the full buffer, ring algorithms (NCCL's rings; an all-to-all sends
+#: all but its own share): all-gather / reduce-scatter (n-1)/n, all-reduce 2(n-1)/n
+RING_FACTOR = {"all-gather": lambda n: (n - 1) / n, "reduce-scatter": lambda n: (n - 1) / n,
+               "all-reduce": lambda n: 2 * (n - 1) / n, "all-to-all": lambda n: (n - 1) / n}
+
+
+def mesh_groups(world: int, shard_degree: int, sp_degree: int) -> dict[str, list[list[int]]]:
+    """The ranks of every process group of the ``(replicate, shard)`` mesh (rank = r x shard_degree + s;
+    :class:`pgdpo.train.layout.Layout`): ``shard`` groups of consecutive ranks (FSDP2's all-gathers and
+    reduce-scatters), ``replicate`` groups of the ranks with the same shard index (HSDP's all-reduce),
+    ``sequence`` groups of ``sp_degree`` consecutive ranks inside a shard group, and ``world``."""
+    return {"shard": [list(range(g, g + shard_degree)) for g in range(0, world, shard_degree)],
+            "replicate": [list(range(i, world, shard_degree)) for i in range(shard_degree)],
+            "sequence": [list(range(g, g + sp_degree)) for g in range(0, world, sp_degree)],
+            "world": [list(range(world))]}
+
+
+def crosses_nodes(groups: list[list[int]], gpus_per_node: int) -> bool:
+    """Whether any of ``groups`` (rank lists; ranks fill the nodes in order) spans more than one node."""
+    return any(len({r // gpus_per_node for r in g}) > 1 for g in groups)
+
+
+def collectives(s: PlanSettings, *, world: int, strategy: str, shard_degree: int, replicate_degree: int,
+                accum: int, videos: int, local_tokens: int, checkpointed: int) -> list[dict]:
+    """The collectives one rank issues in one optimiser step, as the trainer runs them (counted on a real
+    run by ``tests/_plan_worker.py``): one entry per kind, with ``call_bytes`` (the full buffer of each
+    call of one pass: the gathered / unreduced tensor, an all-to-all's local input), ``passes`` (times the
+    list runs per step) and ``group`` (``shard``, ``replicate``, ``sequence`` or ``world``, see
+    :func:`mesh_groups`).
+
+    FSDP2 (``fully_shard`` per block and at the root, :func:`pgdpo.train.distributed.wrap_model`), per
+    micro-batch: an all-gather of each unit in the compute dtype for the policy forward; again in the
+    backward when ``reshard_after_forward`` (the root too); for the reference forward: a sharded copy's
+    units (with ``reshard_after_forward: false`` a copy stays gathered after its first forward, no traffic)
+    or, for the LoRA reference (adapters off), the policy's units again (unless they stay gathered); a
+    reduce-scatter of each unit's trained gradients in fp32 (``reduce_dtype``; every micro-batch: the
+    trainer keeps no unsharded gradients between them); HSDP: an all-reduce of each reduce-scattered shard
+    over the replica group. Once per step: an all-reduce over the world of each trained fp32-kept
+    (replicated) gradient (:func:`pgdpo.train.distributed.sync_replicated_grads`). Ulysses (``sp_degree``):
+    4 all-to-alls (q, k, v, out) per self-attention in each forward, backward and recompute, and an
+    all-gather of the model's output per forward. DDP: one all-reduce of the gradients per step (bucketed).
+    Small metric all-reduces (loss statistics, the gradient norm) are left out."""
+    key = (s.model, s.lora_rank, tuple(s.lora_targets))
+    table = parameter_table(*key)
+    cb = 2 if s.precision == "bf16" else 4
+    lora = s.lora_rank > 0
+    out: list[dict] = []
+
+    def add(name, op, group, ranks, call_bytes, passes):
+        call_bytes = [int(b) for b in call_bytes if b]
+        if call_bytes and passes and ranks > 1:
+            out.append({"name": name, "op": op, "group": group, "ranks": ranks, "call_bytes": call_bytes,
+                        "passes": passes, "calls": passes * len(call_bytes),
+                        "bytes": passes * sum(call_bytes),
+                        "bytes_per_rank": passes * sum(call_bytes) * RING_FACTOR[op](ranks)})
+
+    def gathered(model_key, n):
+        return [n * elements * cb for _, elements in unit_shard_elements(*model_key, n)]
+
+    trained_kept = [row[0] * 4 for row in table if row[2] and row[3] == lora]
+    if strategy == "fsdp":
+        S, R = shard_degree, replicate_degree
+        policy = gathered(key, S)
+        resharded = s.reshard_after_forward
+        add("all-gather, policy forward", "all-gather", "shard", S, policy, accum)
+        add("all-gather, policy backward", "all-gather", "shard", S, policy, accum if resharded else 0)
+        if s.reference in ("copy", "ema") and s.reference_sharded:
+            reference = gathered((s.model, 0, ()), S)
+            add("all-gather, reference forward", "all-gather", "shard", S, reference,
+                accum if resharded else 0)
+        elif s.reference == "lora":
+            add("all-gather, reference forward (policy, adapters off)", "all-gather", "shard", S, policy,
+                accum if resharded else 0)
+        trained = [S * elements * 4 for _, elements in unit_shard_elements(*key, S, trained_only=True)]
+        add("reduce-scatter, gradients", "reduce-scatter", "shard", S, trained, accum)
+        add("all-reduce, gradient shards across replica groups (HSDP)", "all-reduce", "replicate", R,
+            [b // S for b in trained], accum)
+        add("all-reduce, replicated fp32 gradients", "all-reduce", "world", world, trained_kept, 1)
+    elif strategy == "ddp":
+        add("all-reduce, gradients (DDP)", "all-reduce", "world", world,
+            [sum(row[0] for row in table if row[3] or not lora) * 4], 1)
+    sp = s.sp_degree
+    if sp > 1:
+        m = model_summary(s.model, s.lora_rank, tuple(s.lora_targets))
+        layers, forwards = m["layers"], 1 + (s.reference != "none")
+        attention = (forwards + 1) * layers + checkpointed  # self-attentions run per micro-batch
+        add("all-to-all, sequence parallel attention (q, k, v, out)", "all-to-all", "sequence", sp,
+            [videos * local_tokens * m["dim"] * cb] * 4, accum * attention)
+        config = m["config"]
+        patch = math.prod(config["patch_size"])
+        add("all-gather, sequence parallel output", "all-gather", "sequence", sp,
+            [sp * videos * local_tokens * config["out_channels"] * patch * cb], accum * forwards)
+    return out
+
+
+def communication(colls: list[dict], *, world: int, shard_degree: int, sp_degree: int, gpu: GPU) -> dict:
+    """Where each collective of :func:`collectives` runs and how long it takes: a group within one node
+    moves its bytes at ``gpu.intra_node``, one that spans nodes at ``gpu.inter_node`` (the slowest link of
+    its ring); seconds = bytes per rank / bandwidth. Totals intra / inter node; ``fsdp_s`` (all-gathers,
+    reduce-scatters and all-reduces of the weights and gradients: overlapped with compute by FSDP2) and
+    ``exposed_s`` (the sequence-parallel collectives: on the critical path)."""
+    groups = mesh_groups(world, shard_degree, sp_degree)
+    totals = {"intra_node_s": 0.0, "inter_node_s": 0.0, "intra_node_bytes": 0.0, "inter_node_bytes": 0.0,
+              "fsdp_s": 0.0, "exposed_s": 0.0}
+    placed = []
+    for c in colls:
+        link = "inter" if crosses_nodes(groups[c["group"]], gpu.gpus_per_node) else "intra"
+        seconds = c["bytes_per_rank"] / (gpu.inter_node if link == "inter" else gpu.intra_node)
+        placed.append(c | {"link": link, "seconds": seconds})
+        totals[f"{link}_node_s"] += seconds
+        totals[f"{link}_node_bytes"] += c["bytes_per_rank"]
+        totals["exposed_s" if c["group"] == "sequence" else "fsdp_s"] += seconds
+    return {"collectives": placed, **totals}
+
+
+
+
 def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib: float, margin: float,
-              inter_node_gbps: float) -> dict:
+              replicate_degree: int = 1) -> dict:
     from pgdpo.train.models import adapter_for, wan_forward_flops
 
     m = model_summary(s.model, s.lora_rank, tuple(s.lora_targets))
     adapter = adapter_for(model_arch(s.model))
     cfg = m["config"]
-    strategy = resolve_strategy(s.strategy, gpus)
-    shard = gpus if strategy == "fsdp" else 1
+    # the mesh as the trainer resolves it (pgdpo.train.layout): FSDP2 shards inside groups of
+    # shard_degree = gpus / replicate_degree ranks
+    strategy = resolve_strategy(s.strategy, gpus, s.sp_degree, replicate_degree)
+    shard_degree = check_mesh(gpus, s.sp_degree, replicate_degree)
+    shard = shard_degree if strategy == "fsdp" else 1
     P, d, f, L = m["parameters"], m["dim"], m["ffn_dim"], m["layers"]
     cb = 2 if s.precision == "bf16" else 4  # compute dtype bytes
     lora = s.lora_rank > 0
@@ -357,10 +530,6 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
 
     # ---- batch layout: the sp ranks of a sequence group run one micro-batch together
     sp = s.sp_degree
-    if gpus % sp:
-        raise ValueError(f"sp_degree {sp} must divide the number of GPUs ({gpus})")
-    if sp > 1 and strategy != "fsdp":
-        raise ValueError(f"sp_degree {sp} needs the fsdp strategy, got {strategy}")
     if m["heads"] % sp:
         raise ValueError(f"sp_degree {sp} must divide the attention heads ({m['heads']})")
     dp = gpus // sp
@@ -371,8 +540,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
         if s.batch_size < per_step:
             notes.append(f"batch_size {s.batch_size} < micro_batch_size {s.micro_batch_size} x {dp} "
                          f"data-parallel groups: a step holds at least {per_step} pairs (the trainer needs "
-                         f"batch_size a multiple of {per_step}; raise sp_degree to split each pair over "
-                         "more GPUs)")
+                         f"batch_size a multiple of {per_step}; see the layouts that run it above)")
         else:
             notes.append(f"batch_size {s.batch_size} is not a multiple of micro_batch_size x GPUs = "
                          f"{per_step}; "
@@ -400,6 +568,11 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
             gathered = (2 * m["block_parameters"] + m["outside_parameters"]) * cb
         else:
             gathered = P * cb
+            if ref_sharded:  # nothing reshards the frozen copy after its no-grad forward: it stays whole
+                gathered += P * cb
+                notes.append("distributed.reshard_after_forward: false keeps the sharded reference gathered "
+                             f"after its first forward (no backward reshards it): {P * cb / GIB:.1f} GiB per "
+                             "GPU in 'fsdp buffers'")
         mem["fsdp buffers"] = gathered + 2 * min(m["block_parameters"], trainable) * 4
     else:
         mem["fsdp buffers"] = 0.0
@@ -439,27 +612,14 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     if s.batch_size < per_step:
         notes.append(f"a {s.batch_size}-pair step spread over the {gpus} GPUs would take about "
                      f"{compute_s * s.batch_size / effective_batch:.0f} s of compute")
-    # FSDP traffic per GPU per step: all-gathers (forward, backward when resharded, reference) per
-    # micro-batch and one reduce-scatter of the gradients; a ring moves (N-1)/N of the full size.
-    if shard > 1:
-        frac = (shard - 1) / shard
-        gathers = P * cb * (2 if s.reshard_after_forward else 1)
-        gathers += P * cb if ref_sharded else 0
-        comm_bytes = frac * (accum * gathers + trainable * 4)
-    elif strategy == "ddp" and gpus > 1:
-        comm_bytes = 2 * (gpus - 1) / gpus * trainable * 4
-    else:
-        comm_bytes = 0.0
-    bandwidth = gpu.nvlink if gpus <= 8 else inter_node_gbps * 1e9
-    comm_s = comm_bytes / bandwidth
-    # Ulysses: 4 all-to-alls (q, k, v, out; the backward the same 4 gradients) of this rank's tokens per
-    # self-attention, in the policy forward, backward, recompute and reference forward; on the critical
-    # path (not overlapped), over NVLink within a node
-    sp_s = 0.0
-    if sp > 1:
-        calls = 2 * L + checkpointed + (L if s.reference != "none" else 0)
-        sp_bytes = accum * calls * 4 * videos * local_tokens * d * cb * (sp - 1) / sp
-        sp_s = sp_bytes / (gpu.nvlink if sp <= 8 else inter_node_gbps * 1e9)
+    # communication per GPU per step, placed on the intra- or inter-node link (collectives, communication)
+    comm = communication(collectives(s, world=gpus, strategy=strategy, shard_degree=shard_degree,
+                                     replicate_degree=replicate_degree, accum=accum, videos=videos,
+                                     local_tokens=local_tokens, checkpointed=checkpointed),
+                         world=gpus, shard_degree=shard_degree, sp_degree=sp, gpu=gpu)
+    # FSDP2 overlaps its all-gathers and reduce-scatters (and HSDP's all-reduces) with compute; the
+    # Ulysses all-to-alls are on the critical path
+    comm_s, sp_s = comm["fsdp_s"], comm["exposed_s"]
     step_s = max(compute_s, comm_s) + sp_s
 
     return {
@@ -476,6 +636,10 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
         "static_bytes_per_rank": {k: static[k] for k in ("policy weights", "gradients", "optimizer states",
                                                           "reference")},
         "sequence_parallel": {"sp_degree": sp, "data_parallel_groups": dp, "tokens_per_rank": local_tokens},
+        "mesh": {"replicate_degree": replicate_degree, "shard_degree": shard_degree, "sp_degree": sp,
+                 "nodes": math.ceil(gpus / gpu.gpus_per_node), "gpus_per_node": gpu.gpus_per_node},
+        "runnable": effective_batch == s.batch_size,
+        "communication": comm,
         "capacity_gib": gpu.memory_gib,
         "usable_gib": usable / GIB,
         "utilization": total / capacity, "fits": max(total, setup) <= usable,
@@ -528,29 +692,104 @@ def _suggestions(s: PlanSettings, gpus: int, gpu_name: str, evaluate) -> list[di
                 break
     out = []
     for change, settings, n in candidates:
-        result = evaluate(settings, n)
+        try:
+            result = evaluate(settings, n)
+        except ValueError:  # e.g. an sp_degree that does not divide an HSDP shard group
+            continue
         out.append({"change": change, "gpus": n, "gpu": gpu_name, "total_gib": result["total_gib"],
                     "fits": result["fits"], "step_s": result["time"]["step_s"]})
     return out
 
 
-def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus: int, gpu: str = "h20",
-         mfu: float = 0.40, overhead_gib: float = 4.0, margin: float = 0.08, inter_node_gbps: float = 50.0,
-         suggest: bool = True, config_overrides=(), **overrides) -> dict:
+def layout_options(s: PlanSettings, gpus: int, evaluate, *, max_micro_batch: int = 4) -> list[dict]:
+    """Every layout that runs ``s.batch_size`` pairs per step on ``gpus`` GPUs as the trainer would
+    accept it: ``sp_degree`` (dividing the heads and the tokens:
+    :func:`pgdpo.train.parallel.check_divisible`), ``replicate_degree`` (the HSDP mesh rules of
+    :func:`pgdpo.train.layout.check_mesh`) and a micro-batch (up to ``max_micro_batch``) whose accumulation
+    is whole (:meth:`pgdpo.train.config.TrainConfig.grad_accum`), each planned; best first: fitting, then
+    the shortest step, the least inter-node time, the least memory."""
+    from pgdpo.train.config import TrainConfig
+    from pgdpo.train.models import spec_for
+    from pgdpo.train.parallel import check_divisible
+
+    spec = spec_for(model_arch(s.model))
+    batch = TrainConfig()
+    options = []
+    for sp in (n for n in range(1, gpus + 1) if gpus % n == 0):
+        try:
+            check_divisible(spec, s.latent_shape, sp)
+        except ValueError:
+            continue
+        for replicate in (n for n in range(1, gpus + 1) if gpus % n == 0):
+            for micro in range(1, max_micro_batch + 1):
+                batch.train = dataclasses.replace(batch.train, batch_size=s.batch_size,
+                                                  micro_batch_size=micro)
+                try:
+                    check_mesh(gpus, sp, replicate)
+                    accum = batch.grad_accum(gpus // sp)
+                    r = evaluate(dataclasses.replace(s, sp_degree=sp, micro_batch_size=micro), gpus,
+                                 replicate)
+                except ValueError:
+                    continue
+                c = r["communication"]
+                options.append({
+                    "sp_degree": sp, "replicate_degree": replicate, "shard_degree": gpus // replicate,
+                    "micro_batch_size": micro, "grad_accum": accum, "data_parallel_groups": gpus // sp,
+                    "fits": r["fits"], "total_gib": r["total_gib"], "step_s": r["time"]["step_s"],
+                    "intra_node_s": c["intra_node_s"], "inter_node_s": c["inter_node_s"],
+                    "overrides": f"--distributed.sp_degree {sp} --distributed.replicate_degree {replicate} "
+                                 f"--train.micro_batch_size {micro}"})
+    options.sort(key=lambda o: (not o["fits"], round(o["step_s"], 3), o["inter_node_s"], o["total_gib"]))
+    return options
+
+
+def hsdp_saving(s: PlanSettings, gpus: int, replicate_degree: int, evaluate,
+                gpus_per_node: int) -> dict | None:
+    """Plain FSDP2 over all ``gpus`` vs HSDP with one replica group per node (or the configured
+    ``replicate_degree`` when > 1): the communication of each, and what HSDP saves. None on one node, or
+    when neither mesh can run this layout."""
+    if gpus <= gpus_per_node:
+        return None
+    hsdp = (replicate_degree if replicate_degree > 1
+            else gpus // gpus_per_node if gpus % gpus_per_node == 0 else None)
+    try:
+        plain, per_node = evaluate(s, gpus, 1), evaluate(s, gpus, hsdp) if hsdp else None
+    except ValueError:
+        return None
+    if per_node is None or plain["strategy"] != "fsdp":
+        return None
+    keys = ("intra_node_s", "inter_node_s", "inter_node_bytes", "fsdp_s")
+    a, b = plain["communication"], per_node["communication"]
+    return {"replicate_degree": hsdp, "shard_degree": gpus // hsdp,
+            "plain_fsdp": {k: a[k] for k in keys}, "hsdp": {k: b[k] for k in keys},
+            "saves_inter_node_s": a["inter_node_s"] - b["inter_node_s"],
+            "saves_inter_node_bytes": a["inter_node_bytes"] - b["inter_node_bytes"],
+            "saves_step_s": plain["time"]["step_s"] - per_node["time"]["step_s"],
+            "memory_gib": {"plain_fsdp": plain["total_gib"], "hsdp": per_node["total_gib"]}}
+
+
+def plan(config: PlanSettings | TrainConfig | dict | str | os.PathLike | None = None, *, gpus: int,
+         gpu: str = "h20",
+         mfu: float = 0.40, overhead_gib: float = 4.0, margin: float = 0.08,
+         intra_node_gbps: float | None = None, inter_node_gbps: float | None = None,
+         gpus_per_node: int | None = None, suggest: bool = True, config_overrides=(), **overrides) -> dict:
     """Memory per GPU, step time and whether it fits, for a training setup on ``gpus`` x ``gpu``.
 
     Args:
-        config: :class:`PlanSettings`, a training config mapping or YAML path (the keys listed in the module
-            doc), or None for the defaults (the paper's Wan2.1-14B 480p x 81 frames, batch 16; with
+        config: :class:`PlanSettings`, a training config (a validated ``TrainConfig``, a mapping or a YAML
+            path: the keys listed in the module doc), or None for the defaults (the paper's Wan2.1-14B 480p
+            x 81 frames, batch 16; with
             ``config_overrides``, the trainer's defaults).
         config_overrides: ``(dotted_key, value)`` pairs applied to the training config as ``pgdpo train``
             applies its ``--section.key VALUE`` arguments.
-        gpus: number of GPUs (FSDP shards over all of them).
+        gpus: number of GPUs (processes); the mesh (``distributed.replicate_degree``, ``sp_degree``) is the
+            config's.
         gpu: a key of :data:`GPUS` (``h20``, ``h100``, ``h200``, ``a100``).
         mfu: assumed fraction of the bf16 peak achieved (all executed FLOPs, recompute included).
         overhead_gib: fixed per-GPU overhead (CUDA context, NCCL, workspaces).
         margin: fraction of GPU memory kept free for fragmentation; fits = total <= (1 - margin) x capacity.
-        inter_node_gbps: per-GPU network bandwidth across nodes (GB/s) for the FSDP traffic estimate.
+        intra_node_gbps, inter_node_gbps, gpus_per_node: the network (GB/s per GPU, one direction; GPUs per
+            node); None: the GPU's (:data:`GPUS`).
         suggest: also evaluate changes that make it fit (``"suggestions"``).
         **overrides: :class:`PlanSettings` fields (``model=``, ``frames=``, ``gradient_checkpointing=`` ...),
             applied after the config is resolved.
@@ -558,18 +797,22 @@ def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus:
     Returns:
         A JSON-serialisable dict: ``memory_gib`` (components), ``total_gib``, ``capacity_gib``, ``fits``,
         ``model`` (parameter counts, tokens), ``batch``, ``flops``, ``time`` (``step_s`` ...), ``notes``,
-        ``suggestions``; ``layout`` (read from a training config): the run as ``pgdpo train`` resolves
-        it on ``gpus`` processes (:func:`pgdpo.train.layout.resolve_layout`).
+        ``suggestions``; ``communication`` (each collective per step: calls, bytes, link, seconds; totals
+        intra / inter node), ``hsdp`` (plain FSDP vs HSDP across nodes), ``layouts`` (every layout that runs
+        the batch on ``gpus``, best first: :func:`layout_options`), ``runnable`` (whole accumulation);
+        ``layout`` (read from a training config): the run as ``pgdpo train`` resolves it on ``gpus``
+        processes (:func:`pgdpo.train.layout.resolve_layout`).
     """
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
-    layout = None
+    layout, replicate_degree = None, 1
     if isinstance(config, PlanSettings):
         settings = dataclasses.replace(config)
     elif config is None and not config_overrides:
         settings = PlanSettings()
     else:
-        where, train_config = read_config(config, config_overrides)
+        where, train_config = (("config", config) if isinstance(config, TrainConfig) and not config_overrides
+                               else read_config(config, config_overrides))
         m = train_config.model
         try:
             arch = None
@@ -579,6 +822,7 @@ def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus:
                              "(pgdpo train reads the architecture from model.path)")
             layout = resolve_layout(train_config, gpus, arch=arch, exact_batch=False)
             settings = settings_from_layout(layout, train_config, model=m.name if arch is not None else None)
+            replicate_degree = layout.replicate_degree
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PlanSettings)})
@@ -596,10 +840,20 @@ def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus:
     if settings.strategy == "none" and gpus > 1:
         raise ValueError(f"strategy 'none' is one process; got gpus={gpus}")
     spec = GPUS[gpu]
+    for key, value in (("intra_node_gbps", intra_node_gbps), ("inter_node_gbps", inter_node_gbps),
+                       ("gpus_per_node", gpus_per_node)):
+        if value is not None and (isinstance(value, bool) or not value > 0
+                                  or (key == "gpus_per_node" and not isinstance(value, int))):
+            raise ValueError(f"{key} must be a positive {'integer' if key == 'gpus_per_node' else 'number'}, "
+                             f"got {value!r}")
+    spec = dataclasses.replace(
+        spec, intra_node=spec.intra_node if intra_node_gbps is None else intra_node_gbps * 1e9,
+        inter_node=spec.inter_node if inter_node_gbps is None else inter_node_gbps * 1e9,
+        gpus_per_node=gpus_per_node or spec.gpus_per_node)
 
-    def evaluate(s, n):
+    def evaluate(s, n, replicate=replicate_degree):
         return _evaluate(s, n, spec, mfu=mfu, overhead_gib=overhead_gib, margin=margin,
-                         inter_node_gbps=inter_node_gbps)
+                         replicate_degree=replicate)
 
     result = evaluate(settings, gpus)
     if layout is not None:
@@ -608,10 +862,14 @@ def plan(config: PlanSettings | dict | str | os.PathLike | None = None, *, gpus:
             result["notes"].append(path_note)
     result["gpu"]["key"] = gpu
     result["assumptions"] = {"mfu": mfu, "overhead_gib": overhead_gib, "margin": margin,
-                             "inter_node_gbps": inter_node_gbps,
+                             "intra_node_gbps": spec.intra_node / 1e9,
+                             "inter_node_gbps": spec.inter_node / 1e9,
+                             "gpus_per_node": spec.gpus_per_node,
                              "activation_bytes_per_token_per_block": dict(zip(("x_dim", "x_ffn"),
                                                                               ACT_PER_TOKEN[settings.precision]))}
     result["suggestions"] = _suggestions(settings, gpus, gpu, evaluate) if suggest else []
+    result["hsdp"] = hsdp_saving(settings, gpus, replicate_degree, evaluate, spec.gpus_per_node)
+    result["layouts"] = layout_options(settings, gpus, evaluate) if suggest else []
     return result
 
 
@@ -668,11 +926,12 @@ def format_plan(result: dict, steps: int | None = None) -> str:
                  if result["host_memory_gib"] else ""), ""]
     lines.append(f"  step: {_fmt_count(result['flops']['per_step'])}FLOP executed at MFU "
                  f"{t['assumed_mfu']:.2f} of {g['peak_bf16'] / 1e12:.0f} TFLOP/s -> compute "
-                 f"{_fmt_time(t['compute_s'])}, FSDP traffic {_fmt_time(t['comm_s'])}"
+                 f"{_fmt_time(t['compute_s'])}, FSDP traffic {_fmt_time(t['comm_s'])} (overlapped)"
                  + (f" + all-to-all {_fmt_time(t['sp_comm_s'])}" if sp["sp_degree"] > 1 else "") + " -> "
                  f"{_fmt_time(t['step_s'])}/step, {t['tokens_per_s']:,.0f} tokens/s")
     if steps:
         lines.append(f"  {steps} steps: {_fmt_time(steps * t['step_s'])}")
+    lines += _format_network(result)
     for note in result["notes"]:
         lines.append(f"  note: {note}")
     if result["suggestions"] and not result["fits"]:
@@ -686,10 +945,60 @@ def format_plan(result: dict, steps: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _format_network(result: dict) -> list[str]:
+    """The mesh, where each collective runs and its time, HSDP vs plain FSDP, and the layouts that run the
+    batch (lines of :func:`format_plan`)."""
+    mesh, c, a = result["mesh"], result["communication"], result["assumptions"]
+    lines = ["", f"  mesh: replicate={mesh['replicate_degree']} shard={mesh['shard_degree']} "
+             f"sp={mesh['sp_degree']} on {mesh['nodes']} node(s) of {mesh['gpus_per_node']} GPUs; per GPU "
+             f"{a['intra_node_gbps']:.0f} GB/s intra-node, {a['inter_node_gbps']:.0f} GB/s inter-node"]
+    if c["collectives"]:
+        lines.append(f"  {'communication per step, per GPU':<66}{'calls':>6}{'sent':>11}  link   {'time':>8}")
+        for x in c["collectives"]:
+            what = f"{x['name']} [{x['group']} {x['ranks']}]"
+            lines.append(f"  {what:<66}{x['calls']:>6}{_gb(x['bytes_per_rank']):>11}  {x['link']:<6} "
+                         f"{_fmt_time(x['seconds']):>8}")
+        lines.append(f"  intra-node {_fmt_time(c['intra_node_s'])} ({_gb(c['intra_node_bytes'])}), "
+                     f"inter-node {_fmt_time(c['inter_node_s'])} ({_gb(c['inter_node_bytes'])}) per step")
+    h = result.get("hsdp")
+    if h:
+        p, q = h["plain_fsdp"], h["hsdp"]
+        lines.append(f"  HSDP (replicate={h['replicate_degree']} x shard={h['shard_degree']}) vs plain FSDP "
+                     f"over {result['gpus']} GPUs: inter-node {_fmt_time(q['inter_node_s'])} vs "
+                     f"{_fmt_time(p['inter_node_s'])} per step (saves {_gb(h['saves_inter_node_bytes'])} per "
+                     f"GPU, {_fmt_time(h['saves_inter_node_s'])}); memory {h['memory_gib']['hsdp']:.1f} vs "
+                     f"{h['memory_gib']['plain_fsdp']:.1f} GiB/GPU")
+    options = result.get("layouts") or []
+    if options:
+        b = result["batch"]
+        best = options[0]
+        if not result["runnable"] or not result["fits"]:
+            lines.append(f"  as configured the trainer cannot run it; the best layout for "
+                         f"{b['requested_pairs_per_step']} pairs on {result['gpus']} GPUs: "
+                         f"{best['overrides']}")
+        lines.append(f"  layouts that run {b['requested_pairs_per_step']} pairs/step on {result['gpus']} "
+                     "GPUs (best first):")
+        current = (mesh["sp_degree"], mesh["replicate_degree"], b["pairs_per_forward_per_gpu"])
+        for o in options[:5]:
+            mark = "  <- this config" if (o["sp_degree"], o["replicate_degree"],
+                                          o["micro_batch_size"]) == current else ""
+            lines.append(f"    sp={o['sp_degree']} replicate={o['replicate_degree']} "
+                         f"micro_batch={o['micro_batch_size']} x accum={o['grad_accum']}: "
+                         f"{o['total_gib']:.1f} GiB{'' if o['fits'] else ' (does not fit)'}, "
+                         f"{_fmt_time(o['step_s'])}/step, inter-node {_fmt_time(o['inter_node_s'])}{mark}")
+    return lines
+
+
 def gpu_table() -> str:
-    lines = [f"  {'key':<6}{'GPU':<26}{'memory GiB':>11}{'bf16 TFLOP/s':>14}"]
+    lines = [f"  {'key':<6}{'GPU':<26}{'memory GiB':>11}{'bf16 TFLOP/s':>14}{'intra GB/s':>12}"
+             f"{'inter GB/s':>12}{'GPUs/node':>11}"]
     for key, g in GPUS.items():
-        lines.append(f"  {key:<6}{g.name:<26}{g.memory_gib:>11.1f}{g.peak_bf16 / 1e12:>14.0f}")
+        lines.append(f"  {key:<6}{g.name:<26}{g.memory_gib:>11.1f}{g.peak_bf16 / 1e12:>14.0f}"
+                     f"{g.intra_node / 1e9:>12.0f}{g.inter_node / 1e9:>12.0f}{g.gpus_per_node:>11}")
     return "\n".join(lines)
 
 
@@ -699,15 +1008,18 @@ examples:
   pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
              --checkpointing --lora-rank 64
   pgdpo plan --gpus 32 --gpu h20 --json          (defaults: the paper's Wan2.1-14B 480p x 81, batch 16)
+  pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20 --distributed.replicate_degree 1 \\
+             --inter-node-gbps 50                (plain FSDP over the 4 nodes, 400 Gb/s per GPU)
 
-GPUs (dense bf16 peak):
+GPUs (dense bf16 peak; per GPU, one direction: NVLink within a node, the network across nodes):
 {gpus}
 
 The estimate (see `python -c "import pgdpo.tools.plan; help(pgdpo.tools.plan)"`): FSDP2 shards fp32 master
-weights,
-fp32 gradients and AdamW states (16 B/param) over the GPUs; the reference is a bf16 sharded copy (or
-LoRA adapters disabled: no copy); activations are measured per Wan block (72 d + 4 ffn bytes/token in
-bf16); step time = executed FLOPs / (GPUs x peak x MFU).
+weights, fp32 gradients and AdamW states (16 B/param) over the GPUs of a shard group (all of them, or
+GPUs / distributed.replicate_degree with HSDP); the reference is a bf16 sharded copy (or LoRA adapters
+disabled: no copy); activations are measured per Wan block (72 d + 4 ffn bytes/token in bf16); step time =
+executed FLOPs / (GPUs x peak x MFU); each collective of a step (ring byte counts) runs on NVLink when its
+group is inside a node, else on the network; the layouts that run the batch on --gpus are ranked.
 
 The config is read as pgdpo train reads it: --config FILE.yaml plus any --section.key VALUE override
 (e.g. --train.batch_size 32 --distributed.sp_degree 4), the trainer's defaults for what it leaves out, and
@@ -753,6 +1065,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-offload", action="store_const", const=True,
                    help="distributed.cpu_offload: FSDP2 CPU offload of weights, gradients, optimizer states")
     p.add_argument("--text-len", type=int, help="text tokens (default 512)")
+    p.add_argument("--intra-node-gbps", type=float, help="intra-node (NVLink) bandwidth per GPU, GB/s one "
+                   "direction (default: the GPU's, in the table below)")
+    p.add_argument("--inter-node-gbps", type=float, help="inter-node (network) bandwidth per GPU, GB/s one "
+                   "direction (default: the GPU's; 50 = a 400 Gb/s NIC per GPU)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8)")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed MFU on all executed FLOPs (default 0.40)")
     p.add_argument("--overhead-gib", type=float, default=4.0, help="fixed per-GPU overhead (default 4 GiB)")
     p.add_argument("--margin", type=float, default=0.08, help="fraction of memory kept free (default 0.08)")
@@ -776,7 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["reference"] = "lora"
     try:
         result = plan(args.config, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu, overhead_gib=args.overhead_gib,
-                      margin=args.margin, config_overrides=config_overrides, **overrides)
+                      margin=args.margin, intra_node_gbps=args.intra_node_gbps,
+                      inter_node_gbps=args.inter_node_gbps, gpus_per_node=args.gpus_per_node,
+                      config_overrides=config_overrides, **overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pgdpo plan: error: {exc}", file=sys.stderr)
         return 2
@@ -788,4 +1107,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["GPUS", "GPU", "PlanSettings", "plan", "settings_from_config", "model_summary",
-           "block_activation_bytes", "format_plan", "main"]
+           "block_activation_bytes", "collectives", "communication", "mesh_groups", "layout_options",
+           "format_plan", "main"]
