@@ -135,7 +135,7 @@ def test_hsdp_2x2_trains_as_fsdp_two_nodes_as_one_launch_and_resumes(tmp_path, d
     # (b) two torchrun agents ("nodes") of 2 = one launch of 4, same mesh: bitwise (the same computation)
     stderr, stdout = two_agents(train_args(nodes, data, *hsdp_args))
     assert "mesh replicate=2 shard=2 sp=1, 2 nodes of 2" in stderr and "pgdpo train: done" in stdout
-    assert "spans" not in stderr  # each shard group is one node's: no cross-node all-gather note
+    assert "wider than a node" not in stderr  # each shard group is one node's: no cross-node all-gather note
     one, two = records(hsdp), records(nodes)
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in two] == [r["loss"] for r in one]
@@ -201,3 +201,27 @@ def test_layout_of_a_valid_hsdp_mesh():
     layout = resolve_layout(cfg, 32)
     assert (layout.replicate_degree, layout.shard_degree, layout.sp_degree, layout.dp_size) == (4, 8, 2, 16)
     assert layout.grad_accum == 1
+
+
+@pytest.mark.parametrize(("world", "per_node", "replicate", "sp", "notes"), [
+    (16, 8, 2, 1, []),  # HSDP with a shard group per node: nothing crosses nodes but the all-reduce
+    (16, 8, 1, 1, ["shard group of 16 ranks is wider than a node (8 processes)", "replicate_degree 2"]),
+    (16, 4, 2, 8, ["shard group of 8 ranks is wider", "sequence group of 8 ranks is wider than a node"]),
+])
+def test_start_notes_where_collectives_cross_nodes(world, per_node, replicate, sp, notes):
+    """The trainer's start line counts the nodes (torchrun's LOCAL_WORLD_SIZE) and says when a shard group
+    or a sequence group spans several of them (no process group needed: the layout alone decides)."""
+    from types import SimpleNamespace
+
+    from pgdpo.train.distributed import DistState
+    from pgdpo.train.trainer import Trainer
+
+    state = DistState(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"), strategy="fsdp",
+                      sp_degree=sp, replicate_degree=replicate, local_world_size=per_node)
+    assert state.nodes == world // per_node
+    assert state.mesh_description() == f"replicate={replicate} shard={world // replicate} sp={sp}"
+    said = []
+    Trainer._note_node_spans(SimpleNamespace(dist=state, info=said.append))
+    assert len(said) == (world // replicate > per_node) + (sp > per_node)
+    for note in notes:
+        assert any(note in line for line in said), (note, said)

@@ -4,11 +4,11 @@ Launchers: ``torchrun`` and ``accelerate launch`` both export ``RANK`` / ``WORLD
 ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``; a plain ``python`` / ``pgdpo`` run is one process and
 needs no launcher. NCCL on GPU, gloo on CPU; the same code path either way.
 
-Several nodes (``torchrun --nnodes N``, docs/distributed.md): ``LOCAL_RANK`` picks this process's GPU and
-nothing else; ``RANK`` (global) decides everything a run computes (data shard, noise stream, mesh
-coordinates) and rank 0 alone writes the run's files (metrics, plots, summary, the final export; every
-rank writes its own checkpoint shard), so ``output_dir`` and ``data.path`` must be on a filesystem every
-node sees.
+Several nodes (``torchrun --nnodes N``; docs/pipeline.md, "Several nodes"): ``LOCAL_RANK`` picks this
+process's GPU and nothing else; ``RANK`` (global) decides everything a run computes (data shard, noise
+stream, mesh coordinates) and rank 0 alone writes the run's files (metrics, plots, summary, the final
+export; every rank writes its own checkpoint shard), so ``output_dir`` and ``data.path`` must be on a
+filesystem every node sees.
 """
 
 from __future__ import annotations

@@ -302,16 +302,16 @@ class Trainer:
 
     def _note_node_spans(self) -> None:
         """Several nodes: say where a collective crosses them (shard groups or sequence groups wider than
-        a node), and what keeps FSDP2's all-gathers inside a node (docs/distributed.md)."""
+        a node), and what keeps FSDP2's all-gathers inside a node (docs/pipeline.md, "Several nodes")."""
         d, per_node = self.dist, self.dist.local_world_size
         if d.shard_degree > per_node:
-            self.info(f"note: a shard group of {d.shard_degree} ranks spans {d.shard_degree // per_node} "
-                      "nodes: FSDP2's all-gathers and reduce-scatters cross the inter-node link every block; "
-                      f"distributed.replicate_degree {d.nodes} (HSDP) keeps them inside a node")
+            self.info(f"note: a shard group of {d.shard_degree} ranks is wider than a node ({per_node} "
+                      "processes): FSDP2's all-gathers and reduce-scatters cross the inter-node link every "
+                      f"block; distributed.replicate_degree {d.nodes} (HSDP) keeps them inside a node")
         if d.sp_degree > per_node:
-            self.info(f"note: a sequence group of {d.sp_degree} ranks spans nodes: Ulysses' all-to-alls "
-                      "cross the inter-node link; an sp_degree of at most the GPUs per node keeps them "
-                      "inside")
+            self.info(f"note: a sequence group of {d.sp_degree} ranks is wider than a node: Ulysses' "
+                      "all-to-alls cross the inter-node link; an sp_degree of at most the GPUs per node "
+                      "keeps them inside")
 
     def _build_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
