@@ -154,6 +154,22 @@ def test_hsdp_2x2_trains_as_fsdp_two_nodes_as_one_launch_and_resumes(tmp_path, d
     assert all(math.isfinite(r["loss"]) for r in again)
 
 
+@pytest.mark.distributed
+def test_hsdp_with_sequence_parallel_trains_as_fsdp_with_it(tmp_path, data):
+    """HSDP 2 x 2 with sp_degree 2 (each shard group is one sequence group) = FSDP2 over 4 with sp_degree 2:
+    the same 2 data-parallel groups, data and noise; the loss factor sp_degree (parallel.gradient_scale)
+    gives the same mean under HSDP's two-stage average (reduce-scatter in a shard group, all-reduce across
+    groups) as under FSDP2's one (pgdpo/train/parallel.py): a wrong count is off by 2x."""
+    fsdp, hsdp = tmp_path / "fsdp-sp", tmp_path / "hsdp-sp"
+    sp = ("--distributed.sp_degree", "2", "--save-every", "0")
+    proc = run(torchrun(WORLD, *train_args(fsdp, data, *sp)))
+    assert "mesh replicate=1 shard=4 sp=2, sequence parallel 2 (Ulysses; 2 data-parallel group(s))" in proc.stderr
+    proc = run(torchrun(WORLD, *train_args(hsdp, data, *sp, "--distributed.replicate_degree", "2")))
+    assert "mesh replicate=2 shard=2 sp=2, sequence parallel 2 (Ulysses; 2 data-parallel group(s))" in proc.stderr
+    worst = assert_same_training(records(hsdp), records(fsdp))
+    print(f"HSDP+SP vs FSDP+SP: largest relative loss difference {worst:.3g}")
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 
