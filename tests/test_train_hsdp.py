@@ -7,7 +7,11 @@
 - two torchrun agents (``--nnodes 2 --nproc_per_node 2``, c10d rendezvous on this machine: two "nodes")
   give the one-launch run of the same mesh, bitwise: the same ranks run the same collectives, so nothing
   may depend on which node a rank is on (``LOCAL_RANK`` picks the device only);
-- a checkpoint written under HSDP (DCP, DTensors on the 2-D mesh) resumes bitwise.
+- a checkpoint written under HSDP (DCP, DTensors on the 2-D mesh) resumes bitwise, and one written by
+  plain FSDP2 resumes under HSDP (DCP re-shards; the log names the change);
+- HSDP composes with sequence parallelism (and LoRA with the adapters-off reference): the same training
+  as FSDP2 with the same sp_degree;
+- a mesh that cannot be built is refused naming the key (cheap, no processes).
 
 AdamW runs with ``eps = 1`` (as in tests/test_train_parallel.py): the update is then about ``lr * g``,
 not ``lr * sign(g)``, which would turn rounding differences of near-zero gradient entries into
@@ -153,15 +157,28 @@ def test_hsdp_2x2_trains_as_fsdp_two_nodes_as_one_launch_and_resumes(tmp_path, d
     assert [(r["loss"], r["grad_norm"]) for r in again] == [(r["loss"], r["grad_norm"]) for r in one]
     assert all(math.isfinite(r["loss"]) for r in again)
 
+    # a plain FSDP2 checkpoint resumes under HSDP: DCP re-shards onto the 2-D mesh, the log says what
+    # changed, and step 3 is the FSDP run's to float32 reduction order
+    switched = tmp_path / "switched"
+    switched.mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", switched / "checkpoint-2")
+    shutil.copy(fsdp / "metrics.jsonl", switched / "metrics.jsonl")
+    proc = run(torchrun(WORLD, *train_args(switched, data, *hsdp_args, "--resume", "latest")))
+    assert "written with distributed.replicate_degree 1, this run has 2" in proc.stderr
+    assert_same_training(records(switched), records(fsdp))
+    assert records(switched)[:2] == records(fsdp)[:2]
+
 
 @pytest.mark.distributed
 def test_hsdp_with_sequence_parallel_trains_as_fsdp_with_it(tmp_path, data):
-    """HSDP 2 x 2 with sp_degree 2 (each shard group is one sequence group) = FSDP2 over 4 with sp_degree 2:
+    """HSDP 2 x 2 with sp_degree 2 (each shard group is one sequence group) = FSDP2 over 4 with sp_degree 2,
+    with LoRA adapters and the adapters-off reference (a frozen base sharded on the 2-D mesh):
     the same 2 data-parallel groups, data and noise; the loss factor sp_degree (parallel.gradient_scale)
     gives the same mean under HSDP's two-stage average (reduce-scatter in a shard group, all-reduce across
     groups) as under FSDP2's one (pgdpo/train/parallel.py): a wrong count is off by 2x."""
     fsdp, hsdp = tmp_path / "fsdp-sp", tmp_path / "hsdp-sp"
-    sp = ("--distributed.sp_degree", "2", "--save-every", "0")
+    sp = ("--distributed.sp_degree", "2", "--save-every", "0", "--model.lora_rank", "4", "--method.reference",
+          "lora")
     proc = run(torchrun(WORLD, *train_args(fsdp, data, *sp)))
     assert "mesh replicate=1 shard=4 sp=2, sequence parallel 2 (Ulysses; 2 data-parallel group(s))" in proc.stderr
     proc = run(torchrun(WORLD, *train_args(hsdp, data, *sp, "--distributed.replicate_degree", "2")))
