@@ -285,17 +285,17 @@ class Trainer:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         lora_note = f", LoRA rank {m.lora_rank}" if m.lora_rank else ""
-        sp_note = (f", sequence parallel {self.dist.sp_degree} (Ulysses; {self.dist.dp_size} data-parallel "
+        mesh_note = (f", sequence parallel {self.dist.sp_degree} (Ulysses; {self.dist.dp_size} data-parallel "
                    "group(s))" if self.dist.sp_degree > 1 else "")
         if self.dist.strategy == "fsdp":  # the mesh: HSDP replica groups x shard group, SP inside it
-            sp_note = f", mesh {self.dist.mesh_description()}{sp_note}"
+            mesh_note = f", mesh {self.dist.mesh_description()}{mesh_note}"
             if self.dist.nodes > 1:
-                sp_note += f", {self.dist.nodes} nodes of {self.dist.local_world_size}"
+                mesh_note += f", {self.dist.nodes} nodes of {self.dist.local_world_size}"
                 self._note_node_spans()
         ema = f" (EMA every {meth.ref_ema_every} steps)" if meth.ref_ema_every else ""
         self.info(f"model {m.path or m.name} ({self.adapter.family}): {n_all:,} parameters "
                   f"({n_train:,} trained{lora_note}), "
-                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}{sp_note}, device "
+                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}{mesh_note}, device "
                   f"{self.dist.device}; method {meth.name}, reference "
                   f"{'none' if meth.name == 'sft' else meth.reference}"
                   f"{ema}")
