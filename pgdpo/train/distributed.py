@@ -1,8 +1,14 @@
-"""Process group and model wrapping: FSDP2 (``fully_shard``), DDP, or a single process.
+"""Process group and model wrapping: FSDP2 (``fully_shard``, HSDP on a 2-D mesh), DDP, or a single process.
 
 Launchers: ``torchrun`` and ``accelerate launch`` both export ``RANK`` / ``WORLD_SIZE`` /
 ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``; a plain ``python`` / ``pgdpo`` run is one process and
 needs no launcher. NCCL on GPU, gloo on CPU; the same code path either way.
+
+Several nodes (``torchrun --nnodes N``; docs/pipeline.md, "Several nodes"): ``LOCAL_RANK`` picks this
+process's GPU and nothing else; ``RANK`` (global) decides everything a run computes (data shard, noise
+stream, mesh coordinates) and rank 0 alone writes the run's files (metrics, plots, summary, the final
+export; every rank writes its own checkpoint shard), so ``output_dir`` and ``data.path`` must be on a
+filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, DistributedConfig
-from .layout import resolve_strategy
+from .layout import check_mesh, resolve_strategy
 
 
 @dataclass
@@ -31,8 +37,32 @@ class DistState:
     initialized_here: bool = False
     #: ranks per sequence-parallel group (``distributed.sp_degree``); 1: no sequence parallelism
     sp_degree: int = 1
-    #: the ``(dp, ring, ulysses)`` device mesh when ``sp_degree > 1`` (:mod:`pgdpo.train.parallel`)
+    #: HSDP replica groups (``distributed.replicate_degree``); 1: FSDP2 shards over the whole world
+    replicate_degree: int = 1
+    #: the ``(replicate, dp_shard, ring, ulysses)`` device mesh when ``sp_degree > 1`` or
+    #: ``replicate_degree > 1`` (:func:`pgdpo.train.parallel.device_mesh`; sequence parallelism uses it);
+    #: None otherwise
     mesh: object = None
+    #: the mesh ``fully_shard`` gets: HSDP's 2-D ``(replicate, shard)`` one (the same ranks as ``mesh``)
+    #: when ``replicate_degree > 1``; None: FSDP2's default 1-D mesh over the world
+    fsdp_mesh: object = None
+    #: processes per node (torchrun's ``LOCAL_WORLD_SIZE``; the world without a launcher)
+    local_world_size: int = 1
+
+    @property
+    def shard_degree(self) -> int:
+        """Ranks of one FSDP2 shard group (the world without HSDP)."""
+        return self.world_size // self.replicate_degree
+
+    @property
+    def nodes(self) -> int:
+        """Nodes of the launch (world / processes per node; 1 when that does not divide)."""
+        n, rest = divmod(self.world_size, max(1, self.local_world_size))
+        return n if n and not rest else 1
+
+    def mesh_description(self) -> str:
+        """``replicate=R shard=S sp=P`` (what the trainer prints at start)."""
+        return f"replicate={self.replicate_degree} shard={self.shard_degree} sp={self.sp_degree}"
 
     @property
     def dp_size(self) -> int:
@@ -149,10 +179,9 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
     else:
         dev = torch.device("cpu")
 
-    sp = cfg.sp_degree
-    if world % sp:
-        raise ConfigError(f"distributed.sp_degree ({sp}) must divide the number of processes ({world})")
-    strategy = resolve_strategy(cfg.strategy, world, sp)
+    sp, replicate = cfg.sp_degree, cfg.replicate_degree
+    check_mesh(world, sp, replicate)  # before the process group: a bad layout fails without a hang
+    strategy = resolve_strategy(cfg.strategy, world, sp, replicate)
 
     initialized_here = False
     if world > 1 and not dist.is_initialized():
@@ -170,13 +199,16 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
         # FSDP2 / DDP need a process group even for one process: a private single-rank one.
         _init_single_process_group(dev)
         initialized_here = True
-    mesh = None
-    if sp > 1:
-        from .parallel import sequence_mesh
+    mesh = fsdp_mesh = None
+    if sp > 1 or replicate > 1:
+        from .parallel import device_mesh
 
-        mesh = sequence_mesh(world, sp, dev)
+        fsdp_mesh, mesh = device_mesh(world, sp, replicate, dev)
+        if replicate == 1:
+            fsdp_mesh = None  # plain FSDP2: its default mesh over the world
     return DistState(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy,
-                     initialized_here=initialized_here, sp_degree=sp, mesh=mesh)
+                     initialized_here=initialized_here, sp_degree=sp, replicate_degree=replicate, mesh=mesh,
+                     fsdp_mesh=fsdp_mesh, local_world_size=_env_int("LOCAL_WORLD_SIZE", world))
 
 
 def _init_single_process_group(dev: torch.device) -> None:
@@ -208,7 +240,8 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
                cpu_offload: bool = False) -> nn.Module:
     """Shard (FSDP2), replicate (DDP) or keep ``model`` as it is, after moving it to the device.
 
-    FSDP2: ``fully_shard`` on each block, then on the root; with bf16 on GPU a
+    FSDP2: ``fully_shard`` on each block, then on the root, over :attr:`DistState.fsdp_mesh` (HSDP's 2-D
+    ``(replicate, shard)`` mesh, or the world); with bf16 on GPU a
     ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (fp32 sharded master weights). The
     parameters diffusers keeps in fp32 (``_keep_in_fp32_modules``: time embedder, norms, Wan's
     ``scale_shift_table``; small) are left out of the sharding (``ignored_params``): replicated, fp32 in
@@ -227,7 +260,7 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
 
         compute = mixed_precision_dtype(precision, state.device)
         params = dict(model.named_parameters())
-        kwargs = {"reshard_after_forward": reshard_after_forward,
+        kwargs = {"mesh": state.fsdp_mesh, "reshard_after_forward": reshard_after_forward,
                   "ignored_params": {params[n] for n in keep_fp32_names(model) if n in params} or None}
         if compute is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
@@ -253,7 +286,9 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 def sync_replicated_grads(params: list[torch.Tensor], state: DistState) -> None:
     """Average over ranks the gradients of the parameters FSDP2 leaves replicated (``ignored_params``);
-    call once per optimiser step, after the last backward (sharded ones are reduce-scattered by FSDP2)."""
+    call once per optimiser step, after the last backward (sharded ones are reduce-scattered by FSDP2, and
+    under HSDP all-reduced across the replica groups). These are replicated on every rank of every group,
+    so they are averaged over the whole world, as FSDP2 averages the sharded ones."""
     if state.strategy != "fsdp" or state.world_size == 1:
         return
     for p in params:

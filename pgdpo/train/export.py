@@ -185,8 +185,10 @@ def export_checkpoint(checkpoint: str, out: str, *, dtype: torch.dtype | None = 
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{path}: has no config.yaml (not a pgdpo train checkpoint?)")
     cfg = load_config(config_file)
-    # the weights do not depend on how the run split its sequences: export runs with any process count
+    # the weights do not depend on how the run split its sequences or replicated its shards: export runs
+    # with any process count (plain FSDP2 over them)
     cfg.distributed.sp_degree = 1
+    cfg.distributed.replicate_degree = 1
     dist = init_distributed(cfg.distributed, "cpu" if not torch.cuda.is_available() else cfg.device)
     finished = False
     try:

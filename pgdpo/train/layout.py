@@ -63,6 +63,9 @@ def check_mesh(world_size: int, sp_degree: int, replicate_degree: int) -> int:
         raise ConfigError(f"distributed.replicate_degree ({replicate_degree}) must divide the number of "
                           f"processes ({world_size})")
     shard_degree = world_size // replicate_degree
+    if shard_degree % sp_degree and replicate_degree == 1:
+        raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the number of processes "
+                          f"({world_size})")
     if shard_degree % sp_degree:
         raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the processes of a shard group "
                           f"({shard_degree} = {world_size} processes / replicate_degree {replicate_degree})")
@@ -146,8 +149,8 @@ def resolve_layout(config: TrainConfig, world_size: int = 1, *, arch: dict | Non
     ``exact_batch=False`` (the planner, which reports it instead): a ``train.batch_size`` that is not a
     multiple of ``micro_batch_size x dp_size`` is rounded up to whole micro-batches, not refused."""
     d, m = config.distributed, config.model
+    shard_degree = check_mesh(world_size, d.sp_degree, d.replicate_degree)  # (as init_distributed: first)
     strategy = resolve_strategy(d.strategy, world_size, d.sp_degree, d.replicate_degree)
-    shard_degree = check_mesh(world_size, d.sp_degree, d.replicate_degree)
     dp_size = world_size // d.sp_degree
     arch = model_architecture(config) if arch is None else arch
     return Layout(arch=arch, model=m.path or m.name, family=spec_for(arch).family,

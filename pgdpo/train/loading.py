@@ -211,22 +211,27 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(name: str, tensor: torch.Tensor) -> tuple[int, int]:
-    """Global rows ``[start, stop)`` of dim 0 this rank holds of ``tensor`` (a DTensor shard or all)."""
+    """Global rows ``[start, stop)`` of dim 0 this rank holds of ``tensor`` (a DTensor shard or all).
+
+    FSDP2's placements: ``(Shard(0),)`` on a 1-D mesh, ``(Replicate(), Shard(0))`` on HSDP's 2-D
+    ``(replicate, shard)`` mesh (each replica group holds the whole tensor, sharded over its ranks); a
+    replicated parameter (all ``Replicate()``) is read whole."""
     if not hasattr(tensor, "placements"):
         return 0, (tensor.shape[0] if tensor.dim() else 1)
 
     placements = tuple(tensor.placements)
     mesh = tensor.device_mesh
     n = tensor.shape[0]
-    if mesh.ndim != 1 or len(placements) != 1:
-        raise LoadError(f"{name}: sharded over a {mesh.ndim}-d mesh {placements}; only 1-d FSDP2 is loaded")
-    if not isinstance(placements[0], Shard) or placements[0].dim != 0:
-        if placements[0].is_replicate():
-            return 0, n
-        raise LoadError(f"{name}: placement {placements[0]}; FSDP2's Shard(0) expected")
-    # FSDP2 shards dim 0 as torch.chunk does: ceil(n / world) rows per rank, the last ranks may get fewer.
-    chunk = math.ceil(n / mesh.size())
-    start = min(n, mesh.get_local_rank() * chunk)
+    sharded = [i for i, p in enumerate(placements) if not p.is_replicate()]
+    if not sharded:
+        return 0, n
+    if len(sharded) > 1 or not isinstance(placements[sharded[0]], Shard) or placements[sharded[0]].dim != 0:
+        raise LoadError(f"{name}: placements {placements} on a {mesh.ndim}-d mesh; FSDP2's Shard(0) on one "
+                        "mesh dim (replicated on the others) expected")
+    dim = sharded[0]
+    # FSDP2 shards dim 0 as torch.chunk does: ceil(n / ranks) rows per rank, the last ranks may get fewer.
+    chunk = math.ceil(n / mesh.size(dim))
+    start = min(n, mesh.get_local_rank(dim) * chunk)
     stop = min(n, start + chunk)
     if _local(tensor).shape[0] != stop - start:
         raise LoadError(f"{name}: local shard has {_local(tensor).shape[0]} rows, expected {stop - start} "

@@ -1,4 +1,19 @@
-"""Sequence parallelism (Ulysses) for long videos, on a 2-D ``(dp, sp)`` device mesh with FSDP2.
+"""The device mesh of a run (HSDP and sequence parallelism) and Ulysses sequence parallelism for long videos.
+
+The mesh. ``N`` ranks, ``distributed.replicate_degree = R``, ``distributed.sp_degree = P``, ``S = N / R``
+the ranks of a shard group: one :func:`device_mesh`, ``(replicate, shard)`` of shape ``(R, S)``, whose
+``shard`` dim is unflattened into ``(dp_shard, ring, ulysses)`` of shape ``(S/P, 1, P)``: consecutive
+ranks innermost (torchtitan's ``ParallelDims`` layout: ``dp_replicate, dp_shard, cp``, with FSDP2 on
+``dp_shard x cp``). It serves both parallelisms:
+
+- FSDP2 on the 2-D ``(replicate, shard)`` mesh (HSDP; the sequence ranks hold shards of the weights
+  too): parameters ``(Replicate(), Shard(0))``, all-gathers and reduce-scatters inside a shard group of
+  ``S`` consecutive ranks (one node), one all-reduce of the reduced shards across the ``R`` groups. With
+  ``R = 1`` FSDP2 keeps its default 1-D mesh over the world (the same ranks, as before HSDP existed);
+- sequence parallelism on the ``ring`` (size 1) and ``ulysses`` dims, which diffusers'
+  ``ContextParallelConfig`` looks up by name: ``P`` consecutive ranks, inside a shard group.
+
+Sequence parallelism (Ulysses).
 
 With ``distributed.sp_degree = P`` the ``N`` ranks form ``N / P`` data-parallel groups of ``P``
 consecutive ranks (one node's GPUs for ``P <= 8``). The ranks of a group run the same micro-batch (same
@@ -28,6 +43,12 @@ gradient is ``sum_r g_r`` (every parameter, the replicated embedders included, i
 the tokens). FSDP2 shards over all ``N`` ranks and averages: ``(1/N) sum g``. The trainer scales each
 rank's loss by ``P`` before the backward (:func:`gradient_scale`), which makes that
 ``(1/(N/P)) sum_groups sum_r g_r``: the mean over the data-parallel groups, each sample counted once.
+Under HSDP the average is taken in two stages, a reduce-scatter over the ``S`` ranks of a shard group
+(divided by ``S``) and an all-reduce of the result over the ``R`` groups (divided by ``R``): ``(1/R)
+sum_groups (1/S) sum_ranks g = (1/N) sum g``, the same average, so the same factor ``P`` holds (a
+sequence group lies inside one shard group, but the argument does not even need that). The replicated
+fp32-kept parameters are all-reduced over the world and divided by ``N``
+(:func:`pgdpo.train.distributed.sync_replicated_grads`): also ``(1/N) sum g``.
 """
 
 from __future__ import annotations
@@ -37,20 +58,25 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from .config import ConfigError
+from .layout import check_mesh
 from .models import unwrap_model
 
+#: the dims of :func:`device_mesh`, outermost first; ``ring`` / ``ulysses`` are diffusers' names
+MESH_DIMS = ("replicate", "dp_shard", "ring", "ulysses")
+#: the dims of the mesh FSDP2 shards on under HSDP (``shard`` = ``dp_shard x ring x ulysses``)
+FSDP_DIMS = ("replicate", "shard")
 
-def sequence_mesh(world_size: int, sp_degree: int, device: torch.device):
-    """The ``(dp, ring, ulysses)`` device mesh (ring = 1) of ``world_size`` ranks, ``sp_degree`` per group.
 
-    Consecutive ranks share a sequence group. The names ``ring`` / ``ulysses`` are what diffusers'
-    ``ContextParallelConfig`` looks up; FSDP2 shards over the whole world (the default 1-D mesh).
-    """
-    if world_size % sp_degree:
-        raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the number of processes "
-                          f"({world_size})")
-    return init_device_mesh(device.type, (world_size // sp_degree, 1, sp_degree),
-                            mesh_dim_names=("dp", "ring", "ulysses"))
+def device_mesh(world_size: int, sp_degree: int, replicate_degree: int, device: torch.device):
+    """``(fsdp, full)``: the 2-D ``(replicate, shard)`` mesh of shape ``(R, S)`` FSDP2 shards on, and the
+    same ranks as ``(replicate, dp_shard, ring, ulysses)`` of shape ``(R, S/P, 1, P)`` (its ``shard`` dim
+    unflattened; see the module doc), whose ``ring`` / ``ulysses`` dims sequence parallelism uses.
+    Collective: every rank calls it. A ``ConfigError`` naming the key when the degrees do not divide
+    (:func:`~pgdpo.train.layout.check_mesh`)."""
+    shard_degree = check_mesh(world_size, sp_degree, replicate_degree)
+    fsdp = init_device_mesh(device.type, (replicate_degree, shard_degree), mesh_dim_names=FSDP_DIMS)
+    full = fsdp._unflatten("shard", (shard_degree // sp_degree, 1, sp_degree), MESH_DIMS[1:])
+    return fsdp, full
 
 
 def gradient_scale(sp_degree: int) -> float:

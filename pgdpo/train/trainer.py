@@ -275,15 +275,33 @@ class Trainer:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         lora_note = f", LoRA rank {m.lora_rank}" if m.lora_rank else ""
-        sp_note = (f", sequence parallel {self.dist.sp_degree} (Ulysses; {self.dist.dp_size} data-parallel "
+        mesh_note = (f", sequence parallel {self.dist.sp_degree} (Ulysses; {self.dist.dp_size} data-parallel "
                    "group(s))" if self.dist.sp_degree > 1 else "")
+        if self.dist.strategy == "fsdp":  # the mesh: HSDP replica groups x shard group, SP inside it
+            mesh_note = f", mesh {self.dist.mesh_description()}{mesh_note}"
+            if self.dist.nodes > 1:
+                mesh_note += f", {self.dist.nodes} nodes of {self.dist.local_world_size}"
+                self._note_node_spans()
         ema = f" (EMA every {meth.ref_ema_every} steps)" if meth.ref_ema_every else ""
         self.info(f"model {m.path or m.name} ({self.adapter.family}): {n_all:,} parameters "
                   f"({n_train:,} trained{lora_note}), "
-                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}{sp_note}, device "
+                  f"{self.dist.world_size} process(es), strategy {self.dist.strategy}{mesh_note}, device "
                   f"{self.dist.device}; method {meth.name}, reference "
                   f"{'none' if meth.name == 'sft' else meth.reference}"
                   f"{ema}")
+
+    def _note_node_spans(self) -> None:
+        """Several nodes: say where a collective crosses them (shard groups or sequence groups wider than
+        a node), and what keeps FSDP2's all-gathers inside a node (docs/pipeline.md, "Several nodes")."""
+        d, per_node = self.dist, self.dist.local_world_size
+        if d.shard_degree > per_node:
+            self.info(f"note: a shard group of {d.shard_degree} ranks is wider than a node ({per_node} "
+                      "processes): FSDP2's all-gathers and reduce-scatters cross the inter-node link every "
+                      f"block; distributed.replicate_degree {d.nodes} (HSDP) keeps them inside a node")
+        if d.sp_degree > per_node:
+            self.info(f"note: a sequence group of {d.sp_degree} ranks is wider than a node: Ulysses' "
+                      "all-to-alls cross the inter-node link; an sp_degree of at most the GPUs per node "
+                      "keeps them inside")
 
     def _build_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -330,6 +348,12 @@ class Trainer:
         problem = self.layout.resume_problem(trainer_state)
         if problem:
             raise CheckpointError(f"{path}: {problem}")
+        saved_replicate = trainer_state.get("replicate_degree", 1)
+        if saved_replicate != self.dist.replicate_degree:
+            self.info(f"note: {path} was written with distributed.replicate_degree {saved_replicate}, this "
+                      f"run has {self.dist.replicate_degree}: DCP re-shards the weights and optimizer states "
+                      "onto this mesh; the data order and the noise streams (per data-parallel group) are "
+                      "unchanged")
         for name, component in self._states().items():  # each checks that the saved state fits it
             if component is None:
                 continue
@@ -356,11 +380,13 @@ class Trainer:
         self.metrics.sync()
         trainer_state = {
             "step": step, "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
-            "sp_degree": self.dist.sp_degree, "seed": self.cfg.seed,
+            "sp_degree": self.dist.sp_degree, "replicate_degree": self.dist.replicate_degree,
+            "seed": self.cfg.seed,
             "has_reference_state": self.ema_reference is not None,
             **{name: c.state_dict() if c is not None else None for name, c in self._states().items()},
         }
-        summary = {"step": step, "world_size": self.dist.world_size, "method": self.cfg.method.name,
+        summary = {"step": step, "world_size": self.dist.world_size, "sp_degree": self.dist.sp_degree,
+                   "replicate_degree": self.dist.replicate_degree, "method": self.cfg.method.name,
                    "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
                    "metrics": {k: v for k, v in (last_record or {}).items() if isinstance(v, (int, float))}}
         rank_state = {"rng": rng_state(), "data": self.dataset.state_dict()}
