@@ -458,9 +458,7 @@ REAL_RUNS = {
     "fsdp4-sp2-lora-ref-checkpointing-accum2": ["--train.batch_size", "4", "--distributed.sp_degree", "2",
                                                 "--model.lora_rank", "4", "--method.reference", "lora",
                                                 "--model.gradient_checkpointing", "true"],
-    "hsdp2x2-copy": pytest.param(["--train.batch_size", "4", "--distributed.replicate_degree", "2"],
-                                 marks=pytest.mark.xfail(strict=True, reason="the trainer builds 1-D FSDP2 until "
-                                                         "HSDP lands (issue 25); then remove this mark")),
+    "hsdp2x2-copy": ["--train.batch_size", "4", "--distributed.replicate_degree", "2"],
 }
 
 
