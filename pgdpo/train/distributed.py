@@ -13,8 +13,11 @@ filesystem every node sees.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import signal
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,9 +25,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import get_total_norm
 
 from .config import ConfigError, DistributedConfig
 from .layout import check_mesh, resolve_strategy
+from .models import keep_fp32_names
+from .parallel import device_mesh
 
 
 @dataclass
@@ -150,8 +158,6 @@ def die_with_launcher() -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
     try:
-        import ctypes
-        import signal
 
         libc = ctypes.CDLL(None, use_errno=True)
         parent = os.getppid()
@@ -201,8 +207,6 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
         initialized_here = True
     mesh = fsdp_mesh = None
     if sp > 1 or replicate > 1:
-        from .parallel import device_mesh
-
         fsdp_mesh, mesh = device_mesh(world, sp, replicate, dev)
         if replicate == 1:
             fsdp_mesh = None  # plain FSDP2: its default mesh over the world
@@ -212,8 +216,6 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
 
 
 def _init_single_process_group(dev: torch.device) -> None:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -254,10 +256,6 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
     if not on_meta:
         model.to(state.device)
     if state.strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        from .models import keep_fp32_names
-
         compute = mixed_precision_dtype(precision, state.device)
         params = dict(model.named_parameters())
         kwargs = {"mesh": state.fsdp_mesh, "reshard_after_forward": reshard_after_forward,
@@ -265,16 +263,12 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
         if compute is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         if cpu_offload:  # sharded parameters, their gradients and the optimiser states in host memory
-            from torch.distributed.fsdp import CPUOffloadPolicy
-
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=state.device.type == "cuda")
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         return model
     if state.strategy == "ddp" and trainable:
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [state.device.index] if state.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     return model
@@ -303,8 +297,6 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     ``torch.nn.utils.clip_grad_norm_`` cannot mix DTensors and tensors in one call, so each kind is
     measured on its own (``get_total_norm``) and the two are combined.
     """
-    from torch.nn.utils import get_total_norm
-
     grads = [[p.grad for p in params if p.grad is not None and is_sharded(p)],
              [p.grad for p in params if p.grad is not None and not is_sharded(p)]]
     norms = []
