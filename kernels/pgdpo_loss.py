@@ -64,6 +64,7 @@ _LOW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NUM_SAMPLE_PARTIALS = 4
 _NUM_ELEMENT_PARTIALS = 12
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, which carries the rows (2B) or pairs
+_ELEMENT_WARPS = 8  # warps of the element forward (its FOLD depends on them)
 
 # Launch-configuration override for tests (``launch_config``); empty in normal use.
 _OVERRIDE: dict = {}
@@ -205,6 +206,14 @@ def _reduce_partials(ptr, rows, row_mask, P, ACC: tl.constexpr, BLOCK_B: tl.cons
 def _put_stat(tile, cols, col: tl.constexpr, value):
     """``tile[:, col] = value`` (a selection: the value's bits are stored unchanged)."""
     return tl.where(cols[None, :] == col, value[:, None], tile)
+
+
+@triton.jit
+def _fold(x, GROUP: tl.constexpr):
+    """``[BLOCK] -> [BLOCK // GROUP]``: the sum of each run of ``GROUP`` consecutive values. With ``GROUP``
+    the elements each thread holds contiguously (the launcher's ``_element_fold``) the reshape keeps the
+    layout and the sum stays inside the thread: no shuffle, no shared memory."""
+    return tl.sum(tl.reshape(x, [x.shape[0] // GROUP, GROUP]), axis=1)
 
 
 @triton.jit
@@ -368,12 +377,18 @@ def _element_fused_kernel(p_ptr, r_ptr, t_ptr, weight_ptr, grad_ptr, part_ptr, B
                           HAS_WEIGHT: tl.constexpr, ARS: tl.constexpr, IPR: tl.constexpr,
                           SAME_K: tl.constexpr, ANCHOR: tl.constexpr, DETACH: tl.constexpr,
                           ABS: tl.constexpr, REL: tl.constexpr, NEED_GRAD: tl.constexpr,
-                          STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                          STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                          FOLD: tl.constexpr):
     """Grid ``(P, B)``: Eq. 7-9 per element of pair ``b`` over ``[s*CHUNK, (s+1)*CHUNK)``; writes
     ``dloss/dpred`` for both rows into ``grad[2B, N]`` (when NEED_GRAD) and 12 partial sums
     (d_w, d_l, m, alpha, gamma, L_dpo, L_ipr, L, 4 MSEs) into ``part[12, B, P]``. Without STATS only
     the loss sum (slot 7) is accumulated and written: one fp32 accumulator per lane instead of twelve,
-    which matters for register pressure on a GPU. Each input is loaded in its own dtype."""
+    which matters for register pressure on a GPU. Each input is loaded in its own dtype.
+
+    The accumulators are ``[BLOCK // FOLD]``: each step first sums the ``FOLD`` values a thread holds
+    (``_fold``), so the loop carries one register per accumulator and thread instead of ``FOLD`` (the same
+    number of additions). With 12 accumulators and 4 fp32 per thread that is 36 registers fewer across
+    the loop (bench/NOTES.md, SASS audit: the heavy option set spilled at 128 registers without it)."""
     split = tl.program_id(0)
     pair = tl.program_id(1)
     beta = _scalar_from_split(beta_hi, beta_lo, ACC)
@@ -391,19 +406,19 @@ def _element_fused_kernel(p_ptr, r_ptr, t_ptr, weight_ptr, grad_ptr, part_ptr, B
     w_start = pair.to(tl.int64) * N
     l_start = (pair + B).to(tl.int64) * N
     chunk_start = split.to(tl.int64) * CHUNK
-    s_loss = tl.zeros([BLOCK], ACC)
+    s_loss = tl.zeros([BLOCK // FOLD], ACC)
     if STATS:
-        s_dw = tl.zeros([BLOCK], ACC)
-        s_dl = tl.zeros([BLOCK], ACC)
-        s_m = tl.zeros([BLOCK], ACC)
-        s_alpha = tl.zeros([BLOCK], ACC)
-        s_gamma = tl.zeros([BLOCK], ACC)
-        s_dpo = tl.zeros([BLOCK], ACC)
-        s_ipr = tl.zeros([BLOCK], ACC)
-        s_pw = tl.zeros([BLOCK], ACC)
-        s_pl = tl.zeros([BLOCK], ACC)
-        s_rw = tl.zeros([BLOCK], ACC)
-        s_rl = tl.zeros([BLOCK], ACC)
+        s_dw = tl.zeros([BLOCK // FOLD], ACC)
+        s_dl = tl.zeros([BLOCK // FOLD], ACC)
+        s_m = tl.zeros([BLOCK // FOLD], ACC)
+        s_alpha = tl.zeros([BLOCK // FOLD], ACC)
+        s_gamma = tl.zeros([BLOCK // FOLD], ACC)
+        s_dpo = tl.zeros([BLOCK // FOLD], ACC)
+        s_ipr = tl.zeros([BLOCK // FOLD], ACC)
+        s_pw = tl.zeros([BLOCK // FOLD], ACC)
+        s_pl = tl.zeros([BLOCK // FOLD], ACC)
+        s_rw = tl.zeros([BLOCK // FOLD], ACC)
+        s_rl = tl.zeros([BLOCK // FOLD], ACC)
     for start in range(0, CHUNK, BLOCK):
         offs = chunk_start + start + tl.arange(0, BLOCK)
         mask = offs < N
@@ -429,19 +444,19 @@ def _element_fused_kernel(p_ptr, r_ptr, t_ptr, weight_ptr, grad_ptr, part_ptr, B
             tl.store(grad_ptr + w_start + offs, grad_w.to(grad_ptr.dtype.element_ty), mask=mask)
             tl.store(grad_ptr + l_start + offs, grad_l.to(grad_ptr.dtype.element_ty), mask=mask)
         # Padding lanes evaluate the formulas on zeros (L_dpo = log 2 there): keep them out of the sums.
-        s_loss += tl.where(mask, loss, 0.0)
+        s_loss += _fold(tl.where(mask, loss, 0.0), FOLD)
         if STATS:
-            s_dw += tl.where(mask, d_w, 0.0)
-            s_dl += tl.where(mask, d_l, 0.0)
-            s_m += tl.where(mask, m, 0.0)
-            s_alpha += tl.where(mask, alpha, 0.0)
-            s_gamma += tl.where(mask, gamma, 0.0)
-            s_dpo += tl.where(mask, loss_dpo, 0.0)
-            s_ipr += tl.where(mask, loss_ipr, 0.0)
-            s_pw += pt_w * pt_w
-            s_pl += pt_l * pt_l
-            s_rw += rt_w * rt_w
-            s_rl += rt_l * rt_l
+            s_dw += _fold(tl.where(mask, d_w, 0.0), FOLD)
+            s_dl += _fold(tl.where(mask, d_l, 0.0), FOLD)
+            s_m += _fold(tl.where(mask, m, 0.0), FOLD)
+            s_alpha += _fold(tl.where(mask, alpha, 0.0), FOLD)
+            s_gamma += _fold(tl.where(mask, gamma, 0.0), FOLD)
+            s_dpo += _fold(tl.where(mask, loss_dpo, 0.0), FOLD)
+            s_ipr += _fold(tl.where(mask, loss_ipr, 0.0), FOLD)
+            s_pw += _fold(pt_w * pt_w, FOLD)
+            s_pl += _fold(pt_l * pt_l, FOLD)
+            s_rw += _fold(rt_w * rt_w, FOLD)
+            s_rl += _fold(rt_l * rt_l, FOLD)
     out = part_ptr + pair * P + split
     slab = B * P
     tl.store(out + 7 * slab, tl.sum(s_loss, axis=0))
@@ -532,12 +547,14 @@ def _scale_rows_kernel(grad_loss_ptr, saved_ptr, out_ptr, B, N, PER_PAIR: tl.con
 
 @contextlib.contextmanager
 def launch_config(*, block: int | None = None, split: int | None = None, backward_block: int | None = None,
-                  epilogue_blocks: tuple[int, int] | None = None):
+                  epilogue_blocks: tuple[int, int] | None = None, fold: int | None = None):
     """Force the launch configuration (tests and benchmarks; not thread-safe).
 
     ``block``: elements per loop step of the forward kernels; ``split``: programs per row (sample) or
     pair (element), capped at the row's number of blocks; ``backward_block``: elements per backward
-    program; ``epilogue_blocks``: ``(BLOCK_B, BLOCK_P)`` tile of the epilogue. All powers of two.
+    program; ``epilogue_blocks``: ``(BLOCK_B, BLOCK_P)`` tile of the epilogue; ``fold``: values of the
+    element forward's ``[BLOCK]`` accumulators summed into one each step (capped at the block). All
+    powers of two.
     """
     def pow2(name, value, low):
         if value is not None and (value < low or value & (value - 1)):
@@ -545,13 +562,15 @@ def launch_config(*, block: int | None = None, split: int | None = None, backwar
 
     pow2("block", block, 16)
     pow2("backward_block", backward_block, 16)
+    pow2("fold", fold, 1)
     if epilogue_blocks is not None:
         pow2("epilogue_blocks[0]", epilogue_blocks[0], 1)
         pow2("epilogue_blocks[1]", epilogue_blocks[1], 1)
     if split is not None and split < 1:
         raise ValueError(f"split must be >= 1, got {split}")
     previous = dict(_OVERRIDE)
-    requested = dict(block=block, split=split, backward_block=backward_block, epilogue_blocks=epilogue_blocks)
+    requested = dict(block=block, split=split, backward_block=backward_block, epilogue_blocks=epilogue_blocks,
+                     fold=fold)
     _OVERRIDE.update({k: v for k, v in requested.items() if v is not None})
     try:
         yield
@@ -591,6 +610,17 @@ def _forward_config(n: int, programs_per_split: int, device: torch.device, defau
     iters = -(-n_blocks // split)
     split = -(-n_blocks // iters)  # drop programs that would get no block
     return block, split, iters * block
+
+
+def _element_fold(n: int, block: int) -> int:
+    """FOLD of ``_element_fused_kernel``: the elements of a ``[block]`` tensor each thread holds
+    contiguously, which it sums into one value before the loop carries them. On a 16-aligned N Triton
+    lays ``block`` elements out ``block / (32 * warps)`` consecutive per thread (the 128-bit loads); on
+    an unaligned N one per thread per row of threads, where a fold of 2 would be a shuffle across
+    threads (80 registers instead of 64 on ragged): no fold there. The interpreter follows the same rule
+    (any power of two up to the block gives the same sums up to rounding)."""
+    fold = max(1, block // (32 * _ELEMENT_WARPS)) if n % 16 == 0 else 1
+    return min(_OVERRIDE.get("fold", fold), block)
 
 
 def _backward_block(n: int) -> int:
@@ -728,8 +758,8 @@ def forward(pred, ref_pred, target, sample_weight, scalars, flags):
         _element_fused_kernel[(split, b)](
             pred, ref_pred, target, sample_weight if has_weight else partials, saved if need_grad else pred,
             partials, b, n, chunk, split, *flat,
-            **flags, NEED_GRAD=bool(need_grad), STATS=bool(need_stats), ACC=acc_tl, BLOCK=block, num_warps=8,
-            **_COMPILE)
+            **flags, NEED_GRAD=bool(need_grad), STATS=bool(need_stats), ACC=acc_tl, BLOCK=block,
+            FOLD=_element_fold(n, block), num_warps=_ELEMENT_WARPS, **_COMPILE)
         _element_epilogue_kernel[(1,)](
             partials, sample_weight if has_weight else partials, loss, stats, b, split,
             *scalars["beta"], *scalars["inv_n"], *scalars["scale"],

@@ -102,6 +102,9 @@ def test_launch_config_validates_and_restores():
     with pytest.raises(ValueError, match="split must be >= 1"):
         with K.launch_config(split=0):
             pass
+    with pytest.raises(ValueError, match="fold must be a power of two"):
+        with K.launch_config(fold=3):
+            pass
     with K.launch_config(block=32, split=3):
         with K.launch_config(split=5):
             assert K._OVERRIDE == {"block": 32, "split": 5}
@@ -109,11 +112,24 @@ def test_launch_config_validates_and_restores():
     assert K._OVERRIDE == {}
 
 
+def test_element_fold_follows_the_thread_layout():
+    """The element forward folds the values each thread holds contiguously: block / (32 x warps) on a
+    16-aligned N (4 fp32 per thread on the GPU's 1024 x 8 warps), none on an unaligned N (one value per
+    thread there, so a fold would cross threads); a forced fold is capped at the block."""
+    assert K._element_fold(16 * 999, 1024) == 1024 // (32 * K._ELEMENT_WARPS) == 4
+    assert K._element_fold(16 * 999, 128) == 1
+    assert K._element_fold(59163, 512) == 1
+    with K.launch_config(fold=8):
+        assert K._element_fold(700, 32) == 8
+        assert K._element_fold(700, 4) == 4
+
+
 # Forced splits of a 700-element sample: one program, several (700 = 6*112 + 28: the last chunk is
 # not a multiple of the block), a ragged tail (chunk 128, last program 60 elements), a split capped at
-# the number of blocks, and the default.
+# the number of blocks, and the default; the element forward's accumulators folded by 4 (a GPU's 4 fp32
+# per thread) and by the whole block, with padding lanes inside the folded groups.
 CONFIGS = [dict(block=16, split=1), dict(block=16, split=7), dict(block=32, split=6),
-           dict(block=64, split=1000), dict()]
+           dict(block=64, split=1000), dict(), dict(block=32, split=6, fold=4), dict(block=16, split=7, fold=16)]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "default")
