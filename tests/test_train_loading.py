@@ -8,8 +8,6 @@ copy and an adapters-off reference.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +20,8 @@ from pgdpo.train.distributed import DistState
 from pgdpo.train.loading import LoadError, build_models, file_key, pretrained_config
 from pgdpo.train.models import adapter_for, build_model, load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from ._launch import ROOT, run, torchrun
+
 sys.path.insert(0, str(ROOT / "tests"))
 from _load_worker import probe_inputs  # noqa: E402
 
@@ -50,12 +49,8 @@ def config(path, lora_rank=0, reference="copy", **extra):
 @pytest.fixture(scope="module")
 def two_rank_load(saved, tmp_path_factory):
     out = tmp_path_factory.mktemp("loaded")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "_load_worker.py"), "--path", saved, "--out", str(out),
-           "--cases", json.dumps(CASES)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run(torchrun(2, str(ROOT / "tests" / "_load_worker.py"), "--path", saved, "--out", str(out),
+                 "--cases", json.dumps(CASES)))
     return out
 
 
