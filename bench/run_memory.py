@@ -63,13 +63,15 @@ class Sampler:
     def __init__(self, interval: float = 0.001):
         self.interval, self.samples, self.events = interval, [], []
         self._stop = threading.Event()
-        self._fd = open("/proc/self/statm")
         self._page = os.sysconf("SC_PAGE_SIZE")
+        self._lock = threading.Lock()  # one statm file object, read by the thread and by mark()
+        self._fd = open("/proc/self/statm")
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def rss(self) -> int:
-        self._fd.seek(0)
-        return int(self._fd.read().split()[1]) * self._page
+        with self._lock:
+            self._fd.seek(0)
+            return int(self._fd.read().split()[1]) * self._page
 
     def _run(self):
         last = -1
@@ -90,6 +92,16 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
+    def trace(self, t0: float, t1: float) -> list[list]:
+        """``[seconds from t0, event, VmRSS at it, largest VmRSS until the next event]`` in [t0, t1]."""
+        events = [e for e in self.events if t0 <= e[0] <= t1]
+        out = []
+        for i, (t, label, rss) in enumerate(events):
+            end = events[i + 1][0] if i + 1 < len(events) else t1
+            top = max([r for ts, r in self.samples if t <= ts <= end] + [rss])
+            out.append([round(t - t0, 4), label, rss, top])
+        return out
+
     def where(self, t0: float, t1: float) -> dict | None:
         """The largest sample in [t0, t1] and the last event before it."""
         inside = [s for s in self.samples if t0 <= s[0] <= t1]
@@ -101,6 +113,50 @@ class Sampler:
                 "seconds_after_event": t - before[-1][0] if before else None}
 
 
+def model_terms(arch: dict, layout: dict, tokens: int, options: dict, writer: bool) -> tuple[dict, int]:
+    """The step's terms (:func:`pgdpo.train.memory.step_peak_terms`) and the export's, in bytes, of a
+    rank of the run ``layout`` (``Layout.as_dict()``) describes."""
+    from pgdpo.train import memory
+    from pgdpo.train.export import MAX_SHARD_SIZE
+    from pgdpo.train.models import spec_for
+
+    lora = bool(layout["lora_rank"])
+    table = memory.parameter_table(arch, layout["lora_rank"], tuple(layout["lora_targets"]))
+    dims = spec_for(arch).transformer_dims()
+    terms = memory.step_peak_terms(
+        table, ranks=layout["shard_degree"] if layout["strategy"] == "fsdp" else 1,
+        precision=options["precision"], lora=lora, reference=layout["reference"], dim=dims["dim"],
+        ffn_dim=dims["ffn_dim"], videos=2 * layout["micro_batch_size"], tokens=tokens,
+        text_len=options["text_len"], checkpoint_every=layout["checkpoint_every"],
+        sp_degree=layout["sp_degree"], reference_sharded=options["reference_sharded"],
+        reshard_after_forward=options["reshard_after_forward"])
+    export = memory.export_bytes(memory.counts(table, lora=lora), lora=lora, max_shard_size=MAX_SHARD_SIZE,
+                                 writer=writer)
+    return terms, export
+
+
+def rerender(path: Path, out: Path) -> None:
+    """Recompute the terms of a saved result with the current formulas (the measurements unchanged) and
+    write its JSON and markdown to ``out``."""
+    from pgdpo.tools.benchmark.machine import git_info
+    from pgdpo.train.models import MODEL_CONFIGS
+
+    result = json.loads(path.read_text())
+    arch = {**MODEL_CONFIGS["wan2.1-t2v-1.3b"], **result["model"]["config"]}
+    for run_ in result["runs"]:
+        for r in run_["ranks"]:
+            options = r.get("options") or {"reference_sharded": True, "reshard_after_forward": True,
+                                           "text_len": DATA["text_len"], "precision": "fp32"}
+            r["terms"], r["export_term"] = model_terms(arch, r["layout"], r["tokens"], options,
+                                                       writer=r["rank"] == 0)
+        run_["summary"] = [summarize(r, result["model"]["fp32_bytes"]) for r in run_["ranks"]]
+    result["terms_from"] = {"git": git_info(), "note": "terms recomputed by --rerender from the layout the "
+                            "run recorded; the measurements are the run's"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "run_memory.md").write_text(markdown(result))
+
+
 def worker(args) -> None:
     """One rank: the whole run through ``Trainer.train``, each phase's peak; a JSON line to --report."""
     import torch
@@ -110,10 +166,8 @@ def worker(args) -> None:
     import peft  # noqa: F401
 
     import pgdpo.train.trainer as trainer_module
-    from pgdpo.train import memory
     from pgdpo.train.cli import resolve
     from pgdpo.train.distributed import init_distributed
-    from pgdpo.train.export import MAX_SHARD_SIZE
     from pgdpo.train.layout import model_architecture, resolve_layout
     from pgdpo.train.models import adapter_for
 
@@ -121,7 +175,6 @@ def worker(args) -> None:
     dist = init_distributed(cfg.distributed, cfg.device)  # the process group belongs to the baseline
     layout = resolve_layout(cfg, dist.world_size)
     arch = model_architecture(cfg)
-    table = memory.parameter_table(arch, cfg.model.lora_rank, tuple(cfg.model.lora_targets))
     baseline = status_kb("VmRSS")
     sampler = Sampler().start()
     phases: dict[str, dict] = {}
@@ -142,6 +195,8 @@ def worker(args) -> None:
             row["seconds"] += t1 - t0
             if peak >= row["peak"]:
                 row.update(peak=peak, where=sampler.where(t0, t1))
+                if name == "step":
+                    row["trace"] = sampler.trace(t0, t1)
 
     trainer = measure("setup", trainer_module.Trainer, cfg)
     after_setup = status_kb("VmRSS")
@@ -154,6 +209,18 @@ def worker(args) -> None:
         trainer.validator.run = lambda *a, **k: measure("validation", run_fn, *a, **k)
     export_fn = trainer_module.export_model
     trainer_module.export_model = lambda *a, **k: measure("export", export_fn, *a, **k)
+
+    # the collectives FSDP2 issues (torch.distributed's own functions, wrapped to mark the trace)
+    for fn_name in ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
+                    "reduce_scatter_tensor"):
+        collective = getattr(torch.distributed, fn_name, None)
+        if collective is None:
+            continue
+
+        def marked(output, *a, _fn=collective, _name=fn_name, **k):
+            sampler.mark(f"{_name} {output.numel() * output.element_size() / 1e6:.1f} MB")
+            return _fn(output, *a, **k)
+        setattr(torch.distributed, fn_name, marked)
 
     blocks = adapter_for(trainer.model).blocks(trainer.model)
     for i, block in enumerate(blocks):
@@ -169,25 +236,17 @@ def worker(args) -> None:
         trainer_module.export_model = export_fn
         sampler.stop()
 
-    c = memory.counts(table, lora=bool(cfg.model.lora_rank))
     spec = layout.spec
     latent = spec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
     precision = "fp32" if dist.device.type == "cpu" else cfg.model.precision  # CPU computes in fp32
-    terms = memory.step_peak_terms(
-        table, ranks=layout.shard_degree if layout.strategy == "fsdp" else 1, precision=precision,
-        backend="gloo" if dist.device.type == "cpu" else "nccl", lora=bool(cfg.model.lora_rank),
-        reference=layout.reference, dim=spec.transformer_dims()["dim"],
-        ffn_dim=spec.transformer_dims()["ffn_dim"], videos=2 * cfg.train.micro_batch_size,
-        tokens=spec.tokens_per_sample(latent), text_len=cfg.data.text_len,
-        checkpoint_every=layout.checkpoint_every, sp_degree=layout.sp_degree,
-        reference_sharded=cfg.distributed.reference_sharded,
-        reshard_after_forward=cfg.distributed.reshard_after_forward)
-    export = memory.export_bytes(c, lora=bool(cfg.model.lora_rank), max_shard_size=MAX_SHARD_SIZE,
-                                 writer=dist.is_main)
+    options = {"reference_sharded": cfg.distributed.reference_sharded,
+               "reshard_after_forward": cfg.distributed.reshard_after_forward, "text_len": cfg.data.text_len,
+               "precision": precision}
+    terms, export = model_terms(arch, layout.as_dict(), spec.tokens_per_sample(latent), options, dist.is_main)
     record = {"rank": dist.rank, "world_size": dist.world_size, "baseline": baseline,
               "after_setup": after_setup, "phases": phases, "terms": terms, "export_term": export,
               "checkpointing": layout.checkpoint_every, "tokens": spec.tokens_per_sample(latent),
-              "layout": layout.as_dict()}
+              "layout": layout.as_dict(), "options": options}
     with open(args.report, "a") as f:
         f.write(json.dumps(record) + "\n")
     trainer.close()
@@ -212,8 +271,10 @@ def run(model: dict, procs: int, checkpointing: str, work: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     print(f"{procs} processes, checkpointing {checkpointing}: {' '.join(train_args)}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log = work / f"run-{procs}-{checkpointing}.log"
+    log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-4000:])
+        raise RuntimeError(f"the run failed; its output: {log}\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     return sorted(rows, key=lambda r: r["rank"])
 
@@ -244,7 +305,11 @@ def markdown(result: dict) -> str:
              "reference, model loaded from a saved diffusers folder, CPU compute in fp32; setup, validation "
              "(step 0 and end), 2 steps of one pair per rank (80 tokens per video), a checkpoint, the final "
              "LoRA export. Units: the model's fp32 size (x) above the rank's baseline (imports + process "
-             "group). Terms: pgdpo.train.memory (formulas over the parameter counts).", ""]
+             "group). Terms: pgdpo.train.memory (formulas over the parameter counts)"
+             + (f"; recomputed at commit {(result['terms_from']['git'].get('commit') or '?')[:10]} from "
+                "the layout the run recorded (the measurements are the run's)"
+                if result.get("terms_from") else "")
+             + ".", ""]
     for run in result["runs"]:
         ranks = [summarize(r, size) for r in run["ranks"]]
         lines += [f"## activation checkpointing {run['checkpointing']}", "",
@@ -255,6 +320,8 @@ def markdown(result: dict) -> str:
         lines.append("| **sum of the terms** | " + " | ".join(f"**{s['sum']:.3f}**" for s in ranks) + " |")
         lines.append("| **measured peak** | " + " | ".join(
             f"**{s['peak']:.3f}** ({s['peak_phase']})" for s in ranks) + " |")
+        lines.append("| measured - sum (not in the terms) | " + " | ".join(
+            f"{s['peak'] - s['sum']:+.3f}" for s in ranks) + " |")
         lines.append("| peak location | " + " | ".join(
             f"{(s['peak_where'] or {}).get('after_event')}" for s in ranks) + " |")
         lines.append("| resident after setup (shard) | "
@@ -276,12 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpointing", nargs="*", default=["auto"], choices=["auto", "true", "false"],
                    help="model.gradient_checkpointing of each run (auto: on for this model)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "run-memory"))
+    p.add_argument("--rerender", metavar="JSON",
+                   help="recompute the terms of a saved run_memory.json with the current formulas; write "
+                        "to --out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("train_args", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.rerender:
+        rerender(Path(args.rerender), Path(args.out))
+        print(f"wrote {Path(args.out) / 'run_memory.md'}")
         return 0
     import torch
 

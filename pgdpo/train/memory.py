@@ -10,13 +10,16 @@ the start of the backward, or while the last block is recomputed) is the sum of:
 - ``root unit``: the parameters outside the blocks (patch/text/time embeddings, head), all-gathered in
   the compute dtype for the forward and kept until the backward has used them (FSDP2 does not reshard
   the root module after its forward).
-- ``in-flight blocks``: two blocks' all-gathered weights at once (the forward frees a block after the next
-  one's all-gather has been issued; the backward prefetches the next block while computing this one).
-  With ``reshard_after_forward: false`` the whole model stays gathered instead.
+- ``in-flight blocks``: two blocks' all-gathered parameters at once (the backward gathers the next block
+  while this one's parameters are in use; with activation checkpointing that is the block recomputed
+  next). With ``reshard_after_forward: false`` the whole model stays gathered instead.
+- ``all-gather staging``: FSDP2's flat all-gather output, one more block-sized buffer, which it copies
+  out into the parameters: in the forward it frees a block's buffer only after the next block's copy-out
+  (on GPU, to overlap that copy-out with the next all-gather); in the backward the prefetched block's
+  buffer lives beside both blocks' parameters. So three block-sized buffers at the peak, with gloo and
+  NCCL alike (measured on CPU: ``bench/run_memory.py``; gloo itself adds no copy of its own).
 - ``unsharded gradients``: the fp32 gradients of up to two blocks' trained parameters before their
   reduce-scatter (LoRA: the adapters only).
-- ``all-gather staging``: gloo (CPU) all-gathers through a staging copy the size of the gathered unit
-  (one block); NCCL writes into FSDP2's output buffer directly: nothing.
 - ``activations``: what the policy forward saves for its backward (:func:`activation_bytes`); with
   activation checkpointing each block keeps only its input, and one block at a time is recomputed.
 - ``gradients`` and ``optimizer state``: the sharded fp32 gradients and AdamW's two fp32 moments of the
@@ -35,6 +38,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from .loading import meta_model
+from .models import adapter_for, keep_fp32_names
 
 #: bytes per element of the compute dtype
 COMPUTE_BYTES = {"bf16": 2, "fp32": 4}
@@ -71,9 +77,6 @@ class Parameter:
 def parameter_table(arch: dict, lora_rank: int = 0, lora_targets: tuple = ()) -> tuple[Parameter, ...]:
     """Every parameter of the policy the trainer builds for ``arch`` (:func:`pgdpo.train.loading.meta_model`,
     on the meta device: no memory), with LoRA adapters of ``lora_rank`` on ``lora_targets``."""
-    from .loading import meta_model
-    from .models import adapter_for, keep_fp32_names
-
     lora = None
     if lora_rank:
         from peft import LoraConfig
@@ -102,16 +105,17 @@ def per_rank_elements(table, ranks: int, *, kept: bool, lora: bool | None = None
 
 @dataclass(frozen=True)
 class Counts:
-    """The parameter counts the terms need (:func:`counts`)."""
+    """The parameter counts the terms need (:func:`counts`). ``block`` and ``outside`` count what FSDP2
+    all-gathers: the fp32-kept parameters are replicated (in the ``shard`` term) and never gathered."""
 
     parameters: int
-    #: the largest block's parameters (the blocks of a Wan are alike)
+    #: the largest block's sharded parameters (the blocks of a Wan are alike)
     block: int
     blocks: int
-    #: parameters outside the blocks (the root unit)
+    #: sharded parameters outside the blocks (the root unit)
     outside: int
     lora: int
-    #: the largest block's trained parameters (full fine-tuning: ``block``; LoRA: its adapters)
+    #: the largest block's trained sharded parameters (full fine-tuning: ``block``; LoRA: its adapters)
     block_trained: int
     largest_tensor: int
 
@@ -119,14 +123,18 @@ class Counts:
 def counts(table, *, lora: bool) -> Counts:
     per_block: dict[int, int] = {}
     trained: dict[int, int] = {}
+    outside = 0
     for p in table:
-        if p.block is not None:
-            per_block[p.block] = per_block.get(p.block, 0) + p.numel
-            if p.lora or not lora:
-                trained[p.block] = trained.get(p.block, 0) + p.numel
-    total = sum(p.numel for p in table)
-    return Counts(parameters=total, block=max(per_block.values(), default=0), blocks=len(per_block),
-                  outside=total - sum(per_block.values()), lora=sum(p.numel for p in table if p.lora),
+        if p.kept:
+            continue
+        if p.block is None:
+            outside += p.numel
+            continue
+        per_block[p.block] = per_block.get(p.block, 0) + p.numel
+        if p.lora or not lora:
+            trained[p.block] = trained.get(p.block, 0) + p.numel
+    return Counts(parameters=sum(p.numel for p in table), block=max(per_block.values(), default=0),
+                  blocks=len(per_block), outside=outside, lora=sum(p.numel for p in table if p.lora),
                   block_trained=max(trained.values(), default=0),
                   largest_tensor=max((p.numel for p in table), default=0))
 
@@ -160,10 +168,11 @@ def static_terms(table, ranks: int, *, precision: str, lora: bool, reference: st
             "optimizer state": trained * OPTIMIZER_STATE_BYTES[optimizer], "reference": ref}
 
 
-def fsdp_terms(c: Counts, ranks: int, *, precision: str, backend: str,
+def fsdp_terms(c: Counts, ranks: int, *, precision: str,
                reshard_after_forward: bool = True) -> dict[str, int]:
     """Bytes per rank FSDP2 holds unsharded during a step (nothing on one rank): ``root unit``,
-    ``in-flight blocks``, ``unsharded gradients``, ``all-gather staging`` (``backend`` gloo | nccl)."""
+    ``in-flight blocks``, ``unsharded gradients``, ``all-gather staging`` (see the module doc; gloo and
+    NCCL alike)."""
     if ranks <= 1:
         return {"root unit": 0, "in-flight blocks": 0, "unsharded gradients": 0, "all-gather staging": 0}
     cb = COMPUTE_BYTES[precision]
@@ -172,7 +181,7 @@ def fsdp_terms(c: Counts, ranks: int, *, precision: str, backend: str,
     else:  # the whole model stays gathered from the forward to the backward
         root, blocks = c.outside * cb, c.blocks * c.block * cb
     return {"root unit": root, "in-flight blocks": blocks, "unsharded gradients": 2 * c.block_trained * 4,
-            "all-gather staging": c.block * cb if backend == "gloo" else 0}
+            "all-gather staging": c.block * cb}
 
 
 def block_activation_bytes(dim: int, ffn_dim: int, tokens: int, text_len: int,
@@ -211,7 +220,7 @@ def export_bytes(c: Counts, *, lora: bool, max_shard_size: int, writer: bool) ->
     return max(max_shard_size, one) + one if writer else one
 
 
-def step_peak_terms(table, *, ranks: int, precision: str, backend: str, lora: bool, reference: str,
+def step_peak_terms(table, *, ranks: int, precision: str, lora: bool, reference: str,
                     dim: int, ffn_dim: int, videos: int, tokens: int, text_len: int,
                     checkpoint_every: int | None, sp_degree: int = 1, reference_sharded: bool = True,
                     reshard_after_forward: bool = True, optimizer: str = "adamw") -> dict[str, int]:
@@ -220,8 +229,7 @@ def step_peak_terms(table, *, ranks: int, precision: str, backend: str, lora: bo
     c = counts(table, lora=lora)
     out = static_terms(table, ranks, precision=precision, lora=lora, reference=reference,
                        reference_sharded=reference_sharded, optimizer=optimizer)
-    out.update(fsdp_terms(c, ranks, precision=precision, backend=backend,
-                          reshard_after_forward=reshard_after_forward))
+    out.update(fsdp_terms(c, ranks, precision=precision, reshard_after_forward=reshard_after_forward))
     out["activations"] = activation_bytes(dim=dim, ffn_dim=ffn_dim, layers=c.blocks, videos=videos,
                                           tokens=tokens, local_tokens=tokens // sp_degree, text_len=text_len,
                                           precision=precision, checkpoint_every=checkpoint_every)
