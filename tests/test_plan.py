@@ -84,7 +84,7 @@ def test_config_defaults_are_the_trainers(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: {name: wan2.1-t2v-14b}\n")
     s = settings_from_config(str(config))
-    assert s.gradient_checkpointing is False and s.reference == "copy" and s.batch_size == 16
+    assert s.gradient_checkpointing is True and s.reference == "copy" and s.batch_size == 16
     config.write_text("model: {name: wan2.1-t2v-14b, lora_rank: 32}\nmethod: {reference: lora}\n")
     assert settings_from_config(str(config)).reference == "lora"
     config.write_text("model: {name: wan2.1-t2v-14b}\nmethod: {ref_ema_every: 10}\n")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pgdpo.train.data.synth import synth_dataset
-from pgdpo.train.models import adapter_for, build_model, load_model
+from pgdpo.train.models import MODEL_CONFIGS, adapter_for, build_model, load_model
 
 from ._launch import DEMO, run, torchrun
 
@@ -100,3 +100,44 @@ def test_lora_final_loads_with_load_lora_adapter(tmp_path, base, data):
     assert state.keys() == weights.keys()
     torch.testing.assert_close(forward(model), probe["output"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(forward(load_model(base)), probe["output"])
+
+
+def test_full_export_holds_one_file_at_a_time(tmp_path):
+    """A 110 MB model sharded over 2 processes is exported in 8 MB files: the writing rank's resident memory
+    grows by at most one file's tensors plus the tensor being gathered and its gloo staging copy (never a
+    whole state dict, which the same probe sees at >= 0.9x the model), the other rank's by one tensor; the
+    folder is diffusers' sharded layout and loads with ``from_pretrained`` to the saved weights."""
+    config = {**MODEL_CONFIGS["tiny-wan-t2v"], "num_attention_heads": 8, "attention_head_dim": 64,
+              "ffn_dim": 2048, "num_layers": 6, "text_dim": 64}
+    base = tmp_path / "base"
+    build_model(config, seed=0).save_pretrained(base)
+    shard, out, report = 8 * 2 ** 20, tmp_path / "exported", tmp_path / "report.jsonl"
+    # every tensor >= 64 KB gets its own mapping, returned to the OS when freed: resident memory is live
+    # memory (glibc's heap would otherwise keep freed buffers and hide a later allocation from the probe)
+    run(torchrun(2, str(ROOT / "tests" / "_export_worker.py"), "--path", str(base), "--out", str(out),
+                 "--max-shard-size", str(shard), "--report", str(report)),
+        env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    ranks = sorted((json.loads(line) for line in report.read_text().splitlines()), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    slack = 4 * 2 ** 20  # Python objects, the safetensors header, the index
+    for r in ranks:
+        assert r["whole"] >= 0.9 * r["model_bytes"], r  # the probe sees gathered tensors
+        one = r["largest_tensor_bytes"]
+        bound = (shard + 2 * one if r["rank"] == 0 else 2 * one) + slack
+        assert r["export"] <= bound, (r, bound)
+        assert bound < 0.3 * r["model_bytes"]  # far from a whole state dict
+
+    index = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= ranks[0]["model_bytes"] // shard
+    for name in files:  # each file holds at most max_shard_size bytes (or one larger tensor)
+        tensors = load_file(out / name)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert size <= shard or len(tensors) == 1, (name, size)
+    from diffusers import WanTransformer3DModel
+
+    exported = WanTransformer3DModel.from_pretrained(out).state_dict()
+    saved = WanTransformer3DModel.from_pretrained(base).state_dict()
+    assert exported.keys() == saved.keys()
+    for k in saved:
+        assert torch.equal(exported[k], saved[k]), k

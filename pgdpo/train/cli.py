@@ -14,7 +14,7 @@ import typing
 from ..loss.options import METHODS as LOSS_METHODS
 from .checkpoint import CheckpointError
 from .compare import compare_config, format_comparison, merge_samples
-from .config import ConfigError, TrainConfig, load_config, parse_value
+from .config import ConfigError, TrainConfig, load_config, parse_value, yaml_word
 from .data.format import DataError
 from .trainer import train
 
@@ -52,7 +52,7 @@ def _schema_lines() -> list[str]:
                 walk(tp, f"{prefix}{f.name}.", value)
                 continue
             choices = f.metadata.get("choices")
-            extra = f"  one of {'|'.join(choices)}" if choices else ""
+            extra = f"  one of {'|'.join(map(yaml_word, choices))}" if choices else ""
             shown = list(value) if isinstance(value, tuple) else value
             lines.append(f"  --{prefix}{f.name} (default: {shown}){extra}")
 

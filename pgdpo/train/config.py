@@ -70,8 +70,9 @@ class ModelConfig:
     precision: str = field(default="bf16", metadata=_choice(*PRECISIONS))
     #: diffusers attention backend (``set_attention_backend``): native, _native_flash, flash, xformers
     attention: str | None = None
-    #: activation checkpointing of the transformer blocks
-    gradient_checkpointing: bool = False
+    #: activation checkpointing of the transformer blocks: true | false | auto (on for a model of at least
+    #: ``pgdpo.train.layout.AUTO_CHECKPOINTING_PARAMETERS`` parameters: the Wan2.1 models, not the tiny ones)
+    gradient_checkpointing: bool | str = field(default="auto", metadata=_choice(True, False, "auto"))
     #: with gradient_checkpointing: recompute every this many blocks (1: all; k: blocks 0, k, 2k, ... and
     #: the others keep their activations: less recompute, more memory; `pgdpo plan` models both)
     checkpoint_every: int = field(default=1, metadata={"min": 1})
@@ -362,6 +363,11 @@ def _to_plain(value):
     return value
 
 
+def yaml_word(value) -> str:
+    """A choice as a config file spells it (``true``, ``false``, ``auto``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -376,7 +382,17 @@ def _coerce(key: str, value: Any, tp, meta: dict):
         if isinstance(value, str) and value.lower() in ("none", "null", "~") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], meta)
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0], meta)
+        # several types (``bool | str``: true, false or a word): the first that takes the value
+        for tp_ in inner:
+            try:
+                return _coerce(key, value, tp_, meta)
+            except ConfigError:
+                pass
+        choices = meta.get("choices")
+        shown = ", ".join(yaml_word(c) for c in choices) if choices else " or ".join(map(_type_name, inner))
+        raise ConfigError(f"{key} must be one of {shown}, got {value!r}")
     if origin in (list, tuple):
         (elem, *rest) = typing.get_args(tp)
         if isinstance(value, str):

@@ -13,17 +13,21 @@ One :class:`Layout` is computed once, by :func:`resolve_layout`, from a validate
   (HSDP: FSDP2 shards inside a group, gradients are all-reduced across groups), ``sp_degree`` ranks per
   sequence-parallel group inside a shard group, ``dp_size = world / sp_degree`` data-parallel groups;
 - the batch: micro-batches per optimiser step on each rank (``grad_accum``);
-- activation checkpointing: every ``checkpoint_every``-th block, or off.
+- activation checkpointing (:func:`resolve_checkpointing`): every ``checkpoint_every``-th block, or off;
+  ``model.gradient_checkpointing: auto`` (the default) is on for a model of at least
+  :data:`AUTO_CHECKPOINTING_PARAMETERS` parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
 
 from .config import ConfigError, TrainConfig
-from .models import ModelSpec, read_model_config, resolve_config, spec_for
+from .models import ModelSpec, count_parameters, read_model_config, resolve_config, spec_for
 
 #: what the reference of a run is: a frozen copy, an EMA copy, the policy with its LoRA adapters off, none
 REFERENCE_KINDS = ("copy", "ema", "lora", "none")
@@ -70,6 +74,35 @@ def check_mesh(world_size: int, sp_degree: int, replicate_degree: int) -> int:
         raise ConfigError(f"distributed.sp_degree ({sp_degree}) must divide the processes of a shard group "
                           f"({shard_degree} = {world_size} processes / replicate_degree {replicate_degree})")
     return shard_degree
+
+
+#: ``model.gradient_checkpointing: auto`` turns activation checkpointing on from this many parameters.
+#: Why 100M: below it a whole fp32 full fine-tuning (weights, gradients, AdamW: 16 B/param) needs under
+#: 1.6 GB and the activations of the videos such a model trains on are tens of MB, so recompute's extra
+#: forward (~1/3 of a step) buys nothing; from it up, the saved activations are a term of their own: the
+#: 304M-parameter, 6-block Wan of bench/run_memory.py peaks at 1.35x its fp32 size per rank without
+#: checkpointing and 1.24x with it, at only 80 tokens per video, and a Wan2.1 1.3B / 14B block saves GBs
+#: per 480p video (``pgdpo plan``). Every named Wan2.1 model (1.3B, 14B) is above it, the tiny test
+#: models (25K-200K parameters) far below.
+AUTO_CHECKPOINTING_PARAMETERS = 100_000_000
+
+
+@functools.lru_cache(maxsize=32)
+def _parameters(arch_json: str) -> int:
+    return count_parameters(spec_for(json.loads(arch_json)).build(device="meta"))
+
+
+def model_parameters(arch: dict) -> int:
+    """Parameters of the model of config ``arch`` (counted on the meta device: no memory, ~0.3 s for 14B)."""
+    return _parameters(json.dumps(arch, sort_keys=True, default=str))
+
+
+def resolve_checkpointing(setting: bool | str, arch: dict) -> bool:
+    """Whether activation checkpointing is on: ``model.gradient_checkpointing`` true / false as given,
+    ``auto`` from :data:`AUTO_CHECKPOINTING_PARAMETERS` (the one home of the rule)."""
+    if setting == "auto":
+        return model_parameters(arch) >= AUTO_CHECKPOINTING_PARAMETERS
+    return bool(setting)
 
 
 def pretrained_config(path: str) -> dict:
@@ -153,6 +186,7 @@ def resolve_layout(config: TrainConfig, world_size: int = 1, *, arch: dict | Non
     strategy = resolve_strategy(d.strategy, world_size, d.sp_degree, d.replicate_degree)
     dp_size = world_size // d.sp_degree
     arch = model_architecture(config) if arch is None else arch
+    checkpointing = resolve_checkpointing(m.gradient_checkpointing, arch)
     return Layout(arch=arch, model=m.path or m.name, family=spec_for(arch).family,
                   reference=reference_kind(config), world_size=world_size, strategy=strategy,
                   sp_degree=d.sp_degree, replicate_degree=d.replicate_degree, shard_degree=shard_degree,
@@ -160,5 +194,5 @@ def resolve_layout(config: TrainConfig, world_size: int = 1, *, arch: dict | Non
                   micro_batch_size=config.train.micro_batch_size,
                   grad_accum=config.grad_accum(dp_size) if exact_batch else max(1, math.ceil(
                       config.train.batch_size / (config.train.micro_batch_size * dp_size))),
-                  checkpoint_every=m.checkpoint_every if m.gradient_checkpointing else None,
+                  checkpoint_every=m.checkpoint_every if checkpointing else None,
                   precision=m.precision, lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets))
