@@ -92,10 +92,12 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ..train import memory
 from ..train.cli import parse_overrides
 from ..train.config import PRECISIONS, STRATEGIES, TrainConfig, from_dict, load_config
 from ..train.config import REFERENCES as TRAIN_REFERENCES
 from ..train.layout import Layout, check_mesh, pretrained_config, resolve_layout, resolve_strategy
+from ..train.memory import ACT_PER_TOKEN, OPTIMIZER_STATE_BYTES, block_activation_bytes
 from ..train.models import MODEL_CONFIGS, resolve_config
 
 GIB = 1024 ** 3
@@ -136,17 +138,8 @@ GPUS: dict[str, GPU] = {
 #: the reference kinds the memory model knows: the trainer's `method.reference` values and the two that
 #: other keys imply, "ema" (a copy with method.ref_ema_every > 0: kept in fp32) and "none" (sft)
 REFERENCES = (*TRAIN_REFERENCES, "ema", "none")
-#: optimizer-state bytes per trained parameter: the trainer's AdamW keeps two fp32 moments
-OPTIMIZERS = {"adamw": 8}
-
-#: activation bytes saved by one Wan block per token, as (x d, x ffn), by compute precision
-ACT_PER_TOKEN = {"bf16": (72, 4), "fp32": (92, 8)}
-#: per sample and block: cross-attention text keys/values (+ fp32 norm input), bytes per (text token x d)
-ACT_TEXT = {"bf16": 8, "fp32": 12}
-#: embeddings, output norm and head, per token (bytes x d), once per forward
-ACT_OUTSIDE = 16
-#: backward transient, as a fraction of one block's activations
-WORKSPACE_FRACTION = 0.5
+#: optimizer-state bytes per trained parameter (the memory terms' home: :mod:`pgdpo.train.memory`)
+OPTIMIZERS = OPTIMIZER_STATE_BYTES
 
 
 @dataclass
@@ -304,40 +297,16 @@ def model_summary(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> di
 
 @functools.lru_cache(maxsize=16)
 def parameter_table(name: str, lora_rank: int = 0, lora_targets: tuple = ()) -> tuple:
-    """``(numel, rows, fp32_kept, lora, unit)`` of every parameter of the policy the trainer builds
-    (``pgdpo.train.loading.meta_model``, on meta): ``rows`` is dim 0, which FSDP2 shards; ``fp32_kept``
-    parameters (``_keep_in_fp32_modules``) are left out of the sharding (replicated, fp32); ``unit`` the
-    FSDP2 unit (``fully_shard`` group, :func:`pgdpo.train.distributed.wrap_model`): the block's index, or
-    -1 for the root (everything outside the blocks)."""
-    from pgdpo.train.loading import meta_model
-    from pgdpo.train.models import adapter_for, keep_fp32_names
-
-    lora = None
-    if lora_rank:
-        from peft import LoraConfig
-
-        lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets))
-    import torch
-
-    model = meta_model(model_arch(name), torch.float32, lora=lora)
-    kept = set(keep_fp32_names(model))
-    unit = {id(p): i for i, block in enumerate(adapter_for(model).blocks(model)) for p in block.parameters()}
-    return tuple((p.numel(), p.shape[0] if p.dim() else 1, n in kept, ".lora_" in n, unit.get(id(p), -1))
-                 for n, p in model.named_parameters())
+    """:func:`pgdpo.train.memory.parameter_table` of the model ``name`` (a :data:`MODEL_CONFIGS` name or a
+    local folder): every parameter of the policy the trainer builds, as :class:`~pgdpo.train.memory.Parameter`
+    rows (``rows``: dim 0, what FSDP2 shards; ``kept``: fp32 and replicated; ``block``: its FSDP2 unit, None
+    for the root)."""
+    return memory.parameter_table(model_arch(name), lora_rank, lora_targets)
 
 
-def per_rank_elements(table: tuple, ranks: int, *, kept: bool, lora: bool | None = None,
-                      unit: int | None = None) -> int:
-    """Elements rank 0 (the largest shard) holds of the parameters of ``table`` selected by ``kept``,
-    ``lora`` and ``unit`` (None: all): FSDP2 gives each rank ``ceil(rows / ranks)`` rows; kept ones are
-    whole."""
-    total = 0
-    for numel, rows, is_kept, is_lora, in_unit in table:
-        if (is_kept != kept or (lora is not None and is_lora != lora)
-                or (unit is not None and in_unit != unit)):
-            continue
-        total += numel if kept else math.ceil(rows / ranks) * (numel // rows if rows else 0)
-    return total
+def _unit(p) -> int:
+    """The FSDP2 unit of a parameter row: its block's index, -1 for the root."""
+    return -1 if p.block is None else p.block
 
 
 @functools.lru_cache(maxsize=256)
@@ -347,47 +316,26 @@ def unit_shard_elements(name: str, lora_rank: int, lora_targets: tuple, ranks: i
     sharded parameters over ``ranks`` (``trained_only``: of the ones with gradients; LoRA: the adapters)."""
     table = parameter_table(name, lora_rank, lora_targets)
     select = {"lora": True} if trained_only and lora_rank else {}
-    return tuple((u, per_rank_elements(table, ranks, kept=False, unit=u, **select))
-                 for u in sorted({row[4] for row in table}))
+    return tuple((u, memory.per_rank_elements([p for p in table if _unit(p) == u], ranks, kept=False,
+                                              **select))
+                 for u in sorted({_unit(p) for p in table}))
 
 
 def static_memory(s: PlanSettings, ranks: int) -> dict:
-    """Bytes per rank (rank 0) of the policy weights, gradients, optimizer states and reference, as the
-    trainer lays them out (:func:`pgdpo.train.loading.build_models`) over ``ranks`` FSDP2 ranks (1: not
-    sharded). Policy: fp32 (LoRA: frozen base in the compute dtype, fp32 adapters); fp32-kept parameters
-    fp32 and replicated; a copy reference in the compute dtype (EMA: fp32), sharded unless replicated."""
+    """Bytes per rank (rank 0) of the policy weights, gradients, optimizer states and reference over
+    ``ranks`` FSDP2 ranks (1: not sharded): :func:`pgdpo.train.memory.static_terms`, plus what CPU offload
+    moves to host memory (the sharded part of each)."""
     table = parameter_table(s.model, s.lora_rank, tuple(s.lora_targets))
-    cb = 2 if s.precision == "bf16" else 4
     lora = s.lora_rank > 0
-    sh = lambda n, **k: per_rank_elements(table, n, kept=False, **k)
-    rep_ = lambda **k: per_rank_elements(table, 1, kept=True, **k)
-    if lora:
-        weights = sh(ranks, lora=False) * cb + rep_(lora=False) * 4 + sh(ranks, lora=True) * 4
-        trained_sharded, trained_kept = sh(ranks, lora=True), rep_(lora=True)
-    else:
-        weights = (sh(ranks) + rep_()) * 4
-        trained_sharded, trained_kept = sh(ranks), rep_()
-    out = {"policy weights": weights, "gradients": (trained_sharded + trained_kept) * 4,
-           "optimizer states": (trained_sharded + trained_kept) * OPTIMIZERS[s.optimizer]}
-    # what CPU offload moves to host memory: the sharded part of each (the kept part stays on the GPU)
-    out["offloadable"] = {"policy weights": weights - rep_() * 4,
-                          "gradients": trained_sharded * 4,
-                          "optimizer states": trained_sharded * OPTIMIZERS[s.optimizer]}
-    ref_b = {"copy": cb, "ema": 4}.get(s.reference)
-    if ref_b is None:
-        out["reference"] = 0
-    else:
-        n = ranks if s.reference_sharded else 1
-        out["reference"] = sh(n, lora=False) * ref_b + rep_(lora=False) * 4
-    out["largest_tensor"] = max(row[0] for row in table)
-    return out
-
-
-def block_activation_bytes(dim: int, ffn_dim: int, tokens: int, text_len: int,
-                           precision: str = "bf16") -> int:
-    """Bytes one Wan block saves for backward for one video of ``tokens`` tokens (see module doc)."""
-    per_d, per_f = ACT_PER_TOKEN[precision]
-    return int(tokens * (per_d * dim + per_f * ffn_dim) + ACT_TEXT[precision] * text_len * dim)
+    terms = memory.static_terms(table, ranks, precision=s.precision, lora=lora, reference=s.reference,
+                                reference_sharded=s.reference_sharded, optimizer=s.optimizer)
+    kept = memory.per_rank_elements(table, 1, kept=True)
+    trained_sharded = memory.per_rank_elements(table, ranks, kept=False, lora=True if lora else None)
+    return {"policy weights": terms["shard"], "gradients": terms["gradients"],
+            "optimizer states": terms["optimizer state"], "reference": terms["reference"],
+            "offloadable": {"policy weights": terms["shard"] - kept * 4, "gradients": trained_sharded * 4,
+                            "optimizer states": trained_sharded * OPTIMIZERS[s.optimizer]},
+            "largest_tensor": max(p.numel for p in table)}
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -437,7 +385,7 @@ def collectives(s: PlanSettings, *, world: int, strategy: str, shard_degree: int
     Small metric all-reduces (loss statistics, the gradient norm) are left out."""
     key = (s.model, s.lora_rank, tuple(s.lora_targets))
     table = parameter_table(*key)
-    cb = 2 if s.precision == "bf16" else 4
+    cb = memory.COMPUTE_BYTES[s.precision]
     lora = s.lora_rank > 0
     out: list[dict] = []
 
@@ -452,7 +400,7 @@ def collectives(s: PlanSettings, *, world: int, strategy: str, shard_degree: int
     def gathered(model_key, n):
         return [n * elements * cb for _, elements in unit_shard_elements(*model_key, n)]
 
-    trained_kept = [row[0] * 4 for row in table if row[2] and row[3] == lora]
+    trained_kept = [p.numel * 4 for p in table if p.kept and p.lora == lora]
     if strategy == "fsdp":
         S, R = shard_degree, replicate_degree
         policy = gathered(key, S)
@@ -473,7 +421,7 @@ def collectives(s: PlanSettings, *, world: int, strategy: str, shard_degree: int
         add("all-reduce, replicated fp32 gradients", "all-reduce", "world", world, trained_kept, 1)
     elif strategy == "ddp":
         add("all-reduce, gradients (DDP)", "all-reduce", "world", world,
-            [sum(row[0] for row in table if row[3] or not lora) * 4], 1)
+            [sum(p.numel for p in table if p.lora or not lora) * 4], 1)
     sp = s.sp_degree
     if sp > 1:
         m = model_summary(s.model, s.lora_rank, tuple(s.lora_targets))
@@ -523,7 +471,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     shard_degree = check_mesh(gpus, s.sp_degree, replicate_degree)
     shard = shard_degree if strategy == "fsdp" else 1
     P, d, f, L = m["parameters"], m["dim"], m["ffn_dim"], m["layers"]
-    cb = 2 if s.precision == "bf16" else 4  # compute dtype bytes
+    cb = memory.COMPUTE_BYTES[s.precision]
     lora = s.lora_rank > 0
     trainable = m["lora_parameters"] if lora else P
     notes: list[str] = []
@@ -564,26 +512,24 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     mem["reference"] = float(static["reference"])
     ref_sharded = s.reference_sharded and shard > 1 and s.reference in ("copy", "ema")
     if shard > 1:
-        if s.reshard_after_forward:
-            gathered = (2 * m["block_parameters"] + m["outside_parameters"]) * cb
-        else:
-            gathered = P * cb
-            if ref_sharded:  # nothing reshards the frozen copy after its no-grad forward: it stays whole
-                gathered += P * cb
-                notes.append("distributed.reshard_after_forward: false keeps the sharded reference gathered "
-                             f"after its first forward (no backward reshards it): {P * cb / GIB:.1f} GiB per "
-                             "GPU in 'fsdp buffers'")
-        mem["fsdp buffers"] = gathered + 2 * min(m["block_parameters"], trainable) * 4
+        # root unit, in-flight blocks, all-gather staging and unsharded gradients (pgdpo.train.memory)
+        terms = memory.fsdp_terms(memory.counts(parameter_table(s.model, s.lora_rank, tuple(s.lora_targets)),
+                                                lora=s.lora_rank > 0),
+                                  shard, precision=s.precision, reshard_after_forward=s.reshard_after_forward)
+        mem["fsdp buffers"] = float(sum(terms.values()))
+        if not s.reshard_after_forward and ref_sharded:
+            # nothing reshards the frozen copy after its no-grad forward: it stays whole
+            mem["fsdp buffers"] += P * cb
+            notes.append("distributed.reshard_after_forward: false keeps the sharded reference gathered "
+                         f"after its first forward (no backward reshards it): {P * cb / GIB:.1f} GiB per "
+                         "GPU in 'fsdp buffers'")
     else:
         mem["fsdp buffers"] = 0.0
-    block = videos * block_activation_bytes(d, f, local_tokens, s.text_len, s.precision)
-    # the embeddings before the split and the gathered output are whole on every rank of a group
-    outside = videos * (tokens * cb * d + local_tokens * (ACT_OUTSIDE - cb) * d)
     checkpointed = math.ceil(L / s.checkpoint_every) if s.gradient_checkpointing else 0
-    stored = checkpointed * videos * local_tokens * d * cb + (L - checkpointed) * block
-    if checkpointed:
-        stored += block  # the block being recomputed
-    mem["activations"] = stored + WORKSPACE_FRACTION * block + outside
+    mem["activations"] = memory.activation_bytes(
+        dim=d, ffn_dim=f, layers=L, videos=videos, tokens=tokens, local_tokens=local_tokens,
+        text_len=s.text_len, precision=s.precision,
+        checkpoint_every=s.checkpoint_every if s.gradient_checkpointing else None)
     mem["overhead"] = overhead_gib * GIB
     total = sum(mem.values())
     # setup (pgdpo.train.loading): shards filled in place, one tensor's rows in flight (a replicated
