@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, DistributedConfig
+from .elastic import process_group_store
 from .layout import resolve_strategy
 
 
@@ -151,6 +152,7 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
         kwargs = {"backend": backend, "rank": rank, "world_size": world, "timeout": timedelta(minutes=30)}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
+        kwargs.update(process_group_store(world, kwargs["timeout"]))  # an elastic restart: its own keys
         dist.init_process_group(**kwargs)
         initialized_here = True
     if strategy in ("fsdp", "ddp") and world == 1 and not dist.is_initialized():
