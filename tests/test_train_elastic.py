@@ -113,3 +113,19 @@ def test_four_process_checkpoint_resumes_on_two_and_back_on_four(tmp_path, data)
         assert r["loss"] == pytest.approx(want[r["step"]]["loss"], rel=tol, abs=0), r["step"]
         assert r["grad_norm"] == pytest.approx(want[r["step"]]["grad_norm"], rel=1e-5), r["step"]
     print(f"4->2->4 resume loss diffs, steps 3-6: {[abs(r['loss'] - want[r['step']]['loss']) for r in got]}", file=sys.stderr)
+
+
+def test_a_launch_continues_its_own_checkpoints_and_archives_another_launchs(tmp_path, data):
+    """A node whose own workers did not fail restarts with TORCHELASTIC_RESTART_COUNT 0: the checkpoints
+    of its launch's run id tell it that it is a restart (one process here: the rule is rank 0's); a
+    launch with another run id is a new run, which moves the old one to previous-1."""
+    out = tmp_path / "run"
+    launch = torchrun(1, "-m", "pgdpo", "train")
+    run([*launch, *args(out, data, 2, "--save-every", "2")], env={"TORCHELASTIC_RUN_ID": "job-7"})
+    proc = run([*launch, *args(out, data, 3)], env={"TORCHELASTIC_RUN_ID": "job-7"})
+    assert "a restarted worker group of elastic launch job-7: resuming from checkpoint-2" in proc.stderr
+    assert [r["step"] for r in records(out)] == [1, 2, 3]
+    assert not (out / "previous-1").exists()
+    proc = run([*launch, *args(out, data, 1)], env={"TORCHELASTIC_RUN_ID": "job-8"})
+    assert "moved its checkpoints and logs to" in proc.stderr and (out / "previous-1" / "checkpoint-3").is_dir()
+    assert [r["step"] for r in records(out)] == [1]
