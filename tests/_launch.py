@@ -145,3 +145,54 @@ def kill_when(cmd: list[str], ready: Callable[[], bool], *, what: str, poll_s: f
     finally:
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
+
+
+def workers_of(launcher_pid: int) -> dict[int, int]:
+    """``{rank: pid}`` of the torchrun workers that are children of ``launcher_pid`` (Linux /proc: the
+    parent from ``stat``, the rank from the ``RANK`` torchrun puts in each worker's environment)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != launcher_pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except (OSError, ValueError, IndexError):
+            continue  # (gone meanwhile)
+        if b"RANK" in env:
+            found[int(env[b"RANK"])] = int(entry)
+    return found
+
+
+def kill_worker_when(cmd: list[str], ready: Callable[[], bool], *, rank: int, what: str,
+                     poll_s: float = 0.005) -> subprocess.CompletedProcess:
+    """Start ``cmd`` (a torchrun launch), SIGKILL its worker of ``rank`` (not the launcher) as soon as
+    ``ready()`` holds, and let the launch go on (torchrun ``--max-restarts``: it restarts the workers);
+    returns the finished launch (stdout and stderr as text). Fails if the run ends first or ``ready``
+    does not come within the timeout."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        launch = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=err, text=True,
+                                  start_new_session=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not ready():
+                assert launch.poll() is None, f"the run ended before {what}"
+                assert time.monotonic() < deadline, f"no {what} in time"
+                time.sleep(poll_s)
+            pid = workers_of(launch.pid).get(rank)
+            assert pid is not None, f"no worker of rank {rank} under the launcher at {what}"
+            os.kill(pid, signal.SIGKILL)
+            code = launch.wait(timeout=TIMEOUT)
+        except BaseException:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, code, out.read(), err.read())

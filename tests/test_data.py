@@ -173,6 +173,37 @@ def test_resume_with_same_global_batch_on_other_world_size(ds20):
         PreferenceDataset(ds20, batch_size=3, world_size=2, seed=2).load_state_dict(state)
 
 
+def test_resume_on_another_split_of_the_step(ds20):
+    """4 ranks x 1 pair x 2 micro-batches per step -> 2 ranks x 1 pair x 4 (step_pairs 8): the epoch is cut
+    to whole steps (16 of 20 pairs) whatever the split, and a saved position (a global pair index)
+    continues with the pairs the 4-rank run would have had next, into the next epoch."""
+    def step_pairs(loaders, micro):
+        return [p for loader in loaders for _ in range(micro) for p in next(loader)["pair_id"].tolist()]
+
+    four = [PreferenceDataset(ds20, batch_size=1, rank=r, world_size=4, seed=5, with_ids=True, step_pairs=8)
+            for r in range(4)]
+    assert len(four[0]) == 4  # 2 steps of 2 micro-batches: 16 pairs, 4 dropped
+    streams = [loader.stream() for loader in four]
+    steps = [step_pairs(streams, 2) for _ in range(4)]  # two epochs
+    assert [sorted(s) for s in steps[:2]] == [sorted(four[0].global_order(0)[:8]),
+                                              sorted(four[0].global_order(0)[8:16])]
+    for saved_after in (1, 2, 3):  # mid-epoch, at the epoch's end, in the second epoch
+        ran = [PreferenceDataset(ds20, batch_size=1, rank=r, world_size=4, seed=5, with_ids=True,
+                                 step_pairs=8) for r in range(4)]
+        ran_streams = [loader.stream() for loader in ran]
+        for _ in range(saved_after):
+            step_pairs(ran_streams, 2)
+        state = json.loads(json.dumps(ran[1].state_dict()))
+        two = [PreferenceDataset(ds20, batch_size=1, rank=r, world_size=2, seed=5, with_ids=True, step_pairs=8)
+               for r in range(2)]
+        for loader in two:
+            loader.load_state_dict(state)
+        got = step_pairs([loader.stream() for loader in two], 4)
+        assert sorted(got) == sorted(steps[saved_after]), saved_after
+    with pytest.raises(ValueError, match="pairs per step"):  # another step size: the order would differ
+        PreferenceDataset(ds20, batch_size=1, world_size=2, seed=5, step_pairs=4).load_state_dict(state)
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 

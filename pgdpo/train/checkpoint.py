@@ -6,7 +6,9 @@ A checkpoint is a folder ``<output_dir>/checkpoint-<step>``:
   policy (trainable parameters), the optimiser and, when it moves, the EMA reference. Written by every
   rank, resharded on load (``get_state_dict`` / ``set_state_dict``).
 - ``rank-<r>.pt``: what differs between ranks: RNG states (torch CPU/CUDA, python, numpy) and the
-  position of the rank's data shard (the dataset's ``state_dict()``).
+  position of the rank's data shard (the dataset's ``state_dict()``, which also holds the global pair
+  index, so a run on another number of processes continues the same order; a rank the writing run did
+  not have takes rank 0's data position and keeps its own RNG seeding: docs/resume.md).
 - ``trainer.pt``: what all ranks share: step, LR schedule, timestep-weighting statistics, world size.
 - ``trainer_state.json`` (human-readable summary) and ``config.yaml``.
 - ``manifest.json``: size and checksum (:mod:`pgdpo.train.integrity`) of every other file, written before the
@@ -407,14 +409,13 @@ def _prune(output_dir: str, keep_last: int, stale: list[str], keep: str) -> None
 
 
 def load_checkpoint(path: str, *, dist_state, policy, optimizer, reference=None) -> tuple[dict, dict]:
-    """Load ``path`` into the (already wrapped) models and optimiser; returns (rank_state, trainer_state)."""
+    """Load ``path`` into the (already wrapped) models and optimiser; returns (rank_state, trainer_state).
+
+    DCP reshards the model and optimiser state onto this run's processes, however many wrote it. A rank
+    the writing run did not have (more processes now) gets ``{"data": rank 0's data state, "rng": None}``.
+    """
     trainer_state = load_torch(os.path.join(path, TRAINER_FILE))
-    saved_world = trainer_state.get("world_size")
-    if saved_world != dist_state.world_size:
-        raise CheckpointError(
-            f"{path} was written by {saved_world} processes but this run has {dist_state.world_size}: the "
-            "data position and RNG streams are per process, so an exact resume needs the same number of "
-            "processes")
+    saved_world = int(trainer_state.get("world_size") or 1)
     if reference is None and trainer_state.get("has_reference_state"):
         raise CheckpointError(f"{path} holds an EMA reference but this run's config has no moving "
                               "reference (method.ref_ema_every: 0)")
@@ -434,5 +435,8 @@ def load_checkpoint(path: str, *, dist_state, policy, optimizer, reference=None)
                    options=_state_dict_options(True))
     if reference is not None:
         set_model_state_dict(reference, state["reference"], options=_state_dict_options(False))
-    rank_state = load_torch(os.path.join(path, f"rank-{dist_state.rank}.pt"))
+    if dist_state.rank < saved_world:
+        rank_state = load_torch(os.path.join(path, f"rank-{dist_state.rank}.pt"))
+    else:
+        rank_state = {"data": load_torch(os.path.join(path, "rank-0.pt"))["data"], "rng": None}
     return rank_state, trainer_state

@@ -215,7 +215,9 @@ class CheckpointConfig:
     async_save: bool = False
     #: keep the newest this many complete checkpoints (0 = keep all)
     keep_last: int = field(default=3, metadata={"min": 0})
-    #: "latest" (newest complete checkpoint in output_dir; fresh start when there is none) or a path
+    #: "latest" (newest complete checkpoint in output_dir; fresh start when there is none) or a path; a
+    #: restarted worker group of a torchrun --max-restarts launch resumes from its own latest checkpoint
+    #: whatever this says (docs/resume.md)
     resume: str | None = None
     #: without resume, a previous run in output_dir is moved to output_dir/previous-<n>; overwrite: it is
     #: replaced instead (its checkpoints are deleted when the first new one is written)

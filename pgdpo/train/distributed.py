@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import get_total_norm
 
 from .config import ConfigError, DistributedConfig
+from .elastic import process_group_store
 from .layout import check_mesh, resolve_strategy
 from .models import keep_fp32_names
 from .parallel import device_mesh
@@ -199,6 +200,7 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistState:
         kwargs = {"backend": backend, "rank": rank, "world_size": world, "timeout": timedelta(minutes=30)}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
+        kwargs.update(process_group_store(world, kwargs["timeout"]))  # an elastic restart: its own keys
         dist.init_process_group(**kwargs)
         initialized_here = True
     if strategy in ("fsdp", "ddp") and world == 1 and not dist.is_initialized():

@@ -161,11 +161,53 @@ class Layout:
                     "data shards and noise streams follow the data-parallel groups; resume with the same "
                     "sp_degree")
         saved_accum = trainer_state.get("grad_accum")
-        if saved_accum != self.grad_accum:
+        saved_world = trainer_state.get("world_size", self.world_size)
+        if saved_world == self.world_size and saved_accum != self.grad_accum:
             return (f"written with {saved_accum} micro-batches per step per rank, this run has "
                     f"{self.grad_accum} (train.batch_size / micro_batch_size); resume with the same batch "
                     "settings")
+        saved_batch = trainer_state.get("batch_size")
+        if saved_world != self.world_size and saved_batch is None:
+            saved_batch = saved_accum * (saved_world // saved_sp) * self.micro_batch_size  # (older files)
+        if saved_batch is not None and saved_batch != self.batch_size:
+            return (f"written with train.batch_size {saved_batch} pairs per step, this run has "
+                    f"{self.batch_size}; resume with the same train.batch_size (the LR schedule, the data "
+                    "position and the noise seeds count whole steps of it)")
         return None
+
+    def resume_changes(self, trainer_state: dict) -> list[str]:
+        """What differs from the uninterrupted run when a checkpoint written by another number of processes
+        or another HSDP mesh resumes in this layout (one sentence each, for the log); [] for the same. The
+        one home of these rules: docs/resume.md explains them."""
+        changes = []
+        saved_replicate = trainer_state.get("replicate_degree", 1)
+        if saved_replicate != self.replicate_degree:
+            changes.append(f"written with distributed.replicate_degree {saved_replicate}, this run has "
+                           f"{self.replicate_degree}: DCP re-shards the weights and optimizer states onto "
+                           "this mesh; the data order and the noise streams (per data-parallel group) are "
+                           "unchanged")
+        saved_world = trainer_state.get("world_size", self.world_size)
+        if saved_world == self.world_size:
+            return changes
+        saved_dp = saved_world // trainer_state.get("sp_degree", 1)
+        saved_accum = trainer_state.get("grad_accum")
+        saved_micro = trainer_state.get("micro_batch_size", self.micro_batch_size)
+        exact_noise = saved_micro == self.micro_batch_size == 1
+        noise = ("each pair keeps the noise and timestep it had in the uninterrupted run (seeded by its "
+                 "place in the step)" if exact_noise else
+                 "the pairs are grouped into micro-batches differently (micro_batch_size > 1), so their "
+                 "noise and timesteps differ from the uninterrupted run's")
+        return changes + [
+            f"written by {saved_world} processes ({saved_dp} data-parallel x {saved_accum} micro-batch(es) "
+            f"of {saved_micro} per step), this run has {self.world_size} ({self.dp_size} x {self.grad_accum} "
+            f"of {self.micro_batch_size}): DCP reshards the model and optimiser state",
+            f"continuing exactly: the step count, the LR schedule, train.batch_size {self.batch_size} pairs "
+            "per step and the order of the pairs (the data position is a global pair index); " + noise,
+            "changing: gradients and statistics are summed over ranks and micro-batches in another order "
+            "(losses agree with the uninterrupted run's to rounding, not bitwise); a rank the checkpoint's "
+            "run did not have seeds its global RNGs from seed + rank (the training step draws nothing from "
+            "them with model.disable_dropout)",
+        ]
 
     def as_dict(self) -> dict:
         """The layout without the architecture dict, for reports and comparisons."""

@@ -1,11 +1,13 @@
 """The training loop of ``pgdpo train``: one trainer for pgdpo, dpo, ars, ipr (``PGDPOLoss``) and sft.
 
 Per optimiser step, on every rank: ``grad_accum`` micro-batches from this rank's data shard, each noised
-by a generator seeded from ``(seed, step, rank, micro-batch)`` (so a resumed run draws exactly what the
-uninterrupted run drew), one :class:`pgdpo.train.step.PreferenceStep` (policy forward with grad, reference
-forward without), backward; then gradient clipping, AdamW, the LR schedule, the optional EMA
-reference update and timestep-weighting statistics; statistics are reduced over micro-batches and
-ranks, written to ``metrics.jsonl`` and the trackers by rank 0; every ``save_every`` steps an atomic
+by a generator seeded from ``(seed, step, slot)``, ``slot`` the micro-batch's place in the step's window
+of ``train.batch_size`` pairs (so a resumed run draws exactly what the uninterrupted run drew, also on
+another number of processes when ``micro_batch_size`` is 1: see docs/resume.md), one
+:class:`pgdpo.train.step.PreferenceStep` (policy forward with grad, reference forward without),
+backward; then gradient clipping, AdamW, the LR schedule, the optional EMA reference update and
+timestep-weighting statistics; statistics are reduced over micro-batches and ranks, written to
+``metrics.jsonl`` and the trackers by rank 0; every ``save_every`` steps an atomic
 checkpoint (:mod:`pgdpo.train.checkpoint`).
 """
 
@@ -53,6 +55,7 @@ from .distributed import (
     mixed_precision_dtype,
     sync_replicated_grads,
 )
+from .elastic import restart_count, run_id
 from .ema import ema_update_
 from .export import export_model
 from .gamma import GAMMA_METHODS, measure_gamma
@@ -70,10 +73,20 @@ from .validation import Validator
 from .weighting import TimestepWeighting
 
 
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """Seed of the noise / timestep generator of one micro-batch: a hash of its coordinates."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(rank), int(micro)])
+def step_seed(seed: int, step: int, slot: int, micro: int = 0) -> int:
+    """Seed of the noise / timestep generator of one micro-batch: a hash of its coordinates (the trainer
+    passes the micro-batch's :func:`batch_slot`, ``micro`` 0)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(slot), int(micro)])
     return int(state.generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1)
+
+
+def batch_slot(dp_rank: int, dp_size: int, micro: int) -> int:
+    """Which micro-batch of the step's global window of pairs a rank's ``micro``-th one is: the loader
+    gives micro-batch ``micro`` of the ``dp_size`` ranks the ``micro``-th window of ``dp_size x
+    micro_batch_size`` pairs, rank ``dp_rank`` its ``dp_rank``-th micro-batch. The same pairs get the same
+    slot however the step is split (with ``micro_batch_size`` 1; with more, the ranks interleave the
+    window's pairs, so the grouping, and the noise, depends on ``dp_size``)."""
+    return int(micro) * int(dp_size) + int(dp_rank)
 
 
 def latent_shape_for(config: TrainConfig, adapter) -> list[int]:
@@ -117,6 +130,7 @@ class Trainer:
         self.layout = resolve_layout(cfg, self.dist.world_size)
         self.grad_accum = self.layout.grad_accum  # the ranks of a sequence group share a batch
         self.dist.on_rank0(lambda: os.makedirs(self.out, exist_ok=True))
+        self.restart_count, self.run_id = restart_count(), run_id()
         self.resume_path, self.stale = self.dist.on_rank0(self._find_resume)
 
         # Global RNGs: seeded per rank (nothing in the step draws from them; they are saved anyway).
@@ -155,11 +169,34 @@ class Trainer:
             self.config_yaml = ""
 
     def _find_resume(self):
-        """(checkpoint to resume from or None, checkpoint folders to delete once a new one is written)."""
+        """(checkpoint to resume from or None, checkpoint folders to delete once a new one is written).
+
+        A restarted worker group of an elastic launch (torchrun ``--max-restarts``: every worker started
+        again; ``TORCHELASTIC_RESTART_COUNT`` > 0, or, on a node whose own workers did not fail and so
+        count 0, checkpoints in ``output_dir`` written by this launch's run id) continues from the newest
+        complete checkpoint this launch wrote; before this launch wrote one, it starts as the first
+        attempt did. Either way the files there are this launch's: nothing is archived."""
         ck = self.cfg.checkpoint
         existing = list_checkpoints(self.out)
-        path = resolve_resume(ck.resume, self.out,
-                              log=self.log.info)
+        ours = self._launch_checkpoints(existing)
+        restart = self.restart_count > 0 or bool(ours)
+        what = (f"restart {self.restart_count} of an elastic launch" if self.restart_count else
+                f"a restarted worker group of elastic launch {self.run_id}")
+        path = None
+        for step, candidate in reversed(ours):
+            try:
+                path = resolve_resume(candidate, self.out)  # verified against its manifest
+            except CheckpointError as exc:
+                self.log.info(f"{what}: skipping the damaged {os.path.basename(candidate)}: {exc}")
+                continue
+            self.log.info(f"{what}: resuming from {os.path.basename(candidate)} (step {step}), the latest "
+                          "complete checkpoint of this launch")
+            break
+        if restart and path is None:
+            self.log.info(f"{what}: no complete checkpoint of this launch in {self.out} yet; starting as "
+                          f"the first attempt did (checkpoint.resume: {ck.resume})")
+        if path is None:
+            path = resolve_resume(ck.resume, self.out, log=self.log.info)
         if path is not None:
             step = int(read_summary(path)["step"])
             stale = [p for s, p in existing if s > step]
@@ -170,16 +207,30 @@ class Trainer:
             return path, stale
         if ck.resume == "latest":
             self.log.info(f"--resume latest: no complete checkpoint in {self.out}; starting from step 0")
-        if ck.overwrite:
-            if existing:
+        if ck.overwrite or restart:  # (a restart: what is there is this launch's first attempt's)
+            if existing and not restart:
                 self.log.info(f"--overwrite: the checkpoints of the previous run in {self.out} are deleted "
                               "when the first new one is written")
             return None, [p for _, p in existing]
-        moved = archive_previous_run(self.out)
+        moved = archive_previous_run(self.out)  # (never on a restart: returned above)
         if moved:
             self.log.info(f"{self.out} held a previous run; moved its checkpoints and logs to {moved} "
                           "(pass --resume latest to continue a run, --overwrite to replace it)")
         return None, []
+
+    def _launch_checkpoints(self, existing: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """The complete checkpoints of ``existing`` written by this elastic launch (its run id; every one
+        on a restart whose launch has no id), oldest first; [] outside an elastic launch."""
+        if self.run_id is None:
+            return list(existing) if self.restart_count > 0 else []
+        ours = []
+        for step, path in existing:
+            try:
+                if read_summary(path).get("elastic_run_id") == self.run_id:
+                    ours.append((step, path))
+            except CheckpointError:
+                continue
+        return ours
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
@@ -191,8 +242,12 @@ class Trainer:
             raise DataError(f"data.path: no dataset folder at {path!r}; make one with `pgdpo data pairs` "
                             "/ `pgdpo data encode` (or `pgdpo data synth`), or set data.synthesize: true to "
                             "write a synthetic one there (as configs/demo.yaml does)")
+        # step_pairs: an epoch holds whole steps, and the data position is a global pair index that
+        # resumes on another number of processes (docs/resume.md)
         self.dataset = PreferenceDataset(path, batch_size=cfg.train.micro_batch_size, rank=self.dist.dp_rank,
                                          world_size=self.dist.dp_size, seed=cfg.seed,
+                                         step_pairs=cfg.train.micro_batch_size * self.dist.dp_size
+                                         * self.grad_accum,
                                          shuffle=cfg.data.shuffle, drop_last=True, dtype=torch.float32,
                                          pin_memory=self.dist.device.type == "cuda")
         check_compatible(self.dataset.meta, self.arch)
@@ -348,12 +403,8 @@ class Trainer:
         problem = self.layout.resume_problem(trainer_state)
         if problem:
             raise CheckpointError(f"{path}: {problem}")
-        saved_replicate = trainer_state.get("replicate_degree", 1)
-        if saved_replicate != self.dist.replicate_degree:
-            self.info(f"note: {path} was written with distributed.replicate_degree {saved_replicate}, this "
-                      f"run has {self.dist.replicate_degree}: DCP re-shards the weights and optimizer states "
-                      "onto this mesh; the data order and the noise streams (per data-parallel group) are "
-                      "unchanged")
+        for change in self.layout.resume_changes(trainer_state):  # another mesh or number of processes
+            self.info(f"resuming {os.path.basename(path)}: {change}")
         for name, component in self._states().items():  # each checks that the saved state fits it
             if component is None:
                 continue
@@ -365,7 +416,8 @@ class Trainer:
             self.dataset.load_state_dict(rank_state["data"])
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: the data position cannot be restored: {exc}") from None
-        set_rng_state(rank_state["rng"])
+        if rank_state.get("rng") is not None:  # (None: a rank the checkpoint's run did not have)
+            set_rng_state(rank_state["rng"])
         self.start_step = int(trainer_state["step"])
         self.info(f"resumed from {path} at step {self.start_step}")
 
@@ -381,13 +433,16 @@ class Trainer:
         trainer_state = {
             "step": step, "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
             "sp_degree": self.dist.sp_degree, "replicate_degree": self.dist.replicate_degree,
-            "seed": self.cfg.seed,
+            "seed": self.cfg.seed, "dp_size": self.dist.dp_size,
+            "batch_size": self.cfg.train.batch_size, "micro_batch_size": self.cfg.train.micro_batch_size,
             "has_reference_state": self.ema_reference is not None,
             **{name: c.state_dict() if c is not None else None for name, c in self._states().items()},
         }
         summary = {"step": step, "world_size": self.dist.world_size, "sp_degree": self.dist.sp_degree,
                    "replicate_degree": self.dist.replicate_degree, "method": self.cfg.method.name,
                    "model": self.cfg.model.path or self.cfg.model.name, "time": time.time(),
+                   # which elastic launch wrote it: a restart resumes from its own launch's checkpoints
+                   "elastic_run_id": self.run_id, "restart_count": self.restart_count,
                    "metrics": {k: v for k, v in (last_record or {}).items() if isinstance(v, (int, float))}}
         rank_state = {"rng": rng_state(), "data": self.dataset.state_dict()}
         self.finish_pending_save()  # one save in flight at a time
@@ -469,7 +524,8 @@ class Trainer:
         for micro in range(self.grad_accum):
             batch = first_batch if micro == 0 else self._to_device(self._next_batch(data_iter))
             # the ranks of a sequence group draw the same noise (dp_rank): they run one sample together
-            gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, self.dist.dp_rank, micro))
+            slot = batch_slot(self.dist.dp_rank, self.dist.dp_size, micro)
+            gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed, step, slot))
             with self._grad_sync(micro == self.grad_accum - 1):
                 out = self.step_fn(batch, gen)
                 (out.loss * (self.loss_scale / self.grad_accum)).backward()
@@ -532,7 +588,7 @@ class Trainer:
         """Gamma (:mod:`pgdpo.train.gamma`) at the parameters before this step's update, on its first
         micro-batch with the training forward's noise (a generator of its own with the same seed, so the
         training draws are unchanged); recorded in :attr:`gamma_meter`."""
-        seed = step_seed(self.cfg.seed, step, self.dist.dp_rank, 0)
+        seed = step_seed(self.cfg.seed, step, batch_slot(self.dist.dp_rank, self.dist.dp_size, 0))
         gen = torch.Generator(device=self.dist.device).manual_seed(seed)
         value = measure_gamma(self.step_fn, self.params, batch, gen, lr=lr, dist=self.dist,
                               loss_scale=self.loss_scale)

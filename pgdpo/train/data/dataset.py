@@ -6,20 +6,26 @@ Order of one epoch (a pure function of ``seed``, ``epoch`` and the dataset, iden
 2. the pairs of each group are permuted together, and the groups are concatenated: the global order
    reads the shards group by group, so a rank has at most ``mix_shards`` shard files open at once
    and reads them memory-mapped, one tensor at a time (never a whole shard, never the whole dataset);
-3. the global order is cut to a multiple of ``world_size * batch_size`` (``drop_last=True``: the
-   few pairs dropped change from epoch to epoch) or padded to one by repeating its first pairs
-   (``drop_last=False``: every pair is seen, a few twice), so every rank gets the same number of full
-   batches;
+3. the global order is cut to a multiple of ``step_pairs`` (the pairs of one optimiser step over all
+   ranks; default ``world_size * batch_size``) (``drop_last=True``: the few pairs dropped change from
+   epoch to epoch) or padded to one by repeating its first pairs (``drop_last=False``: every pair is
+   seen, a few twice), so every rank gets the same number of full batches and an epoch holds whole
+   steps;
 4. rank ``r`` takes positions ``r, r + world_size, r + 2 world_size, ...``: with ``drop_last=True`` the
    ranks' pairs are disjoint and together they are the epoch's pairs.
 
 One optimizer step of all ranks together (``world_size * batch_size`` pairs) is one contiguous window
 of the global order, so the window is the same whatever ``(world_size, batch_size)`` with that product,
-which is what lets a run resume on a different world size with the same global batch.
+which is what lets a run resume on a different world size with the same global batch. With
+``step_pairs`` (a step of several micro-batches per rank) the step is the window of ``step_pairs`` pairs,
+whatever split into ranks x micro-batches, and the epoch's length does not depend on the split.
 
 Resuming: :meth:`PreferenceDataset.state_dict` records ``epoch`` and ``position`` (batches this rank
-has already been given in that epoch); a new loader with the same settings and
-:meth:`~PreferenceDataset.load_state_dict` yields exactly the batches the uninterrupted run would have.
+has already been given in that epoch) and ``consumed`` (pairs all ranks have been given: a global index
+into the epoch's order); a new loader with the same settings and
+:meth:`~PreferenceDataset.load_state_dict` yields exactly the batches the uninterrupted run would have,
+also on another number of ranks when ``step_pairs`` agrees (``consumed`` is converted to this loader's
+position).
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class PreferenceDataset:
         seed: shuffling seed (the same on every rank).
         shuffle: permute shards and pairs each epoch; ``False`` reads in pair order.
         drop_last: cut the epoch to full global batches (disjoint ranks); ``False`` pads by repetition.
+        step_pairs: pairs per optimiser step over all ranks (a multiple of ``world_size * batch_size``;
+            default that product): the epoch is cut (or padded) to whole steps, and a saved state
+            resumes on any split of it into ranks and batches.
         mix_shards: shards whose pairs are shuffled together (more mixing, more open files).
         dtype: cast floating tensors of each batch (default: the stored dtype).
         pin_memory: pin each batch in page-locked memory.
@@ -79,7 +88,8 @@ class PreferenceDataset:
     def __init__(self, root: str | os.PathLike, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, mix_shards: int = 4,
                  dtype: torch.dtype | None = None, pin_memory: bool = False, with_ids: bool = False,
-                 validate: bool = True, verify: bool = True, check_finite: bool = True):
+                 validate: bool = True, verify: bool = True, check_finite: bool = True,
+                 step_pairs: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -92,14 +102,19 @@ class PreferenceDataset:
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
         self.mix_shards = int(mix_shards)
+        self.step_pairs = self.global_batch if step_pairs is None else int(step_pairs)
+        if self.step_pairs < 1 or self.step_pairs % self.global_batch:
+            raise ValueError(f"step_pairs ({step_pairs}) must be a positive multiple of world_size x "
+                             f"batch_size = {self.global_batch}")
         self.dtype, self.pin_memory, self.with_ids = dtype, pin_memory, with_ids
         self.shards: list[str] = list(dict.fromkeys(e.shard for e in self.entries))
         self._pairs_of_shard: dict[str, list[int]] = {s: [] for s in self.shards}
         for entry in self.entries:
             self._pairs_of_shard[entry.shard].append(entry.pair)
-        if self.global_batch > len(self.entries) and self.drop_last:
+        if self.step_pairs > len(self.entries) and self.drop_last:
             raise DataError(f"{self.root}: {len(self.entries)} pairs are fewer than one global batch "
-                            f"(world_size {world_size} x batch_size {batch_size} = {self.global_batch}); "
+                            f"(world_size {world_size} x batch_size {batch_size} x micro-batches per step "
+                            f"{self.step_pairs // self.global_batch} = {self.step_pairs}); "
                             "use drop_last=False, a smaller batch, or more data")
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self.verify, self.check_finite = bool(verify), bool(check_finite)
@@ -130,8 +145,9 @@ class PreferenceDataset:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
-        n, g = self.num_pairs, self.global_batch
-        return n // g if self.drop_last else -(-n // g)
+        n, s = self.num_pairs, self.step_pairs
+        steps = n // s if self.drop_last else -(-n // s)
+        return steps * (s // self.global_batch)
 
     def global_order(self, epoch: int) -> list[int]:
         """Pair ids of one epoch over all ranks (before cutting/padding to full global batches)."""
@@ -235,13 +251,16 @@ class PreferenceDataset:
         epoch, position = (self.epoch + 1, 0) if self.position >= len(self) else (self.epoch, self.position)
         return {"epoch": epoch, "position": position, "seed": self.seed, "shuffle": self.shuffle,
                 "drop_last": self.drop_last, "mix_shards": self.mix_shards, "num_pairs": self.num_pairs,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+                "world_size": self.world_size, "batch_size": self.batch_size, "step_pairs": self.step_pairs,
+                "consumed": position * self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict`; the next batch is the one the saved run would have had next.
 
         The settings that fix the order must agree. The global batch ``world_size * batch_size`` must
-        too, but it may be split differently (e.g. 8 ranks x 2 pairs -> 16 ranks x 1 pair).
+        too, but it may be split differently (e.g. 8 ranks x 2 pairs -> 16 ranks x 1 pair); or, for a
+        state that records them, ``step_pairs`` agrees and the pairs consumed are a whole number of this
+        loader's global batches (e.g. 4 ranks x 1 pair x 1 micro-batch -> 2 ranks x 1 pair x 2).
         """
         for key in ("epoch", "position", *_ORDER_KEYS, "world_size", "batch_size"):
             if key not in state:
@@ -252,12 +271,20 @@ class PreferenceDataset:
                 raise ValueError(f"load_state_dict: saved {key}={state[key]!r} but this loader has "
                                  f"{key}={getattr(self, key)!r}; the batch order would differ")
         saved_global = state["world_size"] * state["batch_size"]
-        if saved_global != self.global_batch:
-            raise ValueError("load_state_dict: saved global batch world_size x batch_size = "
-                             f"{state['world_size']} x {state['batch_size']} = {saved_global}, this loader "
-                             f"has {self.world_size} x {self.batch_size} = {self.global_batch}; they must be "
-                             "equal to resume mid-epoch")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        consumed = int(state.get("consumed", int(state["position"]) * saved_global))
+        saved_step = state.get("step_pairs")  # (None: a state from before step_pairs: same global batch)
+        if saved_step is None and saved_global == self.global_batch:
+            position = int(state["position"])
+        elif saved_step == self.step_pairs and consumed % self.global_batch == 0:
+            position = consumed // self.global_batch  # the same global index in the same epoch length
+        else:
+            raise ValueError(
+                "load_state_dict: saved global batch world_size x batch_size = "
+                f"{state['world_size']} x {state['batch_size']} = {saved_global} "
+                f"({saved_step or saved_global} pairs per step), this loader has {self.world_size} x "
+                f"{self.batch_size} = {self.global_batch} ({self.step_pairs} per step); "
+                "the global batch, or the pairs per step, must be equal to resume mid-epoch")
+        self.epoch, self.position = int(state["epoch"]), position
         if not 0 <= self.position <= len(self):
             raise ValueError(f"load_state_dict: position {self.position} outside [0, {len(self)}]")
         self._roll_over()
