@@ -46,8 +46,8 @@ def run(cmd: list[str], *, check: bool = True, env: dict | None = None, retries_
     A run that outlives :data:`TIMEOUT` is killed (its whole process tree) after the Python stacks of every
     process are taken. It is started again up to ``retries_after_hang`` times, with a
     :class:`LaunchHungWarning` carrying those stacks (pytest's warnings summary shows it); a second hang
-    fails the test with them. Why a retry and not a failure: one CI run on record hung once in ~150 gloo
-    launches, in a launch that passed in every one of ~150 repetitions here (docs/testing.md); starting
+    fails the test with them. Why a retry and not a failure: one CI run on record hung once, in a launch that
+    passed in every one of 37 repetitions here, and a bare DDP launch in 160 (docs/testing.md); starting
     again is what the trainer supports anyway (a killed run resumes exactly), and the warning keeps the
     stacks for the root cause."""
     for attempt in range(retries_after_hang + 1):
