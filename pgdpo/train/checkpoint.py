@@ -241,6 +241,19 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = N
             g.set_state(state["generators"][name])
 
 
+class GlobalRNG:
+    """The process's global RNGs (torch, CUDA, python, numpy) as a checkpointed component: ``state_dict``
+    is :func:`rng_state`; ``load_state_dict(None)`` (a rank the checkpoint's run did not have) keeps this
+    process's own seeding."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None:
+            set_rng_state(state)
+
+
 # ----------------------------------------------------------------------------------------------- I/O
 
 

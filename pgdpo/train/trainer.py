@@ -26,18 +26,18 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 import torch.distributed as tdist
+from tqdm.auto import tqdm
 
 from ..loss.controller import K1K2Controller
 from .checkpoint import (
     CheckpointError,
+    GlobalRNG,
     archive_previous_run,
     list_checkpoints,
     load_checkpoint,
     read_summary,
     resolve_resume,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from .config import ConfigError, TrainConfig, loss_from_config
 from .data.collate import collate
@@ -137,6 +137,7 @@ class Trainer:
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed((cfg.seed + self.dist.rank) % 2**32)
         torch.manual_seed(cfg.seed + self.dist.rank)
+        self.global_rng = GlobalRNG()
 
         self.arch = self.layout.arch
         self.adapter = self.layout.spec
@@ -412,12 +413,12 @@ class Trainer:
                 component.load_state_dict(trainer_state.get(name))  # (the controller steers the loss too)
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path}: {name}: {exc}; resume with the checkpoint's config") from None
-        try:
-            self.dataset.load_state_dict(rank_state["data"])
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: the data position cannot be restored: {exc}") from None
-        if rank_state.get("rng") is not None:  # (None: a rank the checkpoint's run did not have)
-            set_rng_state(rank_state["rng"])
+        for name, component in self._rank_states().items():  # this rank's own file
+            try:
+                component.load_state_dict(rank_state.get(name))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: {name} (rank {self.dist.rank}) cannot be restored: {exc}"
+                                      ) from None
         self.start_step = int(trainer_state["step"])
         self.info(f"resumed from {path} at step {self.start_step}")
 
@@ -427,6 +428,11 @@ class Trainer:
         ``load_state_dict`` that checks the saved state fits it: a new piece is one entry here."""
         return {"lr_scheduler": self.lr_scheduler, "weighting": self.weighting, "probe": self.probe,
                 "controller": self.controller, "gamma": self.gamma_meter}
+
+    def _rank_states(self) -> dict:
+        """The pieces of state each rank keeps in its own ``rank-<r>.pt``: the data position and the global
+        RNGs (the model, optimiser and EMA reference are tensors, saved sharded by DCP)."""
+        return {"data": self.dataset, "rng": self.global_rng}
 
     def save(self, step: int, last_record: dict | None) -> str:
         self.metrics.sync()
@@ -444,7 +450,7 @@ class Trainer:
                    # which elastic launch wrote it: a restart resumes from its own launch's checkpoints
                    "elastic_run_id": self.run_id, "restart_count": self.restart_count,
                    "metrics": {k: v for k, v in (last_record or {}).items() if isinstance(v, (int, float))}}
-        rank_state = {"rng": rng_state(), "data": self.dataset.state_dict()}
+        rank_state = {name: c.state_dict() for name, c in self._rank_states().items()}
         self.finish_pending_save()  # one save in flight at a time
         result = save_checkpoint(self.out, step, dist_state=self.dist, policy=self.policy,
                                  optimizer=self.optimizer, reference=self.ema_reference,
@@ -607,24 +613,37 @@ class Trainer:
         self.controller.update(m)  # the next step's loss uses the new K1, K2
 
     def train(self) -> dict:
-        """Run to ``train.max_steps``; returns the summary (also printed by rank 0)."""
-        from tqdm.auto import tqdm
+        """Run to ``train.max_steps``; returns the summary (also printed by rank 0). Its phases, in order:
+        :meth:`_before_steps` (the likelihood probe's baseline, the "before" samples), :meth:`_run_steps`
+        (per step: train, log, checkpoint, validate; a signal stops after a checkpoint) and
+        :meth:`_after_steps` (the final export, the before/after grid, the plots, the summary)."""
+        t_start = time.perf_counter()
+        self._before_steps()
+        saved_at, signal_number = self._run_steps()
+        summary = self._after_steps(time.perf_counter() - t_start, saved_at, signal_number)
+        self.finished = True  # every rank got here: close() may wait for the others
+        return summary
 
+    def _before_steps(self) -> None:
+        max_steps = self.cfg.train.max_steps
+        if self.probe is not None and not self.probe.history:
+            self.probe.measure(self.policy, step=self.start_step)  # the baseline of the *_change curves
+        if self.start_step >= max_steps:
+            self.info(f"already at step {self.start_step} >= train.max_steps {max_steps}: nothing to train")
+        if self.validator is not None and self.start_step == 0:
+            self.validator.run(0)  # the "before" samples
+
+    def _run_steps(self) -> tuple[int, int | None]:
+        """The training steps from :attr:`start_step`; returns (the step of the last checkpoint written,
+        the signal that stopped the run or None)."""
         cfg = self.cfg
         max_steps, save_every = cfg.train.max_steps, cfg.checkpoint.save_every
         data_iter = self.dataset.stream()
         bar = tqdm(total=max_steps, initial=self.start_step, desc=f"pgdpo train ({cfg.method.name})",
                    unit="step", disable=not (self.is_main and cfg.logging.progress), dynamic_ncols=True,
                    file=self.log_file)
-        t_start = time.perf_counter()
         last, saved_at = None, self.start_step
-        if self.probe is not None and not self.probe.history:
-            self.probe.measure(self.policy, step=self.start_step)  # the baseline of the *_change curves
-        if self.start_step >= max_steps:
-            self.info(f"already at step {self.start_step} >= train.max_steps {max_steps}: nothing to train")
         stop = _StopRequest()
-        if self.validator is not None and self.start_step == 0:
-            self.validator.run(0)  # the "before" samples
         try:
             with stop.installed():
                 for step in range(self.start_step + 1, max_steps + 1):
@@ -648,15 +667,20 @@ class Trainer:
             self.finish_pending_save()  # the last checkpoint is complete before the run ends
         finally:
             bar.close()
-        wall = time.perf_counter() - t_start
+        return saved_at, stop.signal
+
+    def _after_steps(self, wall: float, saved_at: int, signal_number: int | None) -> dict:
+        """The final export (a finished run, not one stopped by a signal), the validation grid, the plots
+        and the summary (printed by rank 0)."""
+        cfg = self.cfg
         final = None
-        if saved_at >= max_steps:  # finished (not stopped by a signal): the model users load
+        if saved_at >= cfg.train.max_steps:  # finished (not stopped by a signal): the model users load
             final = export_model(self.model, os.path.join(self.out, "final"), dist=self.dist)
             kind = "diffusers LoRA weights" if cfg.model.lora_rank else "diffusers save_pretrained layout"
             self.info(f"wrote {final} ({kind})")
         summary = self._summary(wall, saved_at)
         summary["final"] = final
-        summary["signal"] = stop.signal
+        summary["signal"] = signal_number
         if self.validator is not None:
             summary["samples"] = self.validator.finish()
             if self.validator.first_reward is not None:
@@ -665,7 +689,6 @@ class Trainer:
             summary["plots"] = write_plots(self.out)
         if self.is_main:
             print(format_summary(summary), flush=True)
-        self.finished = True  # every rank got here: close() may wait for the others
         return summary
 
     def _summary(self, wall: float, saved_at: int) -> dict:
