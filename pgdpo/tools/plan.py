@@ -989,9 +989,9 @@ def _parser() -> argparse.ArgumentParser:
                                 usage="pgdpo plan [--config FILE.yaml] [--section.key VALUE ...] --gpus N "
                                       "[--gpu TYPE] [hardware and output options]",
                                 description="Will a PG-DPO training run fit? Memory per GPU (policy, "
-                                "gradients, optimizer, reference, activations, overhead) and step time, "
+                                "gradients, optimizer, reference, activations,\noverhead) and step time, "
                                 "estimated before you start, for the run pgdpo train would start from the "
-                                "same config and overrides.", epilog=_EPILOG.format(gpus=gpu_table()))
+                                "same\nconfig and overrides.", epilog=_EPILOG.format(gpus=gpu_table()))
     p.add_argument("--config", metavar="FILE.yaml",
                    help="training config (pgdpo train's YAML; default: the trainer's defaults); "
                         "--section.key VALUE overrides it")
