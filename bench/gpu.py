@@ -420,12 +420,12 @@ def train_section(run: Run):
             if run.left() < 60:
                 break
         plan = [sys.executable, "-m", "pgdpo", "plan", "--config",
-                str(ROOT / "configs" / "wan2.1-t2v-1.3b.yaml"), "--gpus", "1", "--gpu", gpu, "--batch", "1",
-                "--frames", str(out[label]["frames"]), "--json"]
+                str(ROOT / "configs" / "wan2.1-t2v-1.3b.yaml"), "--gpus", "1", "--gpu", gpu,
+                "--train.batch_size", "1", "--data.frames", str(out[label]["frames"]), "--json"]
         if rank:
-            plan += ["--lora-rank", str(rank)]
+            plan += ["--model.lora_rank", str(rank), "--method.reference", "lora"]
         if run.dry_run:
-            plan += ["--height", "32", "--width", "32", "--text-len", "8"]
+            plan += ["--data.height", "32", "--data.width", "32", "--data.text_len", "8"]
         run.command(f"plan-{label}", plan, 60)
         try:
             text = (run.out / f"plan-{label}.log").read_text()

@@ -8,9 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgdpo.tools.plan import GPUS, PlanSettings, block_activation_bytes, plan, settings_from_config
+from pgdpo.tools.plan import GPUS, block_activation_bytes, plan
 
-PAPER = {"model": "wan2.1-t2v-14b", "frames": 81, "height": 480, "width": 832, "batch_size": 16}
+#: the paper's setting (sec. 4.1) as `pgdpo train --section.key VALUE` overrides of the trainer's defaults:
+#: Wan2.1 T2V 14B, 480p x 81 frames, 16 pairs per step (the defaults give bf16, a frozen copy reference,
+#: micro-batch 1, 512 text tokens, and activation checkpointing of every block: `auto` at 14B)
+PAPER = [("model.name", "wan2.1-t2v-14b"), ("data.frames", 81), ("data.height", 480), ("data.width", 832),
+         ("train.batch_size", 16)]
+
+
+def paper(*extra):
+    """The paper's setting with ``(dotted_key, value)`` overrides added."""
+    return [*PAPER, *extra]
+
+
+CHECKPOINTING = ("model.gradient_checkpointing", True)
+NO_CHECKPOINTING = ("model.gradient_checkpointing", False)
 
 
 def _meta_numel(name: str) -> int:
@@ -28,28 +41,30 @@ def _meta_numel(name: str) -> int:
 
 @pytest.mark.parametrize("name", ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b"])
 def test_parameter_counts_are_the_meta_models(name):
-    result = plan(gpus=8, gpu="h20", model=name, suggest=False)
+    result = plan(gpus=8, gpu="h20", config_overrides=[("model.name", name)], suggest=False)
     assert result["model"]["parameters"] == _meta_numel(name)
     assert result["model"]["trainable_parameters"] == result["model"]["parameters"]
 
 
 def test_known_sizes_and_tokens():
-    r14 = plan(gpus=32, gpu="h20", suggest=False, **PAPER)
+    r14 = plan(gpus=32, gpu="h20", suggest=False, config_overrides=PAPER)
     assert 14.2e9 < r14["model"]["parameters"] < 14.4e9  # "14B"
     assert r14["model"]["latent_shape"] == [16, 21, 60, 104]
     assert r14["model"]["tokens_per_video"] == 21 * 30 * 52 == 32760
-    assert 1.3e9 < plan(gpus=1, gpu="h200", model="wan2.1-t2v-1.3b", suggest=False)["model"]["parameters"] < 1.5e9
+    r13 = plan(gpus=1, gpu="h200", config_overrides=[("model.name", "wan2.1-t2v-1.3b")], suggest=False)
+    assert 1.3e9 < r13["model"]["parameters"] < 1.5e9
 
 
 def test_lora_parameter_count():
-    r = plan(gpus=8, gpu="h20", model="wan2.1-t2v-1.3b", lora_rank=16, reference="lora", suggest=False)
+    r = plan(gpus=8, gpu="h20", suggest=False, config_overrides=[
+        ("model.name", "wan2.1-t2v-1.3b"), ("model.lora_rank", 16), ("method.reference", "lora")])
     d, layers = 12 * 128, 30  # to_q/k/v/out of self- and cross-attention: 8 square d x d linears per block
     assert r["model"]["trainable_parameters"] == layers * 8 * 16 * (d + d)
     assert r["memory_gib"]["reference"] == 0
 
 
 def test_paper_setting_fits_on_32_h20(tmp_path):
-    result = plan(gpus=32, gpu="h20", gradient_checkpointing=True, **PAPER)
+    result = plan(gpus=32, gpu="h20", config_overrides=paper(CHECKPOINTING))
     assert result["fits"], result["memory_gib"]
     assert result["total_gib"] <= result["usable_gib"] < GPUS["h20"].memory_gib
     # the same from a YAML config in the trainer's schema, with keys the planner does not need
@@ -73,55 +88,84 @@ def test_configs_are_read_by_the_trainers_loader(tmp_path, capsys):
     config.write_text("model: {name: wan2.1-t2v-14b, gradient_checkpoint: true}\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'model.gradient_checkpoint' \(did you mean "
                                           r"'model.gradient_checkpointing'\?\)"):
-        settings_from_config(str(config))
+        plan(str(config), gpus=8, suggest=False)
     assert main(["--config", str(config), "--gpus", "8"]) == 2
     assert "model.gradient_checkpoint'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="method.eps must be > 0"):
-        settings_from_config({"model": {"name": "wan2.1-t2v-14b"}, "method": {"eps": 0}})
+        plan({"model": {"name": "wan2.1-t2v-14b"}, "method": {"eps": 0}}, gpus=8, suggest=False)
+    # the trainer's cross-field rules, not a second copy of them
+    with pytest.raises(ConfigError, match=r"method.reference: lora needs model.lora_rank > 0"):
+        plan(gpus=8, config_overrides=paper(("method.reference", "lora")), suggest=False)
+    with pytest.raises(ConfigError, match="unknown config key 'data.resolution'"):
+        plan(gpus=8, config_overrides=paper(("data.resolution", 480)), suggest=False)
+    with pytest.raises(TypeError):  # no second schema: config values come only through the config
+        plan(gpus=8, frames=81)
 
 
 def test_config_defaults_are_the_trainers(tmp_path):
+    """What a config leaves out takes the trainer's defaults, and no config at all is the trainer's
+    defaults (`pgdpo train` without --config): the planner has no defaults of its own."""
+    from pgdpo.train.config import TrainConfig
+    from pgdpo.train.layout import resolve_layout
+
     config = tmp_path / "c.yaml"
     config.write_text("model: {name: wan2.1-t2v-14b}\n")
-    s = settings_from_config(str(config))
-    assert s.gradient_checkpointing is True and s.reference == "copy" and s.batch_size == 16
+    s = plan(str(config), gpus=1, suggest=False)["settings"]
+    assert s["gradient_checkpointing"] is True and s["reference"] == "copy" and s["batch_size"] == 16
     config.write_text("model: {name: wan2.1-t2v-14b, lora_rank: 32}\nmethod: {reference: lora}\n")
-    assert settings_from_config(str(config)).reference == "lora"
+    assert plan(str(config), gpus=1, suggest=False)["settings"]["reference"] == "lora"
     config.write_text("model: {name: wan2.1-t2v-14b}\nmethod: {ref_ema_every: 10}\n")
-    assert settings_from_config(str(config)).reference == "ema"
+    assert plan(str(config), gpus=1, suggest=False)["settings"]["reference"] == "ema"
+    defaults = TrainConfig()
+    result = plan(gpus=2, suggest=False)
+    assert result["layout"] == resolve_layout(defaults, 2).as_dict()
+    s = result["settings"]
+    assert s["model"] == defaults.model.name and s["optimizer"] == defaults.optim.name
+    assert (s["frames"], s["height"], s["width"], s["text_len"]) == (
+        defaults.data.frames, defaults.data.height, defaults.data.width, defaults.data.text_len)
+    assert (s["reshard_after_forward"], s["reference_sharded"], s["cpu_offload"], s["strategy"]) == (
+        defaults.distributed.reshard_after_forward, defaults.distributed.reference_sharded,
+        defaults.distributed.cpu_offload, defaults.distributed.strategy)
+    assert s["checkpoint_every"] == defaults.model.checkpoint_every
+    # the trainer's defaults with the same overrides pgdpo train would take
+    assert plan(defaults, gpus=2, suggest=False) == result
+    assert (plan(defaults, gpus=2, suggest=False, config_overrides=PAPER)["settings"]
+            == plan(gpus=2, suggest=False, config_overrides=PAPER)["settings"])
 
 
 def test_memory_decreases_with_more_gpus_and_with_checkpointing():
-    totals = [plan(gpus=n, gpu="h20", suggest=False, **PAPER)["total_gib"] for n in (8, 16, 32, 64)]
+    totals = [plan(gpus=n, gpu="h20", suggest=False, config_overrides=PAPER)["total_gib"] for n in (8, 16, 32, 64)]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
-    on = plan(gpus=32, gpu="h20", gradient_checkpointing=True, suggest=False, **PAPER)
-    off = plan(gpus=32, gpu="h20", gradient_checkpointing=False, suggest=False, **PAPER)
+    on = plan(gpus=32, gpu="h20", suggest=False, config_overrides=paper(CHECKPOINTING))
+    off = plan(gpus=32, gpu="h20", suggest=False, config_overrides=paper(NO_CHECKPOINTING))
     assert on["memory_gib"]["activations"] < off["memory_gib"]["activations"] / 10
     assert on["total_gib"] < off["total_gib"] and not off["fits"]
 
 
 def test_14b_on_8_h20_needs_lora_or_more_gpus():
-    full = plan(gpus=8, gpu="h20", gradient_checkpointing=True, **PAPER)
+    full = plan(gpus=8, gpu="h20", config_overrides=paper(CHECKPOINTING))
     assert not full["fits"]
     fitting = {s["change"] for s in full["suggestions"] if s["fits"]}
     assert any(c.startswith("LoRA") for c in fitting)
-    lora = plan(gpus=8, gpu="h20", gradient_checkpointing=True, lora_rank=64, reference="lora", **PAPER)
+    lora = plan(gpus=8, gpu="h20", config_overrides=paper(CHECKPOINTING, ("model.lora_rank", 64),
+                                                          ("method.reference", "lora")))
     assert lora["fits"] and lora["batch"]["grad_accumulation"] == 2
     assert lora["memory_gib"]["optimizer states"] < 1
 
 
 def test_step_time_counts_recompute_and_reference():
-    common = dict(gpus=32, gpu="h20", suggest=False, **PAPER)
-    on = plan(gradient_checkpointing=True, **common)
-    off = plan(gradient_checkpointing=False, **common)
-    sft = plan(gradient_checkpointing=False, reference="none", **common)
+    common = dict(gpus=32, gpu="h20", suggest=False)
+    on = plan(config_overrides=paper(CHECKPOINTING), **common)
+    off = plan(config_overrides=paper(NO_CHECKPOINTING), **common)
+    sft = plan(config_overrides=paper(NO_CHECKPOINTING, ("method.name", "sft")), **common)
+    assert sft["settings"]["reference"] == "none"
     # forward + 2x backward + reference forward = 4 forwards; + recompute = 5; SFT (no reference) = 3
     assert on["flops"]["per_step"] / off["flops"]["per_step"] == pytest.approx(5 / 4)
     assert sft["flops"]["per_step"] / off["flops"]["per_step"] == pytest.approx(3 / 4)
     fwd = on["flops"]["forward_per_video"]
     assert on["flops"]["per_step"] == 2 * on["batch"]["pairs_per_step"] * 5 * fwd
     assert on["time"]["compute_s"] == pytest.approx(on["flops"]["per_step"] / (32 * 148e12 * 0.40))
-    faster = plan(gradient_checkpointing=True, **{**common, "gpu": "h100"})
+    faster = plan(config_overrides=paper(CHECKPOINTING), **{**common, "gpu": "h100"})
     assert faster["time"]["compute_s"] == pytest.approx(on["time"]["compute_s"] * 148 / 989)
 
 
@@ -162,27 +206,61 @@ def test_block_activation_estimate_matches_measured_saved_tensors():
 def test_cli_json_table_and_errors(capsys):
     from pgdpo.cli import main
 
-    assert main(["plan", "--gpus", "32", "--gpu", "h20", "--json", "--steps", "3000"]) == 0
+    assert main(["plan", "--model.name", "wan2.1-t2v-14b", "--gpus", "32", "--gpu", "h20", "--json",
+                 "--steps", "3000"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["fits"] and result["time"]["total_s"] == pytest.approx(3000 * result["time"]["step_s"])
-    assert main(["plan", "--model", "wan2.1-t2v-14b", "--frames", "81", "--height", "480", "--width", "832",
-                 "--batch", "16", "--gpus", "8", "--gpu", "h20", "--checkpointing"]) == 0
+    assert main(["plan", "--model.name", "wan2.1-t2v-14b", "--data.frames", "81", "--data.height", "480",
+                 "--data.width", "832", "--train.batch_size", "16", "--gpus", "8", "--gpu", "h20",
+                 "--model.gradient_checkpointing", "true"]) == 0
     table = capsys.readouterr().out
     assert "DOES NOT FIT" in table and "to make it fit" in table and "LoRA" in table
-    assert main(["plan", "--gpus", "8", "--frames", "80"]) == 2
-    assert "4k+1" in capsys.readouterr().err
+    assert main(["plan", "--gpus", "8", "--data.frames", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "data.frames" in err and "4k+1" in err
     with pytest.raises(SystemExit):
         main(["plan", "--gpus", "8", "--gpu", "v100"])
 
 
-def test_plan_settings_validation():
-    with pytest.raises(ValueError, match="needs lora_rank > 0"):
-        plan(gpus=8, reference="lora")
-    with pytest.raises(TypeError, match="unknown setting"):
-        plan(gpus=8, resolution=480)
+@pytest.mark.parametrize("argv, key", [
+    (["--frames", "81"], "--data.frames"), (["--frames=81"], "--data.frames"),
+    (["--model", "wan2.1-t2v-14b"], "--model.name"), (["--batch", "16"], "--train.batch_size"),
+    (["--checkpointing"], "--model.gradient_checkpointing true"),
+    (["--no-checkpointing"], "--model.gradient_checkpointing false"),
+    (["--lora-rank", "64"], "--model.lora_rank"), (["--sp-degree", "2"], "--distributed.sp_degree"),
+    (["--replicated-reference"], "--distributed.reference_sharded false"),
+])
+def test_retired_flags_name_their_config_key(capsys, argv, key):
+    """The planner's flags from before it read the trainer's config are errors that name the key."""
+    from pgdpo.tools.plan import main
+
+    assert main(["--gpus", "8", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"{argv[0].split('=')[0]} is gone" in err and key in err
+
+
+def test_help_shows_the_config_way(capsys):
+    from pgdpo.tools.plan import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "without --config: the trainer's defaults" in out.lower().replace("\n", " ")
+    assert "--model.name wan2.1-t2v-14b --data.frames 81" in out
+    for retired in ("--frames", "--lora-rank", "--checkpointing", "--sp-degree"):
+        assert f"  {retired} " not in out  # no option of that name
+
+
+def test_video_size_must_give_whole_latents_and_patches():
+    """The planner's one check of its own (the trainer takes the size from its dataset), naming the key."""
+    with pytest.raises(ValueError, match=r"data.frames must be 1 \+ a multiple"):
+        plan(gpus=8, suggest=False, config_overrides=paper(("data.frames", 80)))
+    with pytest.raises(ValueError, match="data.width must be a multiple of the VAE's spatial factor 8"):
+        plan(gpus=8, suggest=False, config_overrides=paper(("data.width", 836)))
+    with pytest.raises(ValueError, match=r"data.height and data.width must be multiples of 16 x 16"):
+        plan(gpus=8, suggest=False, config_overrides=paper(("data.height", 488)))
     with pytest.raises(ValueError, match="unknown gpu"):
-        plan(gpus=8, gpu="tpu")
-    assert PlanSettings().validate().latent_shape == (16, 21, 60, 104)
+        plan(gpus=8, gpu="tpu", suggest=False)
 
 
 def test_shipped_8xh20_config_fits_full_fine_tuning_at_the_papers_resolution():
@@ -197,26 +275,26 @@ def test_shipped_8xh20_config_fits_full_fine_tuning_at_the_papers_resolution():
         ("wan2.1-i2v-14b", 0, "copy", 81, 480, 832)
     assert result["model"]["tokens_per_video"] == 32760 and s["sp_degree"] == 8
     assert result["fits"] and result["setup_peak_gib"] < result["total_gib"] <= result["usable_gib"]
-    without = plan(config, gpus=8, gpu="h20", suggest=False, sp_degree=1)
+    without = plan(config, gpus=8, gpu="h20", suggest=False, config_overrides=[("distributed.sp_degree", 1)])
     assert not without["fits"]
 
 
 def test_sequence_parallelism_divides_activations_not_the_static_figures():
-    base = plan(gpus=8, gpu="h20", suggest=False, gradient_checkpointing=True, **PAPER)
-    sp = [plan(gpus=8, gpu="h20", suggest=False, gradient_checkpointing=True, sp_degree=n, **PAPER)
-          for n in (2, 4, 8)]
+    base = plan(gpus=8, gpu="h20", suggest=False, config_overrides=paper(CHECKPOINTING))
+    sp = [plan(gpus=8, gpu="h20", suggest=False,
+               config_overrides=paper(CHECKPOINTING, ("distributed.sp_degree", n))) for n in (2, 4, 8)]
     acts = [base["memory_gib"]["activations"]] + [r["memory_gib"]["activations"] for r in sp]
     assert acts == sorted(acts, reverse=True) and acts[-1] < acts[0] / 4
     assert all(r["static_bytes_per_rank"] == base["static_bytes_per_rank"] for r in sp)
     assert [r["batch"]["grad_accumulation"] for r in sp] == [4, 8, 16]  # one pair per group per forward
     assert all(r["time"]["sp_comm_s"] > 0 for r in sp) and base["time"]["sp_comm_s"] == 0
     with pytest.raises(ValueError, match="must divide the attention heads"):
-        plan(gpus=6, gpu="h20", suggest=False, sp_degree=6, **PAPER)  # 40 heads
+        plan(gpus=6, gpu="h20", suggest=False, config_overrides=paper(("distributed.sp_degree", 6)))  # 40 heads
 
 
 def test_checkpoint_every_k_trades_memory_for_recompute():
-    runs = [plan(gpus=32, gpu="h20", suggest=False, gradient_checkpointing=True, checkpoint_every=k, **PAPER)
-            for k in (1, 2, 4)]
+    runs = [plan(gpus=32, gpu="h20", suggest=False,
+                 config_overrides=paper(CHECKPOINTING, ("model.checkpoint_every", k))) for k in (1, 2, 4)]
     acts = [r["memory_gib"]["activations"] for r in runs]
     recompute = [r["flops"]["per_video"]["recompute"] for r in runs]
     assert acts == sorted(acts) and recompute == sorted(recompute, reverse=True)

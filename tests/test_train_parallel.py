@@ -182,7 +182,7 @@ def test_async_save_killed_mid_write_never_leaves_a_loadable_partial_checkpoint(
 def test_planner_static_figures_are_the_trainers(tmp_path, datasets, extra):
     """`pgdpo plan`'s per-rank parameters, gradients, optimizer states and reference bytes equal what a
     real 2-process run holds on rank 0 (FSDP2 rows rounded up, fp32-kept parameters replicated)."""
-    from pgdpo.tools.plan import plan, settings_from_train_config
+    from pgdpo.tools.plan import plan
     from pgdpo.train.cli import resolve
 
     out = tmp_path / "run"
@@ -190,6 +190,6 @@ def test_planner_static_figures_are_the_trainers(tmp_path, datasets, extra):
     run(torchrun(2, str(ROOT / "tests" / "_plan_worker.py"), *args))
     measured = json.loads((out / "static.json").read_text())
     cfg, _ = resolve(args)
-    planned = plan(settings_from_train_config(cfg), gpus=2, suggest=False)["static_bytes_per_rank"]
+    planned = plan(cfg, gpus=2, suggest=False)["static_bytes_per_rank"]
     assert planned == measured
     assert measured["reference"] > 0 and measured["optimizer states"] > 0

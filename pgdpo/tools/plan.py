@@ -1,8 +1,13 @@
 """``pgdpo plan``: will a PG-DPO run fit, and how long will a step take? Estimated before you start.
 
     pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20
-    pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
-               --checkpointing --lora-rank 64 --json
+    pgdpo plan --config configs/wan2.1-i2v-14b.yaml --model.lora_rank 64 --method.reference lora \\
+               --gpus 8 --gpu h20 --json
+
+The run planned is the one ``pgdpo train`` would start from the same config and ``--section.key VALUE``
+overrides on ``--gpus`` processes (one schema: :mod:`pgdpo.train.config`, resolved once by
+:func:`pgdpo.train.layout.resolve_layout`); the planner's own options describe only the hardware (GPU type,
+count, links) and the estimate (MFU, overhead, margin).
 
 What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every number is an estimate):
 
@@ -72,18 +77,22 @@ What is modelled (per GPU, Wan2.1 ``WanTransformer3DModel`` families; every numb
   micro-batches (``runnable`` false) gets the best of them named.
 
 Configs are read by the trainer's loader (``pgdpo.train.config``: misspelt keys and bad values are errors,
-left-out keys take the trainer's defaults); the keys that matter here: ``model.name``, ``model.precision``,
-``model.gradient_checkpointing``, ``model.lora_rank``, ``model.lora_targets``, ``data.frames``,
-``data.height``, ``data.width``, ``data.text_len``, ``method.name`` (sft: no reference),
-``method.reference`` (copy | lora), ``method.ref_ema_every`` (> 0: EMA reference), ``optim.name``,
-``train.batch_size`` (pairs per optimiser step over all GPUs), ``train.micro_batch_size`` (pairs per forward
-per GPU), ``distributed.strategy``, ``distributed.reshard_after_forward``, ``distributed.sp_degree``,
-``distributed.replicate_degree``.
+left-out keys take the trainer's defaults; no config: the trainer's defaults, as ``pgdpo train`` without
+``--config``); the planner adds one check of its own, that ``data.frames`` / ``data.height`` /
+``data.width`` give whole latents and patches for the model (:func:`check_video`). The keys that matter
+here: ``model.name``, ``model.path``, ``model.precision``, ``model.gradient_checkpointing``,
+``model.checkpoint_every``, ``model.lora_rank``, ``model.lora_targets``, ``data.frames``, ``data.height``,
+``data.width``, ``data.text_len``, ``method.name`` (sft: no reference), ``method.reference`` (copy | lora),
+``method.ref_ema_every`` (> 0: EMA reference), ``optim.name``, ``train.batch_size`` (pairs per optimiser
+step over all GPUs), ``train.micro_batch_size`` (pairs per forward per GPU), ``distributed.strategy``,
+``distributed.reshard_after_forward``, ``distributed.sp_degree``, ``distributed.replicate_degree``,
+``distributed.reference_sharded``, ``distributed.cpu_offload``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -94,11 +103,10 @@ from dataclasses import dataclass
 
 from ..train import memory
 from ..train.cli import parse_overrides
-from ..train.config import PRECISIONS, STRATEGIES, TrainConfig, from_dict, load_config
-from ..train.config import REFERENCES as TRAIN_REFERENCES
+from ..train.config import TrainConfig, from_dict, load_config, set_key
 from ..train.layout import Layout, check_mesh, pretrained_config, resolve_layout, resolve_strategy
 from ..train.memory import ACT_PER_TOKEN, OPTIMIZER_STATE_BYTES, block_activation_bytes
-from ..train.models import MODEL_CONFIGS, resolve_config
+from ..train.models import MODEL_CONFIGS, resolve_config, spec_for
 
 GIB = 1024 ** 3
 
@@ -135,81 +143,54 @@ GPUS: dict[str, GPU] = {
     "a100": GPU("NVIDIA A100 SXM 80 GB", 80.0, 312e12, 300e9, 25e9),
 }
 
-#: the reference kinds the memory model knows: the trainer's `method.reference` values and the two that
-#: other keys imply, "ema" (a copy with method.ref_ema_every > 0: kept in fp32) and "none" (sft)
-REFERENCES = (*TRAIN_REFERENCES, "ema", "none")
 #: optimizer-state bytes per trained parameter (the memory terms' home: :mod:`pgdpo.train.memory`)
 OPTIMIZERS = OPTIMIZER_STATE_BYTES
+#: image tokens of the Wan2.1 I2V models' CLIP image encoder (ViT-H/14 at 224 px: 256 patches + CLS);
+#: counted in the FLOPs of a model with an image projection
+IMAGE_LEN = 257
 
 
-@dataclass
-class PlanSettings:
-    """One training setup to plan. Defaults: the paper's (sec. 4.1) Wan2.1 480p x 81 frames, batch 16."""
+@dataclass(frozen=True)
+class _Setup:
+    """One run as the planner evaluates it: derived from a :class:`~pgdpo.train.layout.Layout` and its
+    ``TrainConfig`` by :func:`_setup_from_layout` (never configured directly: the config is the one
+    schema). The what-if variants (suggestions, layouts, HSDP vs plain FSDP) are copies of it with a field
+    changed (``dataclasses.replace``)."""
 
-    model: str = "wan2.1-t2v-14b"
-    frames: int = 81
-    height: int = 480
-    width: int = 832
+    model: str
+    frames: int
+    height: int
+    width: int
     #: preference pairs per optimiser step over all GPUs
-    batch_size: int = 16
+    batch_size: int
     #: pairs per forward per GPU (a forward sees 2x this many videos: chosen + rejected)
-    micro_batch_size: int = 1
-    text_len: int = 512
-    image_len: int = 257
-    precision: str = "bf16"
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = True
-    #: copy | lora | ema | none
-    reference: str = "copy"
+    micro_batch_size: int
+    text_len: int
+    image_len: int
+    precision: str
+    optimizer: str
+    gradient_checkpointing: bool
+    #: copy | lora | ema | none (pgdpo.train.layout.reference_kind)
+    reference: str
     #: 0: full fine-tuning; > 0: LoRA adapters of this rank are trained, the base is frozen
-    lora_rank: int = 0
-    lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")
-    strategy: str = "auto"
-    reshard_after_forward: bool = True
+    lora_rank: int
+    lora_targets: tuple
+    strategy: str
+    reshard_after_forward: bool
     #: distributed.reference_sharded: the frozen reference sharded like the policy, or replicated
-    reference_sharded: bool = True
-    #: distributed.cpu_offload: FSDP2 CPUOffloadPolicy, the policy's sharded weights, gradients and
-    #: optimizer states in host memory
-    cpu_offload: bool = False
+    reference_sharded: bool
+    #: distributed.cpu_offload: the policy's sharded weights, gradients and optimizer states in host memory
+    cpu_offload: bool
     #: distributed.sp_degree: ranks per Ulysses sequence-parallel group (each holds tokens / sp_degree)
-    sp_degree: int = 1
+    sp_degree: int
     #: model.checkpoint_every: with gradient checkpointing, recompute blocks 0, k, 2k, ...
-    checkpoint_every: int = 1
-
-    def validate(self) -> PlanSettings:
-        for key in ("frames", "height", "width", "batch_size", "micro_batch_size", "text_len", "sp_degree",
-                    "checkpoint_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        for key, choices in (("precision", PRECISIONS), ("optimizer", tuple(OPTIMIZERS)),
-                             ("reference", REFERENCES), ("strategy", STRATEGIES)):
-            if getattr(self, key) not in choices:
-                raise ValueError(f"{key} must be one of {list(choices)}, got {getattr(self, key)!r}")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
-        if self.reference == "lora" and self.lora_rank == 0:
-            raise ValueError("reference 'lora' (the policy with its adapters disabled) needs lora_rank > 0")
-        from pgdpo.train.models import adapter_for
-
-        adapter = adapter_for(model_arch(self.model))
-        adapter.latent_shape(self.frames, self.height, self.width, strict=True)  # Wan: 4k+1 frames, H, W / 8
-        # whole patches (Wan) / whole downsampled grids (UNet): the latent's H', W' divide further
-        mh, mw = adapter.pixel_multiples()
-        if self.height % mh or self.width % mw:
-            raise ValueError(f"height and width must be multiples of {mh} x {mw} for {self.model} "
-                             f"(its VAE and patch / downsampling), got {self.height}x{self.width}")
-        self.lora_targets = tuple(self.lora_targets)
-        return self
+    checkpoint_every: int
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """Latent ``(C, F', H', W')`` of the video for the model
-        (``pgdpo.train.models.ModelAdapter.latent_shape``:
-        ``C`` from its config, the Wan VAE's 4x in time and 8x in space)."""
-        from pgdpo.train.models import adapter_for
-
-        return adapter_for(model_arch(self.model)).latent_shape(self.frames, self.height, self.width)
+        (``pgdpo.train.models.ModelSpec.latent_shape``: ``C`` from its config, the VAE's factors)."""
+        return spec_for(model_arch(self.model)).latent_shape(self.frames, self.height, self.width)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -220,48 +201,60 @@ def model_arch(model: str) -> dict:
     return resolve_config(model) if model in MODEL_CONFIGS else pretrained_config(model)
 
 
-def settings_from_layout(layout: Layout, config: TrainConfig, *, model: str | None = None) -> PlanSettings:
-    """:class:`PlanSettings` of a run as the trainer resolves it (:func:`pgdpo.train.layout.resolve_layout`:
-    the architecture from ``model.path`` or ``model.name``, the reference kind, the checkpointing), plus
-    the video size and the FSDP options of its config. ``model``: plan this model instead (a name when
+def check_video(arch: dict, model: str, frames: int, height: int, width: int) -> None:
+    """The planner's own check of ``data.frames`` / ``data.height`` / ``data.width`` (the trainer reads the
+    size from its dataset instead): the VAE must encode the video exactly (Wan: 4k+1 frames, H and W
+    multiples of 8) and the latent grid must hold whole patches (Wan) / downsampled grids (UNet). A
+    ``ValueError`` naming the key."""
+    spec = spec_for(arch)
+    try:
+        spec.latent_shape(frames, height, width, strict=True)
+    except ValueError as exc:  # "frames must be ...", "height must be ...", "width must be ..."
+        raise ValueError(f"data.{exc} (model {model})") from None
+    mh, mw = spec.pixel_multiples()
+    if height % mh or width % mw:
+        raise ValueError(f"data.height and data.width must be multiples of {mh} x {mw} for {model} (its VAE "
+                         f"and patch / downsampling), got {height} x {width}")
+
+
+def _setup_from_layout(layout: Layout, config: TrainConfig, *, model: str | None = None) -> _Setup:
+    """The run to plan, as the trainer resolves it (:func:`pgdpo.train.layout.resolve_layout`: the
+    architecture from ``model.path`` or ``model.name``, the reference kind, the checkpointing), plus the
+    video size and the FSDP options of its config. ``model``: plan this model instead (a name when
     ``model.path`` is not on this machine)."""
     d, dist = config.data, config.distributed
-    s = PlanSettings(model=model or layout.model, frames=d.frames, height=d.height, width=d.width,
-                     batch_size=layout.batch_size, micro_batch_size=layout.micro_batch_size,
-                     text_len=d.text_len, precision=layout.precision, optimizer=config.optim.name,
-                     gradient_checkpointing=layout.checkpoint_every is not None, reference=layout.reference,
-                     lora_rank=layout.lora_rank, lora_targets=layout.lora_targets, strategy=dist.strategy,
-                     reshard_after_forward=dist.reshard_after_forward,
-                     reference_sharded=dist.reference_sharded, cpu_offload=dist.cpu_offload,
-                     sp_degree=layout.sp_degree, checkpoint_every=config.model.checkpoint_every)
-    return s.validate()
+    model = model or layout.model
+    check_video(model_arch(model) if model != layout.model else layout.arch, model, d.frames, d.height,
+                d.width)
+    return _Setup(model=model, frames=d.frames, height=d.height, width=d.width,
+                  batch_size=layout.batch_size, micro_batch_size=layout.micro_batch_size,
+                  text_len=d.text_len, image_len=IMAGE_LEN, precision=layout.precision,
+                  optimizer=config.optim.name, gradient_checkpointing=layout.checkpoint_every is not None,
+                  reference=layout.reference, lora_rank=layout.lora_rank,
+                  lora_targets=tuple(layout.lora_targets), strategy=dist.strategy,
+                  reshard_after_forward=dist.reshard_after_forward,
+                  reference_sharded=dist.reference_sharded, cpu_offload=dist.cpu_offload,
+                  sp_degree=layout.sp_degree, checkpoint_every=config.model.checkpoint_every)
 
 
-def settings_from_train_config(config: TrainConfig, gpus: int | None = None) -> PlanSettings:
-    """:class:`PlanSettings` of the run ``pgdpo train`` would start from a (validated) ``TrainConfig`` on
-    ``gpus`` processes (default: one sequence-parallel group)."""
-    world = gpus or config.distributed.sp_degree
-    return settings_from_layout(resolve_layout(config, world, exact_batch=False), config)
-
-
-def read_config(mapping: dict | str | os.PathLike | None, overrides=()) -> tuple[str, TrainConfig]:
-    """``(where, config)``: a training config (a YAML file, its mapping, or None for the trainer's
-    defaults) with ``(dotted_key, value)`` overrides, read by the trainer's own loader
-    (``pgdpo.train.config``): a misspelt key or a bad value is the same error ``pgdpo train`` gives."""
-    if mapping is None or isinstance(mapping, (str, os.PathLike)):
-        where = os.fspath(mapping) if mapping is not None else "config"
-        return where, load_config(mapping, list(overrides))
-    return "config", from_dict(mapping, list(overrides))
-
-
-def settings_from_config(mapping: dict | str | os.PathLike) -> PlanSettings:
-    """:class:`PlanSettings` from a training config (a YAML file or its mapping); keys a config leaves out
-    take the trainer's defaults (see :func:`read_config`)."""
-    where, config = read_config(mapping)
-    try:
-        return settings_from_train_config(config)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+def read_config(config: TrainConfig | dict | str | os.PathLike | None,
+                overrides=()) -> tuple[str, TrainConfig]:
+    """``(where, config)``: a training config (a YAML file, its mapping, a ``TrainConfig``, or None for the
+    trainer's defaults) with ``(dotted_key, value)`` overrides (what ``pgdpo train --section.key VALUE``
+    gives), read by the trainer's own loader (``pgdpo.train.config``): a misspelt key or a bad value is
+    the same error ``pgdpo train`` gives."""
+    overrides = list(overrides)
+    if isinstance(config, TrainConfig):
+        if not overrides:
+            return "config", config
+        config = copy.deepcopy(config)
+        for key, value in overrides:
+            set_key(config, key, value)
+        return "config", config.validate()
+    if config is None or isinstance(config, (str, os.PathLike)):
+        where = os.fspath(config) if config is not None else "config"
+        return where, load_config(config, overrides)
+    return "config", from_dict(config, overrides)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -321,7 +314,7 @@ def unit_shard_elements(name: str, lora_rank: int, lora_targets: tuple, ranks: i
                  for u in sorted({_unit(p) for p in table}))
 
 
-def static_memory(s: PlanSettings, ranks: int) -> dict:
+def static_memory(s: _Setup, ranks: int) -> dict:
     """Bytes per rank (rank 0) of the policy weights, gradients, optimizer states and reference over
     ``ranks`` FSDP2 ranks (1: not sharded): :func:`pgdpo.train.memory.static_terms`, plus what CPU offload
     moves to host memory (the sharded part of each)."""
@@ -363,7 +356,7 @@ def crosses_nodes(groups: list[list[int]], gpus_per_node: int) -> bool:
     return any(len({r // gpus_per_node for r in g}) > 1 for g in groups)
 
 
-def collectives(s: PlanSettings, *, world: int, strategy: str, shard_degree: int, replicate_degree: int,
+def collectives(s: _Setup, *, world: int, strategy: str, shard_degree: int, replicate_degree: int,
                 accum: int, videos: int, local_tokens: int, checkpointed: int) -> list[dict]:
     """The collectives one rank issues in one optimiser step, as the trainer runs them (counted on a real
     run by ``tests/_plan_worker.py``): one entry per kind, with ``call_bytes`` (the full buffer of each
@@ -458,7 +451,7 @@ def communication(colls: list[dict], *, world: int, shard_degree: int, sp_degree
 
 
 
-def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib: float, margin: float,
+def _evaluate(s: _Setup, gpus: int, gpu: GPU, *, mfu: float, overhead_gib: float, margin: float,
               replicate_degree: int = 1) -> dict:
     from pgdpo.train.models import adapter_for, wan_forward_flops
 
@@ -479,7 +472,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     # ---- batch layout: the sp ranks of a sequence group run one micro-batch together
     sp = s.sp_degree
     if m["heads"] % sp:
-        raise ValueError(f"sp_degree {sp} must divide the attention heads ({m['heads']})")
+        raise ValueError(f"distributed.sp_degree {sp} must divide the attention heads ({m['heads']})")
     dp = gpus // sp
     per_step = s.micro_batch_size * dp
     accum = max(1, math.ceil(s.batch_size / per_step))
@@ -500,7 +493,7 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
 
     # ---- memory (bytes per GPU)
     if tokens % sp:
-        raise ValueError(f"sp_degree {sp} must divide the tokens per video ({tokens})")
+        raise ValueError(f"distributed.sp_degree {sp} must divide the tokens per video ({tokens})")
     local_tokens = tokens // sp
     static = static_memory(s, shard)
     mem = {k: float(static[k]) for k in ("policy weights", "gradients", "optimizer states")}
@@ -600,9 +593,9 @@ def _evaluate(s: PlanSettings, gpus: int, gpu: GPU, *, mfu: float, overhead_gib:
     }
 
 
-def _suggestions(s: PlanSettings, gpus: int, gpu_name: str, evaluate) -> list[dict]:
+def _suggestions(s: _Setup, gpus: int, gpu_name: str, evaluate) -> list[dict]:
     """Single changes (and a few pairs of them) that make the plan fit, cheapest first."""
-    candidates: list[tuple[str, PlanSettings, int]] = []
+    candidates: list[tuple[str, _Setup, int]] = []
     ckpt = dataclasses.replace(s, gradient_checkpointing=True)
     if not s.gradient_checkpointing:
         candidates.append(("gradient checkpointing (model.gradient_checkpointing: true)", ckpt, gpus))
@@ -647,7 +640,7 @@ def _suggestions(s: PlanSettings, gpus: int, gpu_name: str, evaluate) -> list[di
     return out
 
 
-def layout_options(s: PlanSettings, gpus: int, evaluate, *, max_micro_batch: int = 4) -> list[dict]:
+def layout_options(s: _Setup, gpus: int, evaluate, *, max_micro_batch: int = 4) -> list[dict]:
     """Every layout that runs ``s.batch_size`` pairs per step on ``gpus`` GPUs as the trainer would
     accept it: ``sp_degree`` (dividing the heads and the tokens:
     :func:`pgdpo.train.parallel.check_divisible`), ``replicate_degree`` (the HSDP mesh rules of
@@ -689,7 +682,7 @@ def layout_options(s: PlanSettings, gpus: int, evaluate, *, max_micro_batch: int
     return options
 
 
-def hsdp_saving(s: PlanSettings, gpus: int, replicate_degree: int, evaluate,
+def hsdp_saving(s: _Setup, gpus: int, replicate_degree: int, evaluate,
                 gpus_per_node: int) -> dict | None:
     """Plain FSDP2 over all ``gpus`` vs HSDP with one replica group per node (or the configured
     ``replicate_degree`` when > 1): the communication of each, and what HSDP saves. None on one node, or
@@ -714,20 +707,22 @@ def hsdp_saving(s: PlanSettings, gpus: int, replicate_degree: int, evaluate,
             "memory_gib": {"plain_fsdp": plain["total_gib"], "hsdp": per_node["total_gib"]}}
 
 
-def plan(config: PlanSettings | TrainConfig | dict | str | os.PathLike | None = None, *, gpus: int,
-         gpu: str = "h20",
-         mfu: float = 0.40, overhead_gib: float = 4.0, margin: float = 0.08,
+def plan(config: TrainConfig | dict | str | os.PathLike | None = None, *, gpus: int, gpu: str = "h20",
+         config_overrides=(), mfu: float = 0.40, overhead_gib: float = 4.0, margin: float = 0.08,
          intra_node_gbps: float | None = None, inter_node_gbps: float | None = None,
-         gpus_per_node: int | None = None, suggest: bool = True, config_overrides=(), **overrides) -> dict:
-    """Memory per GPU, step time and whether it fits, for a training setup on ``gpus`` x ``gpu``.
+         gpus_per_node: int | None = None, suggest: bool = True) -> dict:
+    """Memory per GPU, step time and whether it fits, for a training run on ``gpus`` x ``gpu``.
+
+    The run is what ``pgdpo train`` would start from the same config on ``gpus`` processes: the config and
+    its overrides are read by the trainer's loader and resolved by :func:`pgdpo.train.layout.resolve_layout`;
+    the other arguments describe the hardware and the estimate.
 
     Args:
-        config: :class:`PlanSettings`, a training config (a validated ``TrainConfig``, a mapping or a YAML
-            path: the keys listed in the module doc), or None for the defaults (the paper's Wan2.1-14B 480p
-            x 81 frames, batch 16; with
-            ``config_overrides``, the trainer's defaults).
-        config_overrides: ``(dotted_key, value)`` pairs applied to the training config as ``pgdpo train``
-            applies its ``--section.key VALUE`` arguments.
+        config: a training config: a YAML path, its mapping, a validated ``TrainConfig``, or None for the
+            trainer's defaults (``pgdpo train`` without ``--config``).
+        config_overrides: ``(dotted_key, value)`` pairs applied to the config as ``pgdpo train`` applies its
+            ``--section.key VALUE`` arguments (values typed as YAML reads them: ``("data.frames", 81)``,
+            ``("model.gradient_checkpointing", True)``).
         gpus: number of GPUs (processes); the mesh (``distributed.replicate_degree``, ``sp_degree``) is the
             config's.
         gpu: a key of :data:`GPUS` (``h20``, ``h100``, ``h200``, ``a100``).
@@ -736,55 +731,39 @@ def plan(config: PlanSettings | TrainConfig | dict | str | os.PathLike | None = 
         margin: fraction of GPU memory kept free for fragmentation; fits = total <= (1 - margin) x capacity.
         intra_node_gbps, inter_node_gbps, gpus_per_node: the network (GB/s per GPU, one direction; GPUs per
             node); None: the GPU's (:data:`GPUS`).
-        suggest: also evaluate changes that make it fit (``"suggestions"``).
-        **overrides: :class:`PlanSettings` fields (``model=``, ``frames=``, ``gradient_checkpointing=`` ...),
-            applied after the config is resolved.
+        suggest: also evaluate changes that make it fit (``"suggestions"``) and the layouts that run the
+            batch (``"layouts"``).
 
     Returns:
-        A JSON-serialisable dict: ``memory_gib`` (components), ``total_gib``, ``capacity_gib``, ``fits``,
-        ``model`` (parameter counts, tokens), ``batch``, ``flops``, ``time`` (``step_s`` ...), ``notes``,
-        ``suggestions``; ``communication`` (each collective per step: calls, bytes, link, seconds; totals
-        intra / inter node), ``hsdp`` (plain FSDP vs HSDP across nodes), ``layouts`` (every layout that runs
-        the batch on ``gpus``, best first: :func:`layout_options`), ``runnable`` (whole accumulation);
-        ``layout`` (read from a training config): the run as ``pgdpo train`` resolves it on ``gpus``
-        processes (:func:`pgdpo.train.layout.resolve_layout`).
+        A JSON-serialisable dict: ``settings`` (the run as planned), ``layout`` (the run as ``pgdpo train``
+        resolves it on ``gpus`` processes: :func:`pgdpo.train.layout.resolve_layout`), ``memory_gib``
+        (components), ``total_gib``, ``capacity_gib``, ``fits``, ``model`` (parameter counts, tokens),
+        ``batch``, ``flops``, ``time`` (``step_s`` ...), ``notes``, ``suggestions``; ``communication`` (each
+        collective per step: calls, bytes, link, seconds; totals intra / inter node), ``hsdp`` (plain FSDP
+        vs HSDP across nodes), ``layouts`` (every layout that runs the batch on ``gpus``, best first:
+        :func:`layout_options`), ``runnable`` (whole accumulation).
     """
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
-    layout, replicate_degree = None, 1
-    if isinstance(config, PlanSettings):
-        settings = dataclasses.replace(config)
-    elif config is None and not config_overrides:
-        settings = PlanSettings()
-    else:
-        where, train_config = (("config", config) if isinstance(config, TrainConfig) and not config_overrides
-                               else read_config(config, config_overrides))
-        m = train_config.model
-        try:
-            arch = None
-            if m.path and not os.path.isdir(m.path):  # planning before the weights are here
-                arch = resolve_config(m.name)
-                path_note = (f"model.path {m.path!r} is not here: planned with model.name {m.name!r} "
-                             "(pgdpo train reads the architecture from model.path)")
-            layout = resolve_layout(train_config, gpus, arch=arch, exact_batch=False)
-            settings = settings_from_layout(layout, train_config, model=m.name if arch is not None else None)
-            replicate_degree = layout.replicate_degree
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PlanSettings)})
-    if unknown:
-        raise TypeError(f"plan: unknown setting(s) {unknown}; PlanSettings has "
-                        f"{[f.name for f in dataclasses.fields(PlanSettings)]}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    settings = dataclasses.replace(settings, **given).validate()
+    where, train_config = read_config(config, config_overrides)
+    m = train_config.model
+    arch, path_note = None, None
+    try:
+        if m.path and not os.path.isdir(m.path):  # planning before the weights are here
+            arch = resolve_config(m.name)
+            path_note = (f"model.path {m.path!r} is not here: planned with model.name {m.name!r} "
+                         "(pgdpo train reads the architecture from model.path)")
+        layout = resolve_layout(train_config, gpus, arch=arch, exact_batch=False)
+        settings = _setup_from_layout(layout, train_config, model=m.name if arch is not None else None)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    replicate_degree = layout.replicate_degree
     if gpu not in GPUS:
         raise ValueError(f"unknown gpu {gpu!r}; expected one of {sorted(GPUS)}")
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
-    if settings.strategy == "none" and gpus > 1:
-        raise ValueError(f"strategy 'none' is one process; got gpus={gpus}")
     spec = GPUS[gpu]
     for key, value in (("intra_node_gbps", intra_node_gbps), ("inter_node_gbps", inter_node_gbps),
                        ("gpus_per_node", gpus_per_node)):
@@ -802,10 +781,9 @@ def plan(config: PlanSettings | TrainConfig | dict | str | os.PathLike | None = 
                          replicate_degree=replicate)
 
     result = evaluate(settings, gpus)
-    if layout is not None:
-        result["layout"] = layout.as_dict()
-        if arch is not None:
-            result["notes"].append(path_note)
+    result["layout"] = layout.as_dict()
+    if path_note:
+        result["notes"].append(path_note)
     result["gpu"]["key"] = gpu
     result["assumptions"] = {"mfu": mfu, "overhead_gib": overhead_gib, "margin": margin,
                              "intra_node_gbps": spec.intra_node / 1e9,
@@ -949,13 +927,25 @@ def gpu_table() -> str:
 
 
 _EPILOG = """\
+The run is read as pgdpo train reads it: --config FILE.yaml plus any --section.key VALUE override, the
+trainer's defaults for what they leave out, resolved as the trainer resolves it on --gpus processes (model
+from model.path or model.name, reference, strategy, mesh, accumulation, checkpointing: the JSON's "layout").
+Without --config: the trainer's defaults (its tiny test model); pass --config configs/<model>.yaml or
+--model.name ... The other options here describe the hardware and the estimate.
+
 examples:
   pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20
-  pgdpo plan --model wan2.1-t2v-14b --frames 81 --height 480 --width 832 --batch 16 --gpus 8 --gpu h20 \\
-             --checkpointing --lora-rank 64
-  pgdpo plan --gpus 32 --gpu h20 --json          (defaults: the paper's Wan2.1-14B 480p x 81, batch 16)
+  pgdpo plan --model.name wan2.1-t2v-14b --data.frames 81 --data.height 480 --data.width 832 \\
+             --train.batch_size 16 --model.lora_rank 64 --method.reference lora --gpus 8 --gpu h20 --json
   pgdpo plan --config configs/wan2.1-i2v-14b.yaml --gpus 32 --gpu h20 --distributed.replicate_degree 1 \\
              --inter-node-gbps 50                (plain FSDP over the 4 nodes, 400 Gb/s per GPU)
+
+config keys the estimate reads (as --section.key VALUE): model.name, model.path, model.precision,
+  model.gradient_checkpointing (true | false | auto), model.checkpoint_every, model.lora_rank,
+  model.lora_targets, data.frames, data.height, data.width, data.text_len, method.name (sft: no
+  reference), method.reference (copy | lora), method.ref_ema_every, optim.name, train.batch_size,
+  train.micro_batch_size, distributed.strategy, distributed.sp_degree, distributed.replicate_degree,
+  distributed.reshard_after_forward, distributed.reference_sharded, distributed.cpu_offload
 
 GPUs (dense bf16 peak; per GPU, one direction: NVLink within a node, the network across nodes):
 {gpus}
@@ -966,51 +956,47 @@ GPUs / distributed.replicate_degree with HSDP); the reference is a bf16 sharded 
 disabled: no copy); activations are measured per Wan block (72 d + 4 ffn bytes/token in bf16); step time =
 executed FLOPs / (GPUs x peak x MFU); each collective of a step (ring byte counts) runs on NVLink when its
 group is inside a node, else on the network; the layouts that run the batch on --gpus are ranked.
-
-The config is read as pgdpo train reads it: --config FILE.yaml plus any --section.key VALUE override
-(e.g. --train.batch_size 32 --distributed.sp_degree 4), the trainer's defaults for what it leaves out, and
-the run resolved as the trainer resolves it on --gpus processes (model from model.path or model.name,
-reference, strategy, accumulation, checkpointing; the JSON's "layout"). The flags above are applied after.
 """
+
+#: the planner's own flags before it read the trainer's config (PlanSettings), and the config key each
+#: became: only to say so when one is given (the --section.key form is the one way now)
+_RETIRED_FLAGS = {
+    "--model": "--model.name NAME", "--frames": "--data.frames N", "--height": "--data.height PIXELS",
+    "--width": "--data.width PIXELS", "--batch": "--train.batch_size PAIRS",
+    "--micro-batch": "--train.micro_batch_size PAIRS", "--precision": "--model.precision bf16|fp32",
+    "--optimizer": "--optim.name adamw", "--checkpointing": "--model.gradient_checkpointing true",
+    "--no-checkpointing": "--model.gradient_checkpointing false",
+    "--reference": "--method.reference copy|lora (sft: --method.name sft; EMA: --method.ref_ema_every K)",
+    "--lora-rank": "--model.lora_rank R --method.reference lora", "--strategy": "--distributed.strategy S",
+    "--sp-degree": "--distributed.sp_degree N", "--checkpoint-every": "--model.checkpoint_every K",
+    "--replicated-reference": "--distributed.reference_sharded false",
+    "--cpu-offload": "--distributed.cpu_offload true", "--text-len": "--data.text_len N",
+}
+
+
+def _retired_flag(extra: list[str]) -> str | None:
+    """The error for the first retired flag among the unparsed arguments, or None."""
+    for token in extra:
+        flag = token.split("=", 1)[0]
+        if flag in _RETIRED_FLAGS:
+            return (f"{flag} is gone: pgdpo plan reads the training config as pgdpo train does; use "
+                    f"{_RETIRED_FLAGS[flag]}")
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgdpo plan", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="pgdpo plan [--config FILE.yaml] [--section.key VALUE ...] --gpus N "
+                                      "[--gpu TYPE] [hardware and output options]",
                                 description="Will a PG-DPO training run fit? Memory per GPU (policy, "
-                                "gradients, optimizer, reference, activations, overhead) and step time, "
-                                "estimated before you start.", epilog=_EPILOG.format(gpus=gpu_table()))
+                                "gradients, optimizer, reference, activations,\noverhead) and step time, "
+                                "estimated before you start, for the run pgdpo train would start from the "
+                                "same\nconfig and overrides.", epilog=_EPILOG.format(gpus=gpu_table()))
     p.add_argument("--config", metavar="FILE.yaml",
-                   help="training config (pgdpo train's YAML); flags override it")
+                   help="training config (pgdpo train's YAML; default: the trainer's defaults); "
+                        "--section.key VALUE overrides it")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h20", help="GPU type (default h20)")
-    p.add_argument("--model", help="model name of pgdpo.train.models.MODEL_CONFIGS (default wan2.1-t2v-14b)")
-    p.add_argument("--frames", type=int, help="video frames (4k+1; default 81)")
-    p.add_argument("--height", type=int, help="video height in pixels (default 480)")
-    p.add_argument("--width", type=int, help="video width in pixels (default 832)")
-    p.add_argument("--batch", type=int, dest="batch_size",
-                   help="pairs per optimiser step, all GPUs (default 16)")
-    p.add_argument("--micro-batch", type=int, dest="micro_batch_size",
-                   help="pairs per forward per GPU (default 1)")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="bf16 (fp32 master weights) or fp32 (default bf16)")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="default adamw (fp32 states)")
-    ck = p.add_mutually_exclusive_group()
-    ck.add_argument("--checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
-                    help="activation checkpointing of every block (the default)")
-    ck.add_argument("--no-checkpointing", dest="gradient_checkpointing", action="store_const", const=False)
-    p.add_argument("--reference", choices=REFERENCES, help="copy (default), lora, ema, none (SFT)")
-    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (implies --reference lora "
-                   "unless --reference is given)")
-    p.add_argument("--strategy", choices=STRATEGIES, help="auto (fsdp when GPUs > 1), fsdp, ddp, none")
-    p.add_argument("--sp-degree", type=int, help="distributed.sp_degree: GPUs per Ulysses sequence-parallel "
-                   "group (divides the GPUs and the heads; default 1)")
-    p.add_argument("--checkpoint-every", type=int, help="model.checkpoint_every: recompute every k-th block "
-                   "(default 1: all)")
-    p.add_argument("--replicated-reference", dest="reference_sharded", action="store_const", const=False,
-                   help="distributed.reference_sharded: false (a whole frozen reference on every GPU)")
-    p.add_argument("--cpu-offload", action="store_const", const=True,
-                   help="distributed.cpu_offload: FSDP2 CPU offload of weights, gradients, optimizer states")
-    p.add_argument("--text-len", type=int, help="text tokens (default 512)")
     p.add_argument("--intra-node-gbps", type=float, help="intra-node (NVLink) bandwidth per GPU, GB/s one "
                    "direction (default: the GPU's, in the table below)")
     p.add_argument("--inter-node-gbps", type=float, help="inter-node (network) bandwidth per GPU, GB/s one "
@@ -1027,21 +1013,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
+        retired = _retired_flag(extra)
+        if retired:
+            raise ValueError(retired)
         config_overrides = parse_overrides(extra)  # --section.key VALUE, as pgdpo train reads them
-    except ValueError as exc:
-        print(f"pgdpo plan: error: {exc}", file=sys.stderr)
-        return 2
-    names = ("model", "frames", "height", "width", "batch_size", "micro_batch_size", "precision", "optimizer",
-             "gradient_checkpointing", "reference", "lora_rank", "strategy", "text_len", "cpu_offload",
-             "sp_degree", "checkpoint_every", "reference_sharded")
-    overrides = {k: getattr(args, k) for k in names}
-    if args.lora_rank and args.reference is None:
-        overrides["reference"] = "lora"
-    try:
-        result = plan(args.config, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu, overhead_gib=args.overhead_gib,
-                      margin=args.margin, intra_node_gbps=args.intra_node_gbps,
-                      inter_node_gbps=args.inter_node_gbps, gpus_per_node=args.gpus_per_node,
-                      config_overrides=config_overrides, **overrides)
+        result = plan(args.config, gpus=args.gpus, gpu=args.gpu, config_overrides=config_overrides,
+                      mfu=args.mfu, overhead_gib=args.overhead_gib, margin=args.margin,
+                      intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,
+                      gpus_per_node=args.gpus_per_node)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pgdpo plan: error: {exc}", file=sys.stderr)
         return 2
@@ -1052,6 +1031,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["GPUS", "GPU", "PlanSettings", "plan", "settings_from_config", "model_summary",
+__all__ = ["GPUS", "GPU", "plan", "read_config", "check_video", "model_summary",
            "block_activation_bytes", "collectives", "communication", "mesh_groups", "layout_options",
            "format_plan", "main"]
