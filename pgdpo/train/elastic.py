@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+from torch.distributed import PrefixStore, TCPStore
+
 
 def restart_count() -> int:
     """``TORCHELASTIC_RESTART_COUNT`` (0 outside torchrun or on a first attempt)."""
@@ -37,8 +39,6 @@ def process_group_store(world_size: int, timeout: timedelta) -> dict:
     count = restart_count()
     if count == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
-    from torch.distributed import PrefixStore, TCPStore
-
     store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                      is_master=False, timeout=timeout)
     return {"store": PrefixStore(f"pgdpo-restart-{count}", store)}
