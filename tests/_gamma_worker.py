@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pgdpo.train.cli import resolve
+from pgdpo.train.distributed import leave_finished_worker
 from pgdpo.train.trainer import Trainer, step_seed
 
 
@@ -46,8 +47,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # as `python -m pgdpo` does under torchrun: a finished worker skips the interpreter's teardown, where
-    # gloo's threads occasionally aborted it (pgdpo/__main__.py)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_finished_worker()  # as `python -m pgdpo` does under torchrun

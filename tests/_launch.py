@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from pgdpo.train.data.synth import synth_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 TIMEOUT = 300
@@ -123,6 +125,14 @@ def stacks_of(pids: list[int]) -> str:
             except OSError:
                 pass
     return "\n".join(out)
+
+
+def tiny_pairs(tmp_path_factory) -> str:
+    """A 16-pair synthetic dataset for the demo config's tiny Wan (latents [16, 3, 8, 8], text 16 x 32),
+    written once per test module (call it from a module-scoped fixture); returns its folder."""
+    path = tmp_path_factory.mktemp("data") / "pairs"
+    synth_dataset(path, pairs=16, latent_shape=(16, 3, 8, 8), text_len=16, text_dim=32, progress=False)
+    return str(path)
 
 
 def records(out) -> list[dict]:

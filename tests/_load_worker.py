@@ -6,14 +6,13 @@ the gathered full state dicts (rank 0), each rank's buffers (rotary tables inclu
 import argparse
 import json
 import os
-import sys
 
 import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pgdpo.train.config import from_dict
-from pgdpo.train.distributed import init_distributed
+from pgdpo.train.distributed import init_distributed, leave_finished_worker
 from pgdpo.train.loading import build_models, pretrained_config
 from pgdpo.train.models import adapter_for
 from pgdpo.train.step import adapters_disabled
@@ -67,8 +66,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # as `python -m pgdpo` does under torchrun: a finished worker skips the interpreter's teardown, where
-    # gloo's threads occasionally aborted it (pgdpo/__main__.py)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_finished_worker()  # as `python -m pgdpo` does under torchrun

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from pgdpo.train.cli import resolve
+from pgdpo.train.distributed import leave_finished_worker
 from pgdpo.train.trainer import Trainer
 
 
@@ -29,7 +30,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # as `python -m pgdpo` does under torchrun: a finished worker skips the interpreter's teardown
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_finished_worker()  # as `python -m pgdpo` does under torchrun

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _load_worker import probe_inputs  # noqa: E402
 
 from pgdpo.train.cli import resolve  # noqa: E402
+from pgdpo.train.distributed import leave_finished_worker  # noqa: E402
 from pgdpo.train.models import adapter_for  # noqa: E402
 from pgdpo.train.trainer import Trainer  # noqa: E402
 
@@ -42,8 +43,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # as `python -m pgdpo` does under torchrun: a finished worker skips the interpreter's teardown, where
-    # gloo's threads occasionally aborted it (pgdpo/__main__.py)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_finished_worker()  # as `python -m pgdpo` does under torchrun

@@ -13,16 +13,14 @@ import torch
 
 from pgdpo.train.data.synth import synth_dataset
 
-from ._launch import DEMO, kill_when, records, run, torchrun
+from ._launch import DEMO, kill_when, records, run, tiny_pairs, torchrun
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs"
-    synth_dataset(path, pairs=16, latent_shape=(16, 3, 8, 8), text_len=16, text_dim=32, progress=False)
-    return str(path)
+    return tiny_pairs(tmp_path_factory)
 
 
 def command(out, data, steps, *extra):

@@ -17,10 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgdpo.train.data.synth import synth_dataset
 from pgdpo.train.diffusion import NoisyPairs
 
-from ._launch import DEMO, ROOT, run, torchrun
+from ._launch import DEMO, ROOT, run, tiny_pairs, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -35,9 +34,7 @@ RTOL = 1e-6
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs"
-    synth_dataset(path, pairs=16, latent_shape=(16, 3, 8, 8), text_len=16, text_dim=32, progress=False)
-    return str(path)
+    return tiny_pairs(tmp_path_factory)
 
 
 def run_args(out, data, *extra):

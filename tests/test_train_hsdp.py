@@ -28,9 +28,7 @@ import sys
 import pytest
 import torch
 
-from pgdpo.train.data.synth import synth_dataset
-
-from ._launch import DEMO, ENV, ROOT, TIMEOUT, records, run, torchrun
+from ._launch import DEMO, ENV, ROOT, TIMEOUT, records, run, tiny_pairs, torchrun
 from ._tolerance import EPS32, gamma
 
 STEPS = 3
@@ -39,9 +37,7 @@ WORLD = 4
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs"
-    synth_dataset(path, pairs=16, latent_shape=(16, 3, 8, 8), text_len=16, text_dim=32, progress=False)
-    return str(path)
+    return tiny_pairs(tmp_path_factory)
 
 
 def train_args(out, data, *extra):

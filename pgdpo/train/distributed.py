@@ -14,6 +14,7 @@ filesystem every node sees.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import signal
@@ -21,6 +22,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -146,6 +148,20 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def leave_finished_worker() -> NoReturn:
+    """End a torchrun worker whose run finished (process group destroyed, files closed, ranks synchronised)
+    without the interpreter's teardown: flush the streams and the log, then ``os._exit(0)``.
+
+    Why: under load, gloo's threads occasionally aborted a worker during that teardown ("terminate called
+    without an active exception", SIGABRT; torch issue 179291 describes the race) after the run had
+    finished, which turned a finished run into a failed launch. ``python -m pgdpo`` and the test workers
+    call this; a library user's own process is never ended by pgdpo."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def die_with_launcher() -> None:
