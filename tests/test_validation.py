@@ -127,6 +127,17 @@ def test_position_code_is_invisible_in_the_preview_and_shared_by_every_clip(chan
     assert position_code(3, 5, 8, 8).abs().amax() == 0  # no spare channel direction: no code
 
 
+def main_in_repository(argv: list[str]) -> int:
+    """``pgdpo train ARGV`` run from the repository root, as the README's commands are (the demo config's
+    model.path is relative to the working directory)."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return main(argv)
+    finally:
+        os.chdir(cwd)
+
+
 def test_demo_short_form_learns_the_preference(tmp_path):
     """The README's demo config, shortened: the motion preference is learnt well above chance, with the
     chosen likelihood above the reference's (chosen MSE below it)."""
@@ -252,12 +263,7 @@ def test_demo_main_job_starts_from_the_shipped_base_model(tmp_path, capsys):
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--output-dir", str(out), "--max-steps", "4",
             "--validation.every", "4", "--validation.scale", "1", "--logging.progress", "false",
             "--logging.trackers", "[]", "--logging.plots", "false", "--save-every", "0", "--compare", "dpo"]
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # model.path is relative to the working directory, as in the README
-    try:
-        assert main(argv) == 0
-    finally:
-        os.chdir(cwd)
+    assert main_in_repository(argv) == 0
     printed = capsys.readouterr().out
     assert "of pgdpo on models/demo-base" in printed and "of dpo on models/demo-base" in printed
     main_runs = [json.loads(x) for x in (out / "samples" / "validation.jsonl").read_text().splitlines()]
@@ -289,12 +295,7 @@ def test_demo_main_job_raises_the_held_out_reward_by_at_least_0_3(tmp_path):
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--output-dir", str(out), "--max-steps", "25",
             "--validation.every", "25", "--logging.progress", "false", "--logging.trackers", "[]",
             "--logging.plots", "false", "--save-every", "0"]
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # model.path is relative to the working directory, as in the README
-    try:
-        assert main(argv) == 0
-    finally:
-        os.chdir(cwd)
+    assert main_in_repository(argv) == 0
     runs = [json.loads(x) for x in (out / "samples" / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in runs] == [0, 25] and runs[0]["seeds"] == [0, 1, 2]
     base, final = (sum(r["reward_by_seed"]) / len(r["reward_by_seed"]) for r in runs)
