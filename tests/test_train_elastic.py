@@ -6,8 +6,9 @@ of the demo config with the tiny random Wan (``--model.path null``), a few steps
   run's losses, bitwise;
 - a checkpoint written by 4 processes resumes on 2, and one of those on 4 again: DCP reshards the model
   and optimiser (the state as loaded equals the checkpoint's, bitwise), the steps continue, the losses
-  follow the uninterrupted 4-process run's to rounding, and the log says what changed (docs/resume.md).
-  (8 processes: the same code path; eight gloo processes are too slow for a 2-core CI machine.)
+  follow the uninterrupted 4-process run's to rounding, and the log says what changed (docs/resume.md);
+- a checkpoint written by 4 processes resumes on 8 (ranks without a file of their own in it), checked the
+  same way (``-m large``: twelve gloo processes; about a minute on a shared 2-core machine).
 """
 
 import math
@@ -27,11 +28,31 @@ def data(tmp_path_factory):
     return tiny_pairs(tmp_path_factory)
 
 
-def args(out, data, steps, *extra):
+def args(out, data, steps, *extra, batch_size=4):
     return ["--config", DEMO, "--output-dir", str(out), "--data.path", data, "--model.path", "null",
             "--max-steps", str(steps), "--logging.progress", "false", "--logging.plots", "false",
-            "--logging.trackers", "[]", "--train.batch_size", "4", "--train.micro_batch_size", "1",
+            "--logging.trackers", "[]", "--train.batch_size", str(batch_size), "--train.micro_batch_size", "1",
             "--validation.every", "0", *extra]
+
+
+def assert_loaded_is_checkpoint(checkpoint, loaded, tmp_path):
+    """The state ``tests/_reshard_worker.py`` gathered as loaded (``loaded``: its ``loaded.pt``) is the DCP
+    checkpoint's, bitwise: every model tensor and every optimiser state."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = tmp_path / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(flat))
+    saved = torch.load(flat, weights_only=True)
+    loaded = torch.load(loaded, weights_only=True)
+    assert loaded["start_step"] == int(checkpoint.name.split("-")[1])
+    assert loaded["model"].keys() == saved["model"].keys() and loaded["model"]
+    for key, value in saved["model"].items():
+        assert torch.equal(loaded["model"][key], value), key
+    assert loaded["optim"]["state"].keys() == saved["optim"]["state"].keys()
+    for key, state in saved["optim"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(loaded["optim"]["state"][key][name]), torch.as_tensor(value)), \
+                (key, name)
 
 
 def test_killed_worker_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp_path, data):
@@ -60,8 +81,6 @@ def test_killed_worker_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp_
 
 
 def test_four_process_checkpoint_resumes_on_two_and_back_on_four(tmp_path, data):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     full, two, four = tmp_path / "full4", tmp_path / "two", tmp_path / "four"
     run(torchrun(4, "-m", "pgdpo", "train", *args(full, data, 6, "--save-every", "2", "--checkpoint.keep_last", "0")))
     reference = records(full)
@@ -77,19 +96,7 @@ def test_four_process_checkpoint_resumes_on_two_and_back_on_four(tmp_path, data)
     assert "each pair keeps the noise and timestep it had in the uninterrupted run" in log
 
     # the state as loaded on 2 processes (gathered) is the checkpoint's, bitwise
-    flat = tmp_path / "checkpoint-2.pt"
-    dcp_to_torch_save(str(checkpoint), str(flat))
-    saved = torch.load(flat, weights_only=True)
-    loaded = torch.load(two / "loaded.pt", weights_only=True)
-    assert loaded["start_step"] == 2
-    assert loaded["model"].keys() == saved["model"].keys() and loaded["model"]
-    for key, value in saved["model"].items():
-        assert torch.equal(loaded["model"][key], value), key
-    assert loaded["optim"]["state"].keys() == saved["optim"]["state"].keys()
-    for key, state in saved["optim"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(loaded["optim"]["state"][key][name]), torch.as_tensor(value)), \
-                (key, name)
+    assert_loaded_is_checkpoint(checkpoint, two / "loaded.pt", tmp_path)
 
     # steps 3 and 4 on 2 processes, then 5 and 6 on 4 again from the 2-process checkpoint (ranks 2 and 3
     # have no file of their own in it): the same pairs and noise as the 4-process run's steps
@@ -109,6 +116,48 @@ def test_four_process_checkpoint_resumes_on_two_and_back_on_four(tmp_path, data)
         assert r["loss"] == pytest.approx(want[r["step"]]["loss"], rel=tol, abs=0), r["step"]
         assert r["grad_norm"] == pytest.approx(want[r["step"]]["grad_norm"], rel=1e-5), r["step"]
     print(f"4->2->4 resume loss diffs, steps 3-6: {[abs(r['loss'] - want[r['step']]['loss']) for r in got]}", file=sys.stderr)
+
+
+@pytest.mark.large
+def test_four_process_checkpoint_resumes_on_eight(tmp_path, data):
+    """4 -> 8 processes (more GPUs): train.batch_size 8 so both split a step into whole micro-batches of 1
+    (4 ranks x 2, 8 ranks x 1). Ranks 4-7 have no file of their own in the checkpoint. Marked large: twelve
+    gloo processes in all."""
+    full, eight = tmp_path / "full4", tmp_path / "eight"
+    run(torchrun(4, "-m", "pgdpo", "train", *args(full, data, 4, "--save-every", "2", "--checkpoint.keep_last",
+                                                   "0", batch_size=8)))
+    reference = records(full)
+    assert [r["step"] for r in reference] == list(range(1, 5))
+    checkpoint = full / "checkpoint-2"
+
+    worker = os.path.join(os.path.dirname(__file__), "_reshard_worker.py")
+    proc = run(torchrun(8, worker, *args(eight, data, 4, "--resume", str(checkpoint), batch_size=8)),
+               env={"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    log = proc.stderr
+    assert "resuming checkpoint-2: written by 4 processes (4 data-parallel x 2 micro-batch(es) of 1 per " \
+           "step), this run has 8 (8 x 1 of 1): DCP reshards the model and optimiser state" in log, log[-4000:]
+    assert "each pair keeps the noise and timestep it had in the uninterrupted run" in log
+    assert "a rank the checkpoint's run did not have seeds its global RNGs from seed + rank" in log
+
+    # the state as loaded on 8 processes (gathered) is the checkpoint's, bitwise
+    assert_loaded_is_checkpoint(checkpoint, eight / "loaded.pt", tmp_path)
+
+    got = records(eight)
+    assert [r["step"] for r in got] == [3, 4]
+    want = {r["step"]: r for r in reference}
+    for r in got:
+        assert math.isfinite(r["loss"])
+        # step 3: the 8 pairs' losses from the same weights (loaded bitwise), pairs and noise, averaged in
+        # another order (a float32 sum of 8 terms: at most 7 eps relative; the mean is summed in float64,
+        # tighter still); step 4 adds one AdamW update from the 8
+        # pairs' gradients summed in another order (4 ranks x 2 micro-batches vs 8 ranks: 7 eps relative per
+        # element, through lr 3e-3): far below 1e-5 relative, the 4 -> 2 -> 4 test's bound
+        tol = 8 * torch.finfo(torch.float32).eps if r["step"] == 3 else 1e-5
+        assert r["loss"] == pytest.approx(want[r["step"]]["loss"], rel=tol, abs=0), r["step"]
+        assert r["grad_norm"] == pytest.approx(want[r["step"]]["grad_norm"], rel=1e-5), r["step"]
+    print("4->8 resume, steps 3-4: loss", [(r["loss"], abs(r["loss"] / want[r["step"]]["loss"] - 1)) for r in got],
+          "grad_norm", [(r["grad_norm"], abs(r["grad_norm"] / want[r["step"]]["grad_norm"] - 1)) for r in got],
+          file=sys.stderr)
 
 
 def test_a_launch_continues_its_own_checkpoints_and_archives_another_launchs(tmp_path, data):
