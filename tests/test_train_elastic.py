@@ -8,7 +8,7 @@ of the demo config with the tiny random Wan (``--model.path null``), a few steps
   and optimiser (the state as loaded equals the checkpoint's, bitwise), the steps continue, the losses
   follow the uninterrupted 4-process run's to rounding, and the log says what changed (docs/resume.md);
 - a checkpoint written by 4 processes resumes on 8 (ranks without a file of their own in it), checked the
-  same way (``-m large``: twelve gloo processes; about a minute on a shared 2-core machine).
+  same way (twelve gloo processes in all: 40-50 s on a shared 2-core machine).
 """
 
 import math
@@ -118,11 +118,9 @@ def test_four_process_checkpoint_resumes_on_two_and_back_on_four(tmp_path, data)
     print(f"4->2->4 resume loss diffs, steps 3-6: {[abs(r['loss'] - want[r['step']]['loss']) for r in got]}", file=sys.stderr)
 
 
-@pytest.mark.large
 def test_four_process_checkpoint_resumes_on_eight(tmp_path, data):
     """4 -> 8 processes (more GPUs): train.batch_size 8 so both split a step into whole micro-batches of 1
-    (4 ranks x 2, 8 ranks x 1). Ranks 4-7 have no file of their own in the checkpoint. Marked large: twelve
-    gloo processes in all."""
+    (4 ranks x 2, 8 ranks x 1). Ranks 4-7 have no file of their own in the checkpoint."""
     full, eight = tmp_path / "full4", tmp_path / "eight"
     run(torchrun(4, "-m", "pgdpo", "train", *args(full, data, 4, "--save-every", "2", "--checkpoint.keep_last",
                                                    "0", batch_size=8)))
