@@ -129,7 +129,7 @@ def model_terms(arch: dict, layout: dict, tokens: int, options: dict, writer: bo
         ffn_dim=dims["ffn_dim"], videos=2 * layout["micro_batch_size"], tokens=tokens,
         text_len=options["text_len"], checkpoint_every=layout["checkpoint_every"],
         sp_degree=layout["sp_degree"], reference_sharded=options["reference_sharded"],
-        reshard_after_forward=options["reshard_after_forward"])
+        reshard_after_forward=options["reshard_after_forward"], backend=options.get("backend", "nccl"))
     export = memory.export_bytes(memory.counts(table, lora=lora), lora=lora, max_shard_size=MAX_SHARD_SIZE,
                                  writer=writer)
     return terms, export
@@ -145,6 +145,8 @@ def rerender(path: Path, out: Path) -> None:
     arch = {**MODEL_CONFIGS["wan2.1-t2v-1.3b"], **result["model"]["config"]}
     for run_ in result["runs"]:
         for r in run_["ranks"]:
+            # runs from before pgdpo's in-place gloo all-gather (no "backend" recorded) held a third
+            # block-sized buffer (gloo's staging): the nccl terms model them
             options = r.get("options") or {"reference_sharded": True, "reshard_after_forward": True,
                                            "text_len": DATA["text_len"], "precision": "fp32"}
             r["terms"], r["export_term"] = model_terms(arch, r["layout"], r["tokens"], options,
@@ -210,9 +212,10 @@ def worker(args) -> None:
     export_fn = trainer_module.export_model
     trainer_module.export_model = lambda *a, **k: measure("export", export_fn, *a, **k)
 
-    # the collectives FSDP2 issues (torch.distributed's own functions, wrapped to mark the trace)
+    # the collectives FSDP2 issues (torch.distributed's own functions, wrapped to mark the trace; on gloo
+    # its all-gathers are pgdpo's in-place broadcasts, one per rank)
     for fn_name in ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
-                    "reduce_scatter_tensor"):
+                    "reduce_scatter_tensor", "broadcast"):
         collective = getattr(torch.distributed, fn_name, None)
         if collective is None:
             continue
@@ -241,7 +244,7 @@ def worker(args) -> None:
     precision = "fp32" if dist.device.type == "cpu" else cfg.model.precision  # CPU computes in fp32
     options = {"reference_sharded": cfg.distributed.reference_sharded,
                "reshard_after_forward": cfg.distributed.reshard_after_forward, "text_len": cfg.data.text_len,
-               "precision": precision}
+               "precision": precision, "backend": torch.distributed.get_backend()}
     terms, export = model_terms(arch, layout.as_dict(), spec.tokens_per_sample(latent), options, dist.is_main)
     record = {"rank": dist.rank, "world_size": dist.world_size, "baseline": baseline,
               "after_setup": after_setup, "phases": phases, "terms": terms, "export_term": export,

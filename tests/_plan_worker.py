@@ -5,7 +5,8 @@ of policy weights, gradients, AdamW states and reference (local shards, as they 
 second: after FSDP2's lazy initialisation) to ``<output_dir>/collectives.json``: one record per call,
 ``{"op", "tensors"}`` with the bytes of each tensor argument in call order (for an all-gather: output,
 input; a reduce-scatter: output, input; an all-reduce: the tensors; an all-to-all: output, input or, for
-the functional one, input)."""
+the functional one, input). On gloo FSDP2 all-gathers with pgdpo's ``InPlaceAllGather`` (one broadcast
+per rank): recorded as one ``pgdpo.in_place_all_gather`` call (output, input), its broadcasts not."""
 
 import json
 import os
@@ -16,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from pgdpo.train.cli import resolve
-from pgdpo.train.distributed import leave_finished_worker
+from pgdpo.train.distributed import InPlaceAllGather, leave_finished_worker
 from pgdpo.train.trainer import Trainer, step_seed
 
 
@@ -30,10 +31,31 @@ class RecordCollectives(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self._inside_all_gather = False
+        self._all_gather = InPlaceAllGather.__call__
+
+    def __enter__(self):
+        recorder, original = self, self._all_gather
+
+        def recorded(comm, output, input, group, async_op=False):
+            recorder.calls.append({"op": "pgdpo.in_place_all_gather",
+                                   "tensors": [output.numel() * output.element_size(),
+                                               input.numel() * input.element_size()]})
+            recorder._inside_all_gather = True
+            try:
+                return original(comm, output, input, group, async_op)
+            finally:
+                recorder._inside_all_gather = False
+        InPlaceAllGather.__call__ = recorded
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        InPlaceAllGather.__call__ = self._all_gather
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         namespace = func.namespace
-        if namespace in ("c10d", "_c10d_functional"):
+        if namespace in ("c10d", "_c10d_functional") and not self._inside_all_gather:
             tensors = [t.untyped_storage().nbytes() if t.dim() == 0 else t.numel() * t.element_size()
                        for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
             self.calls.append({"op": f"{namespace}.{func._opname}", "tensors": tensors})

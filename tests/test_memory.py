@@ -54,6 +54,11 @@ def test_static_and_fsdp_terms_by_hand():
         "root unit": 60 * 4, "in-flight blocks": 2 * 39 * 4, "unsharded gradients": 2 * 8 * 4,
         "all-gather staging": 39 * 4}
     assert M.fsdp_terms(c, 8, precision="bf16")["all-gather staging"] == 39 * 2
+    # gloo: pgdpo's in-place all-gather frees each flat output at its copy-out, no third buffer
+    gloo = M.fsdp_terms(c, 2, precision="fp32", backend="gloo")
+    assert gloo["all-gather staging"] == 0 and gloo["in-flight blocks"] == 2 * 39 * 4
+    with pytest.raises(ValueError, match="backend must be one of nccl, gloo, not 'mpi'"):
+        M.fsdp_terms(c, 2, precision="fp32", backend="mpi")
     assert M.fsdp_terms(c, 2, precision="bf16", reshard_after_forward=False)["in-flight blocks"] == 2 * 39 * 2
     assert set(M.fsdp_terms(c, 1, precision="bf16").values()) == {0}
     assert M.export_bytes(c, lora=True, max_shard_size=100, writer=True) == 64
@@ -73,8 +78,9 @@ def test_activation_bytes_by_hand():
 
 def test_terms_of_the_issues_304m_model():
     """Wan2.1 1.3B's width with 6 blocks (the bench's model): a block is 15% of it, the root 8%: two
-    blocks 0.30x, the root 0.08x, the all-gather staging (a third block) 0.15x and the shard 0.51x of the fp32 model on 2
-    ranks (issue 25's measured figures); the table agrees with diffusers' own parameter count."""
+    blocks 0.30x, the root 0.08x, the all-gather staging (a third block, NCCL) 0.15x and the shard 0.51x of
+    the fp32 model on 2 ranks (issue 25's measured figures; no staging on gloo); the table agrees with
+    diffusers' own parameter count."""
     arch = {**MODEL_CONFIGS["wan2.1-t2v-1.3b"], "num_layers": 6}
     table = M.parameter_table(arch, 16, ("to_q", "to_k", "to_v", "to_out.0"))
     model = build_model(arch, device="meta")
@@ -90,6 +96,10 @@ def test_terms_of_the_issues_304m_model():
     assert x["shard"] == pytest.approx(0.51, abs=0.01) and x["root unit"] == pytest.approx(0.08, abs=0.01)
     assert x["in-flight blocks"] == pytest.approx(0.30, abs=0.01)
     assert x["all-gather staging"] == pytest.approx(0.15, abs=0.01) and x["reference"] == 0
+    gloo = M.step_peak_terms(table, ranks=2, precision="fp32", lora=True, reference="lora", dim=1536,
+                             ffn_dim=8960, videos=2, tokens=80, text_len=16, checkpoint_every=1, backend="gloo")
+    assert gloo["all-gather staging"] == 0
+    assert sum(gloo.values()) == sum(terms.values()) - terms["all-gather staging"]
 
 
 # ------------------------------------------------------------------------------- checkpointing default

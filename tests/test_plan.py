@@ -495,7 +495,7 @@ def assert_collectives_match(planned: list[dict], recorded: list[dict], sp_degre
     run_calls, run_reduce = Counter(), Counter()
     for call in recorded:
         op, t = call["op"], call["tensors"]
-        if op == "c10d._allgather_base_":  # output, input
+        if op in ("c10d._allgather_base_", "pgdpo.in_place_all_gather"):  # output, input
             run_calls[("all-gather", t[0] // t[1], t[0])] += 1
         elif op == "c10d._reduce_scatter_base_":  # output, input
             run_calls[("reduce-scatter", t[1] // t[0], t[1])] += 1

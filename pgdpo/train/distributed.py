@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather  # what set_custom_all_gather takes
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import get_total_norm
 
@@ -255,6 +256,41 @@ def mixed_precision_dtype(precision: str, device: torch.device) -> torch.dtype |
     return None
 
 
+class InPlaceAllGather(AllGather):
+    """FSDP2's parameter all-gather for gloo, without gloo's staging copy: each rank's slot of the flat
+    output is broadcast in place from the rank that holds it.
+
+    Gloo's ``all_gather_into_tensor`` receives into a temporary as large as the whole output and then
+    copies it out (2 processes: peak = 2x the output), so on CPU every block's all-gather briefly holds
+    one more block-sized buffer. ``W`` in-place broadcasts move the same bytes per rank (the ``W-1``
+    other slots) and allocate nothing; measured faster than gloo's all-gather as well (bench/NOTES.md).
+
+    The last broadcast is left asynchronous and its work returned, so that FSDP2 treats the all-gather
+    as an asynchronous one (it waits on the work before the copy-out) and frees each block's flat output
+    right after that block's copy-out. For a synchronous all-gather it defers that free to the next
+    block's copy-out, to overlap the copy-out with the next all-gather on a GPU's copy stream, which a
+    CPU does not have: a third block-sized buffer for nothing. So a rank holds at most two block-sized
+    buffers (the flat output and the parameters, or one block's parameters and the next one's prefetched
+    output); ``pgdpo.train.memory`` counts them.
+    """
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 async_op: bool = False) -> dist.Work:
+        slots = output_tensor.split(input_tensor.numel())  # FSDP2's flat output: one slot per rank
+        if len(slots) != group.size():
+            raise ValueError(f"all-gather output of {output_tensor.numel()} elements is not {group.size()} "
+                             f"slots of the input's {input_tensor.numel()}")
+        own = slots[group.rank()]
+        if own.data_ptr() != input_tensor.data_ptr():  # FSDP2 copies its input into its slot already
+            own.copy_(input_tensor.reshape(-1))
+        for src in range(len(slots) - 1):
+            dist.broadcast(slots[src], group=group, group_src=src)
+        return dist.broadcast(slots[-1], group=group, group_src=len(slots) - 1, async_op=True)
+
+
 def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, precision: str,
                reshard_after_forward: bool = True, trainable: bool = True,
                cpu_offload: bool = False) -> nn.Module:
@@ -268,7 +304,8 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
     the forward whatever the policy, their gradients averaged by :func:`sync_replicated_grads`. A frozen
     model (``trainable=False``, the reference) is sharded the same way. DDP wraps only trainable models.
     ``cpu_offload``: FSDP2 ``CPUOffloadPolicy`` (the sharded parameters live in host memory).
-    A model on the meta device stays there (FSDP2 shards it without memory; ``to_empty`` follows).
+    On gloo (CPU) every unit all-gathers with :class:`InPlaceAllGather` (no staging copy, no deferred
+    free). A model on the meta device stays there (FSDP2 shards it without memory; ``to_empty`` follows).
     """
     on_meta = any(p.is_meta for p in model.parameters())
     if not on_meta:
@@ -285,6 +322,10 @@ def wrap_model(model: nn.Module, blocks: list[nn.Module], state: DistState, *, p
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        if state.device.type == "cpu" and dist.is_initialized() and dist.get_backend() == "gloo":
+            all_gather = InPlaceAllGather()
+            for unit in (*blocks, model):
+                unit.set_custom_all_gather(all_gather)
         return model
     if state.strategy == "ddp" and trainable:
         ids = [state.device.index] if state.device.type == "cuda" else None

@@ -13,11 +13,15 @@ the start of the backward, or while the last block is recomputed) is the sum of:
 - ``in-flight blocks``: two blocks' all-gathered parameters at once (the backward gathers the next block
   while this one's parameters are in use; with activation checkpointing that is the block recomputed
   next). With ``reshard_after_forward: false`` the whole model stays gathered instead.
-- ``all-gather staging``: FSDP2's flat all-gather output, one more block-sized buffer, which it copies
-  out into the parameters: in the forward it frees a block's buffer only after the next block's copy-out
-  (on GPU, to overlap that copy-out with the next all-gather); in the backward the prefetched block's
-  buffer lives beside both blocks' parameters. So three block-sized buffers at the peak, with gloo and
-  NCCL alike (measured on CPU: ``bench/run_memory.py``; gloo itself adds no copy of its own).
+- ``all-gather staging``: NCCL (GPU): FSDP2's flat all-gather output, one more block-sized buffer. For
+  a synchronous all-gather FSDP2 frees a block's flat output only after the next block's copy-out (to
+  overlap that copy-out with the next all-gather on a copy stream), so the forward holds the previous
+  block's flat output, this block's and this block's parameters: three block-sized buffers.
+  Gloo (CPU): none. gloo's own all-gather would stage its whole output in a temporary (a third buffer in
+  the backward, beside one block's parameters and the next one's prefetched output), so pgdpo
+  all-gathers with in-place broadcasts that FSDP2 sees as asynchronous, and it frees each flat output
+  right after its copy-out (:class:`pgdpo.train.distributed.InPlaceAllGather`): two block-sized buffers
+  at most. Measured with ``bench/run_memory.py``.
 - ``unsharded gradients``: the fp32 gradients of up to two blocks' trained parameters before their
   reduce-scatter (LoRA: the adapters only).
 - ``activations``: what the policy forward saves for its backward (:func:`activation_bytes`); with
@@ -28,7 +32,8 @@ the start of the backward, or while the last block is recomputed) is the sum of:
   with its adapters off.
 
 Not in the sum: the process's own baseline (imports, the process group; on GPU the CUDA context and NCCL
-buffers, the planner's ``overhead``) and the allocator's slack.
+buffers, the planner's ``overhead``) and the allocator's slack (on CPU kept small by
+:mod:`pgdpo.train.host_memory`; on GPU the caching allocator's, in the planner's ``overhead``).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ ACT_TEXT = {"bf16": 8, "fp32": 12}
 ACT_OUTSIDE = 16
 #: backward transient, as a fraction of one block's activations
 WORKSPACE_FRACTION = 0.5
+#: block-sized all-gather buffers beyond the two in flight, by process-group backend (module doc)
+STAGING_BLOCKS = {"nccl": 1, "gloo": 0}
 #: the terms of a step's peak, in the order reports list them
 TERMS = ("shard", "root unit", "in-flight blocks", "unsharded gradients", "all-gather staging",
          "activations", "gradients", "optimizer state", "reference")
@@ -168,11 +175,13 @@ def static_terms(table, ranks: int, *, precision: str, lora: bool, reference: st
             "optimizer state": trained * OPTIMIZER_STATE_BYTES[optimizer], "reference": ref}
 
 
-def fsdp_terms(c: Counts, ranks: int, *, precision: str,
-               reshard_after_forward: bool = True) -> dict[str, int]:
+def fsdp_terms(c: Counts, ranks: int, *, precision: str, reshard_after_forward: bool = True,
+               backend: str = "nccl") -> dict[str, int]:
     """Bytes per rank FSDP2 holds unsharded during a step (nothing on one rank): ``root unit``,
-    ``in-flight blocks``, ``unsharded gradients``, ``all-gather staging`` (see the module doc; gloo and
-    NCCL alike)."""
+    ``in-flight blocks``, ``unsharded gradients``, ``all-gather staging`` (see the module doc: one block
+    with ``backend`` nccl, none with gloo)."""
+    if backend not in STAGING_BLOCKS:
+        raise ValueError(f"backend must be one of {', '.join(STAGING_BLOCKS)}, not {backend!r}")
     if ranks <= 1:
         return {"root unit": 0, "in-flight blocks": 0, "unsharded gradients": 0, "all-gather staging": 0}
     cb = COMPUTE_BYTES[precision]
@@ -181,7 +190,7 @@ def fsdp_terms(c: Counts, ranks: int, *, precision: str,
     else:  # the whole model stays gathered from the forward to the backward
         root, blocks = c.outside * cb, c.blocks * c.block * cb
     return {"root unit": root, "in-flight blocks": blocks, "unsharded gradients": 2 * c.block_trained * 4,
-            "all-gather staging": c.block * cb}
+            "all-gather staging": STAGING_BLOCKS[backend] * c.block * cb}
 
 
 def block_activation_bytes(dim: int, ffn_dim: int, tokens: int, text_len: int,
@@ -223,13 +232,15 @@ def export_bytes(c: Counts, *, lora: bool, max_shard_size: int, writer: bool) ->
 def step_peak_terms(table, *, ranks: int, precision: str, lora: bool, reference: str,
                     dim: int, ffn_dim: int, videos: int, tokens: int, text_len: int,
                     checkpoint_every: int | None, sp_degree: int = 1, reference_sharded: bool = True,
-                    reshard_after_forward: bool = True, optimizer: str = "adamw") -> dict[str, int]:
+                    reshard_after_forward: bool = True, optimizer: str = "adamw",
+                    backend: str = "nccl") -> dict[str, int]:
     """Every term of :data:`TERMS` in bytes per rank (rank 0) at a training step's peak, after the first
     optimiser step (the optimizer state exists); their sum is the model's answer for the peak."""
     c = counts(table, lora=lora)
     out = static_terms(table, ranks, precision=precision, lora=lora, reference=reference,
                        reference_sharded=reference_sharded, optimizer=optimizer)
-    out.update(fsdp_terms(c, ranks, precision=precision, reshard_after_forward=reshard_after_forward))
+    out.update(fsdp_terms(c, ranks, precision=precision, reshard_after_forward=reshard_after_forward,
+                          backend=backend))
     out["activations"] = activation_bytes(dim=dim, ffn_dim=ffn_dim, layers=c.blocks, videos=videos,
                                           tokens=tokens, local_tokens=tokens // sp_degree, text_len=text_len,
                                           precision=precision, checkpoint_every=checkpoint_every)

@@ -6,10 +6,11 @@
 2. dropout off (:func:`~pgdpo.train.models.disable_dropout`),
 3. attention backend (:func:`~pgdpo.train.models.set_attention_backend`),
 4. activation checkpointing of every k-th block (the trained model only),
-5. regional ``torch.compile`` of the repeated blocks,
-6. Ulysses sequence parallelism (:func:`~pgdpo.train.parallel.enable_sequence_parallel`; after the
+5. on a CPU device, the heap trimmed before each block (:mod:`pgdpo.train.host_memory`; not with compile),
+6. regional ``torch.compile`` of the repeated blocks,
+7. Ulysses sequence parallelism (:func:`~pgdpo.train.parallel.enable_sequence_parallel`; after the
    attention backend, which it checks for Ulysses support),
-7. DDP (the trained model only): the wrapper the step calls.
+8. DDP (the trained model only): the wrapper the step calls.
 
 FSDP2 sharding comes first of all, at build time (:func:`pgdpo.train.loading.build_models` shards the
 model while it is still on the meta device, so no rank ever holds it whole), which is why it is not a
@@ -25,18 +26,20 @@ import torch
 from torch import nn
 
 from .distributed import wrap_model
+from .host_memory import trim_heap_before_blocks
 from .models import (
     cast_weights,
     compile_blocks,
     disable_dropout,
     enable_checkpointing,
     set_attention_backend,
+    spec_for,
     unwrap_model,
 )
 from .parallel import enable_sequence_parallel
 
 #: the steps of :func:`prepare`, in the order they are applied
-ORDER = ("dtype", "dropout", "attention", "checkpointing", "compile", "sequence_parallel", "ddp")
+ORDER = ("dtype", "dropout", "attention", "checkpointing", "host_heap", "compile", "sequence_parallel", "ddp")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class PrepareOptions:
         disable_dropout: set every dropout probability to 0.
         attention_backend: diffusers dispatcher backend (None: keep the model's).
         checkpoint_every: activation checkpointing of blocks 0, k, 2k, ... of a trained model (0: off).
+        trim_host_heap: return glibc's free heap pages to the OS before each block's forward (CPU runs;
+            ignored with ``compile``).
         compile: regional ``torch.compile``; ``compile_options`` its keyword arguments.
         sp_degree, mesh: Ulysses sequence parallelism over the mesh's ``ulysses`` dimension (1: off).
         dist, precision: a :class:`~pgdpo.train.distributed.DistState` whose strategy ``ddp`` wraps the
@@ -58,6 +63,7 @@ class PrepareOptions:
     disable_dropout: bool = True
     attention_backend: str | None = None
     checkpoint_every: int = 0
+    trim_host_heap: bool = False
     compile: bool = False
     compile_options: dict = field(default_factory=dict)
     sp_degree: int = 1
@@ -86,6 +92,8 @@ def prepare(model: nn.Module, options: PrepareOptions, *, trainable: bool = True
         set_attention_backend(model, options.attention_backend)
     blocks = enable_checkpointing(model, options.checkpoint_every) if trainable and options.checkpoint_every \
         else []
+    if options.trim_host_heap and not options.compile:
+        trim_heap_before_blocks(spec_for(model).blocks(model))
     if options.compile:
         compile_blocks(model, **options.compile_options)
     if options.sp_degree > 1:

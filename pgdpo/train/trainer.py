@@ -296,10 +296,11 @@ class Trainer:
         schedule_options = {}
         if meth.schedule == "flow":
             schedule_options = {"shift": meth.flow_shift, "density": meth.flow_density}
-        # dropout, attention, checkpointing, sequence parallel, DDP: one order for both (pgdpo.train.prepare);
-        # FSDP2 sharded them on meta already (build_models)
+        # dropout, attention, checkpointing, heap trim (CPU), sequence parallel, DDP: one order for both
+        # (pgdpo.train.prepare); FSDP2 sharded them on meta already (build_models)
         options = PrepareOptions(disable_dropout=m.disable_dropout, attention_backend=m.attention,
                                  checkpoint_every=self.layout.checkpoint_every or 0,
+                                 trim_host_heap=self.dist.device.type == "cpu",
                                  sp_degree=self.dist.sp_degree, mesh=self.dist.mesh, dist=self.dist,
                                  precision=m.precision)
         prepared = prepare(model, options)
