@@ -37,13 +37,13 @@ class RecordCollectives(TorchDispatchMode):
     def __enter__(self):
         recorder, original = self, self._all_gather
 
-        def recorded(comm, output, input, group, async_op=False):
+        def recorded(comm, output_tensor, input_tensor, group, async_op=False):
             recorder.calls.append({"op": "pgdpo.in_place_all_gather",
-                                   "tensors": [output.numel() * output.element_size(),
-                                               input.numel() * input.element_size()]})
+                                   "tensors": [output_tensor.numel() * output_tensor.element_size(),
+                                               input_tensor.numel() * input_tensor.element_size()]})
             recorder._inside_all_gather = True
             try:
-                return original(comm, output, input, group, async_op)
+                return original(comm, output_tensor, input_tensor, group, async_op)
             finally:
                 recorder._inside_all_gather = False
         InPlaceAllGather.__call__ = recorded
