@@ -16,6 +16,7 @@ import json
 
 import torch
 import torch.distributed as dist
+from _proc import reset_peak, status_bytes  # tests/, on a worker's path
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.checkpoint import checkpoint
@@ -24,14 +25,6 @@ from pgdpo.train.config import DistributedConfig
 from pgdpo.train.distributed import InPlaceAllGather, init_distributed, leave_finished_worker, wrap_model
 
 DIM = 2048
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def equal(report: str) -> None:
@@ -97,13 +90,10 @@ def memory(report: str, default_all_gather: bool, state) -> None:
     x = torch.randn(8, DIM, requires_grad=True)
     model(x).sum().backward()  # first step: lazy initialisation, gradients allocated
     dist.barrier()
-    before = status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
+    before = reset_peak()
     y = model(x)
     forward = status_bytes("VmHWM") - before
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     y.sum().backward()
     backward = status_bytes("VmHWM") - before
     block = DIM * DIM * 4

@@ -4,34 +4,16 @@ rank, the peak resident memory the export added; then, for comparison, the peak 
 dict adds (what an export that gathers everything first would hold), measured the same way."""
 
 import argparse
-import gc
 import json
 
 import safetensors.torch  # noqa: F401 - imported before the measurement
 import torch
+from _proc import peak_added  # tests/, on a worker's path
 
 from pgdpo.train.config import from_dict
 from pgdpo.train.distributed import init_distributed
 from pgdpo.train.export import _full, export_model
 from pgdpo.train.loading import build_models, pretrained_config
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def peak_added(fn) -> int:
-    """Peak resident memory ``fn()`` adds: VmHWM reset to VmRSS (``/proc/self/clear_refs`` 5) first."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_bytes("VmRSS")
-    fn()
-    return status_bytes("VmHWM") - before
 
 
 def main():

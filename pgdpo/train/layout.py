@@ -80,8 +80,8 @@ def check_mesh(world_size: int, sp_degree: int, replicate_degree: int) -> int:
 #: Why 100M: below it a whole fp32 full fine-tuning (weights, gradients, AdamW: 16 B/param) needs under
 #: 1.6 GB and the activations of the videos such a model trains on are tens of MB, so recompute's extra
 #: forward (~1/3 of a step) buys nothing; from it up, the saved activations are a term of their own: the
-#: 304M-parameter, 6-block Wan of bench/run_memory.py peaks at 1.35x its fp32 size per rank without
-#: checkpointing and 1.24x with it, at only 80 tokens per video, and a Wan2.1 1.3B / 14B block saves GBs
+#: 304M-parameter, 6-block Wan of bench/run_memory.py peaks at 1.10x its fp32 size per rank without
+#: checkpointing and 1.00x with it, at only 80 tokens per video, and a Wan2.1 1.3B / 14B block saves GBs
 #: per 480p video (``pgdpo plan``). Every named Wan2.1 model (1.3B, 14B) is above it, the tiny test
 #: models (25K-200K parameters) far below.
 AUTO_CHECKPOINTING_PARAMETERS = 100_000_000
