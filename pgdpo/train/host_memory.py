@@ -11,7 +11,7 @@ live memory, growing by ~0.02x per block in the forward.
 
 ``malloc_trim(0)`` returns every free page of every arena to the OS (``madvise``), not only the top.
 Called before each block's forward (and recompute), it keeps the resident heap at what is in use: the
-bench's step peak went from 1.10-1.12x to 1.01-1.02x of the fp32 model, for 24 calls a step of ~2.5 ms
+bench's step peak went from 1.10-1.12x to 1.00-1.02x of the fp32 model, for 24 calls a step of ~2.5 ms
 each (under 1% of that step). glibc only: elsewhere (musl, macOS) nothing is registered. GPU runs do
 not need it (the CUDA caching allocator holds device memory; host memory is small there).
 """
