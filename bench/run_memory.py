@@ -1,6 +1,7 @@
 """Every byte of a whole ``pgdpo train`` run, per rank: the measured peak beside the sum of its named terms.
 
     MALLOC_MMAP_THRESHOLD_=1048576 python -m bench.run_memory       # results in bench/results/run-memory
+    python -m bench.run_memory --out bench/results/run-memory-default-malloc   # glibc's defaults
     python -m bench.run_memory --checkpointing true false            # both, for the difference
 
 A 304M-parameter Wan-shaped transformer (Wan2.1 1.3B's width with 6 blocks: 1.23 GB in fp32) is saved
@@ -18,8 +19,11 @@ Each rank reports, above its ``baseline`` (VmRSS after the imports and the proce
 - the terms of :mod:`pgdpo.train.memory` for this model and layout, and their sum.
 
 Figures in units of the model's fp32 size (the issue's yardstick; target for checkpointing on: <= 1.10x
-on every rank). Without ``MALLOC_MMAP_THRESHOLD_`` glibc keeps freed all-gather buffers in its heap and
-the peaks include that slack (the script warns).
+on every rank). ``MALLOC_MMAP_THRESHOLD_=1048576`` gives every buffer of 1 MiB or more its own mapping,
+returned when freed, so that the peaks are live memory plus the small-chunk heap the trainer trims
+(:mod:`pgdpo.train.host_memory`). With glibc's defaults (the threshold rises as buffers are freed) the
+heap holds more and the peaks read a few hundredths higher (``results/run-memory-default-malloc``; the
+script says so).
 """
 
 from __future__ import annotations
@@ -365,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     from pgdpo.tools.benchmark.machine import git_info, machine_info, versions
 
     if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        print("warning: MALLOC_MMAP_THRESHOLD_ is not set: glibc keeps freed buffers, the peaks include "
-              "them", flush=True)
+        print("note: MALLOC_MMAP_THRESHOLD_ is not set: glibc's heap holds more of the freed buffers; the "
+              "peaks include what it keeps between the trainer's trims", flush=True)
     git = git_info()
     model_dir = Path(args.model_dir)
     model = save_model(model_dir)
